@@ -1,0 +1,31 @@
+// The custom operators of gfs, one schema each, implemented per device in csrc/cpu and
+// csrc/cuda (TORCH_LIBRARY_IMPL). Python calls them as torch.ops.gfs.<name>; the wrappers and
+// fake (meta) implementations live in src/gfs_kernels/_ops.py.
+//
+// Notation (DESIGN.md section 2): U is (N, M), row j is candidate u_j; y is the target (M);
+// r = y - z is the residual of the current subnetwork z. Scores use
+//   a_j = ||u_j||^2 - 2 <y, u_j>,   e_j = <r, u_j>,
+//   step t (z = z_t, t candidates chosen so far):  score_j = a_j - 2 t e_j,
+// whose argmin (ties to the lowest index) is the greedy pick.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import gfs_kernels._C` loads this shared object, which runs the registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "gfs compiled kernels", -1, nullptr};
+  return PyModule_Create(&def);
+}
+}
+
+TORCH_LIBRARY(gfs, m) {
+  // norms_j = ||u_j||^2 and b_j = <y, u_j>, accumulated in float32 (float64 for float64 U).
+  m.def("prepare(Tensor U, Tensor y) -> (Tensor norms, Tensor b)");
+  // e = U r: one streaming pass over U, accumulation as in prepare.
+  m.def("dots(Tensor U, Tensor r) -> Tensor");
+  // The whole uniform-step greedy loop (DESIGN section 1) in one native call.
+  //   indices: int64 (s,), s <= k steps taken; losses: float64 (s,), ||y - z_{t+1}||^2 / M;
+  //   gaps: float64 (s,), Frank-Wolfe gap at z_{t+1}, max_j <2 (y - z), u_j - z> / M.
+  // Stops after the first step whose loss <= stop_loss (pass a negative value for "never").
+  m.def("greedy_uniform(Tensor U, Tensor y, int k, bool replacement, float stop_loss) -> (Tensor indices, Tensor losses, Tensor gaps)");
+}

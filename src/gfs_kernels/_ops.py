@@ -1,0 +1,39 @@
+"""Loads the compiled extension (gfs_kernels._C) and gives its operators fake implementations
+so torch.compile / FakeTensor tracing can pass through them.
+
+`load_error` is None when the extension imported, else the one-line reason it did not.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (importing registers torch.ops.gfs.*)
+
+    load_error: str | None = None
+except ImportError as exc:  # not built, or built against another torch
+    load_error = f"compiled extension gfs_kernels._C not importable ({exc}); reinstall with `pip install --no-build-isolation -e .`"
+
+
+def has_cuda_kernels() -> bool:
+    """True when the extension was built with its CUDA sources."""
+    if load_error is not None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("gfs::dots", "CUDA")
+
+
+if load_error is None:
+
+    @torch.library.register_fake("gfs::prepare")
+    def _prepare_fake(U, y):
+        return U.new_empty(U.shape[0], dtype=y.dtype), U.new_empty(U.shape[0], dtype=y.dtype)
+
+    @torch.library.register_fake("gfs::dots")
+    def _dots_fake(U, r):
+        return U.new_empty(U.shape[0], dtype=r.dtype)
+
+    @torch.library.register_fake("gfs::greedy_uniform")
+    def _greedy_uniform_fake(U, y, k, replacement, stop_loss):
+        s = torch.library.get_ctx().new_dynamic_size(min=1, max=k)
+        f64 = dict(dtype=torch.float64, device=U.device)
+        return U.new_empty(s, dtype=torch.int64), U.new_empty(s, **f64), U.new_empty(s, **f64)
