@@ -142,6 +142,17 @@ def _only_images(tmp_path):
     return d
 
 
+def test_mnist_path_end_to_end(tmp_path):
+    rng = np.random.default_rng(0)
+    _write_idx(str(tmp_path / "train-images-idx3-ubyte"), rng.integers(0, 256, (120, 28, 28)).astype(np.uint8), 0x08)
+    _write_idx(str(tmp_path / "train-labels-idx1-ubyte"), (np.arange(120) % 10).astype(np.uint8), 0x08)
+    cfg = PretrainingConfig.paper(str(tmp_path), widths=(8,), sizes=(50, 120), iterations=10, prune_every=5, k=4,
+                                  seeds=(0,), backend="torch", threads=1)
+    res = pretraining_study(cfg, out=str(tmp_path / "out"), progress=False, plot=False)
+    assert res.computed_cells == 2 and {r["size"] for r in res.rows} == {50, 120}
+    assert json.load(open(res.files["summary_json"]))["dataset"] == {"name": "mnist", "examples": 120, "dim": 784}
+
+
 def test_tiny_study_writes_table_and_figure_and_resumes(tmp_path, monkeypatch):
     out = str(tmp_path / "study")
     data = tiny_dataset()

@@ -65,6 +65,8 @@ def add_study_parser(subparsers) -> argparse.ArgumentParser:
     pre.add_argument("--prune-every", type=_positive_int, metavar="P", help="prune every P iterations")
     pre.add_argument("--k", type=_positive_int, help="GFS steps: neurons kept, at most")
     pre.add_argument("--backend", default="auto", metavar="NAME", help="selection backend (default auto)")
+    pre.add_argument("--threads", type=int, metavar="T", help="torch threads while it runs (default 1 on digits: small "
+                     "matrices; 0 = torch's own setting, the default with --mnist)")
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
     pre.set_defaults(func=_cmd_pretraining)
 
@@ -106,6 +108,8 @@ def _cmd_pretraining(args: argparse.Namespace) -> int:
     if args.seeds is not None:
         cfg.seeds = tuple(range(args.seeds))
     cfg.backend = args.backend
+    if args.threads is not None:
+        cfg.threads = args.threads
     try:
         res = pretraining_study(cfg, out=out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     except (IdxFormatError, FileExistsError, ValueError) as exc:

@@ -71,7 +71,7 @@ class PretrainingConfig:
     replacement: bool = True
     tol: float = 0.0
     backend: str = "auto"
-    threads: int = 1
+    threads: int = 1  # torch intra-op threads while the study runs; 0 leaves torch's setting
 
     @classmethod
     def default(cls, **overrides) -> "PretrainingConfig":
@@ -88,7 +88,7 @@ class PretrainingConfig:
         """Sizes 1K, 5K, ..., 50K, 8000 iterations, pruning every 1000 to 200 neurons, 3 seeds.
         The paper's widths were lost in extraction: (500, 1000, 2000) stand in."""
         base = dict(dataset="mnist", mnist_dir=mnist_dir, widths=(500, 1000, 2000), sizes=MNIST_SIZES,
-                    iterations=8000, prune_every=1000, k=200, seeds=(0, 1, 2), batch_size=128)
+                    iterations=8000, prune_every=1000, k=200, seeds=(0, 1, 2), batch_size=128, threads=0)
         base.update(overrides)
         return cls(**base)
 
@@ -107,6 +107,8 @@ class PretrainingConfig:
             raise ValueError("widths must be >= 1 and sizes >= 2")
         if self.iterations < 0 or self.prune_every < 1:
             raise ValueError("iterations must be >= 0 and prune_every >= 1")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0: torch's own setting), got {self.threads}")
         if self.k < 1 or (not self.replacement and self.k > min(self.widths)):
             raise ValueError(f"k={self.k} must be >= 1 (and <= every width when replacement=False)")
 
@@ -655,6 +657,7 @@ def pretraining_study(config: PretrainingConfig | None = None, *, out: str = "ru
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    threads_used = torch.get_num_threads()
     try:
         _run_with_progress(work, todo, skipped, progress)
     finally:
@@ -689,7 +692,7 @@ def pretraining_study(config: PretrainingConfig | None = None, *, out: str = "ru
         "per_seed": {str(w): v for w, v in (per_seed or {}).items()},
         "finding": finding,
         "runtime": {"this_call_seconds": seconds, "sum_of_cell_seconds": cell_seconds, "computed_cells": len(todo),
-                    "resumed_cells": skipped, "torch_threads": torch.get_num_threads()},
+                    "resumed_cells": skipped, "torch_threads": threads_used},
         "summary": summary,
     })
     return StudyResult(config=cfg, rows=rows, summary=summary, red_line=line, assessment=verdict, finding=finding,
