@@ -1,0 +1,145 @@
+"""`study` subcommands for the `gfs` command (and `python -m gfs.experiments`).
+
+Wire into gfs.cli with:
+
+    from .experiments.cli import add_study_parser
+    add_study_parser(sub)          # sub = parser.add_subparsers(...)
+
+Each subcommand sets `func` (args -> exit code), like `gfs demo`. Heavy modules are imported by
+the handler, so `--help` stays instant.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(_positive_int(part.strip()) for part in text.split(",") if part.strip())
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 64,256: {exc}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number, like 64,256")
+    return values
+
+
+def add_study_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `study pretraining` and `study singular-values` under `subparsers`."""
+    study = subparsers.add_parser(
+        "study", help="the papers' studies: pre-training sufficiency (Figure 1), singular values (Appendix C)",
+        description="Reproduce the studies of 'How Much Pre-training Is Enough to Discover a Good Subnetwork?'.")
+    ssub = study.add_subparsers(dest="study", metavar="STUDY")
+    ssub.required = True
+
+    pre = ssub.add_parser(
+        "pretraining", help="pruned accuracy vs data-set size and pre-training iterations, with the red line",
+        description=(
+            "Pre-train mean-field two-layer ReLU networks (sigmoid output, BCE, labels digit<5 vs >=5) on class-balanced "
+            "sub-data-sets of growing size; every P iterations prune the hidden layer by greedy forward selection (no "
+            "fine-tuning) and record the pruned accuracy on the training sub-set. Writes cells.jsonl (resumable), "
+            "results.csv, summary.csv, summary.json and figure.png to --out, and prints the finding: does the "
+            "pre-training threshold (red line) not decrease as the data set grows? Default: scikit-learn's digits "
+            "(a few minutes on 2 CPU cores); --mnist DIR runs the paper's MNIST scale."))
+    pre.add_argument("--mnist", metavar="DIR", help="folder with train-images-idx3-ubyte and train-labels-idx1-ubyte "
+                     "(each may be .gz): the paper's scale (sizes 1K,5K..50K, 8000 iterations, prune every 1000 to 200)")
+    pre.add_argument("--out", metavar="DIR", default=None, help="output folder (default runs/study-pretraining, "
+                     "runs/study-pretraining-quick with --quick, runs/study-pretraining-mnist with --mnist)")
+    pre.add_argument("--quick", action="store_true", help="a seconds-long smoke run (2 widths, 3 sizes, 1 seed)")
+    pre.add_argument("--resume", action="store_true", help="keep the cells already in --out and compute the rest")
+    pre.add_argument("--overwrite", action="store_true", help="discard cells already in --out")
+    pre.add_argument("--widths", type=_int_list, metavar="W,W,...", help="hidden widths")
+    pre.add_argument("--sizes", type=_int_list, metavar="S,S,...", help="sub-data-set sizes (the largest is the 'full' set)")
+    pre.add_argument("--seeds", type=_positive_int, metavar="N", help="number of seeds (0..N-1)")
+    pre.add_argument("--iterations", type=_positive_int, help="pre-training iterations")
+    pre.add_argument("--prune-every", type=_positive_int, metavar="P", help="prune every P iterations")
+    pre.add_argument("--k", type=_positive_int, help="GFS steps: neurons kept, at most")
+    pre.add_argument("--backend", default="auto", metavar="NAME", help="selection backend (default auto)")
+    pre.add_argument("--threads", type=int, metavar="T", help="torch threads while it runs (default 1 on digits: small "
+                     "matrices; 0 = torch's own setting, the default with --mnist)")
+    pre.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pre.set_defaults(func=_cmd_pretraining)
+
+    sv = ssub.add_parser(
+        "singular-values", help="smallest singular value of the random hidden output vs width, size, dimension",
+        description=(
+            "Appendix C: sigma_min of H = act(X W^T) for random Gaussian data (on the unit sphere) and weights, over "
+            "widths N, data-set sizes M and input dimensions d, with log-log least-squares fits. Writes "
+            "singular_values.csv/.json/.png to --out."))
+    sv.add_argument("--out", metavar="DIR", default="runs/study-singular-values", help="output folder")
+    sv.add_argument("--quick", action="store_true", help="a small grid, 3 repeats: seconds")
+    sv.add_argument("--repeats", type=_positive_int, help="draws per grid point (default 10)")
+    sv.add_argument("--activation", choices=("relu", "tanh", "sigmoid"), default="relu")
+    sv.set_defaults(func=_cmd_singular_values)
+    return study
+
+
+def _cmd_pretraining(args: argparse.Namespace) -> int:
+    from ._data import IdxFormatError
+    from .pretraining import PretrainingConfig, pretraining_study
+
+    if args.mnist and args.quick:
+        cfg = PretrainingConfig.paper(args.mnist, widths=(64, 256), sizes=(1000, 5000), iterations=200, prune_every=100,
+                                      k=32, seeds=(0,))
+        out = args.out or "runs/study-pretraining-mnist-quick"
+    elif args.mnist:
+        cfg = PretrainingConfig.paper(args.mnist)
+        out = args.out or "runs/study-pretraining-mnist"
+    elif args.quick:
+        cfg = PretrainingConfig.quick()
+        out = args.out or "runs/study-pretraining-quick"
+    else:
+        cfg = PretrainingConfig.default()
+        out = args.out or "runs/study-pretraining"
+    for name, field in (("widths", "widths"), ("sizes", "sizes"), ("iterations", "iterations"),
+                        ("prune_every", "prune_every"), ("k", "k")):
+        if getattr(args, name) is not None:
+            setattr(cfg, field, getattr(args, name))
+    if args.seeds is not None:
+        cfg.seeds = tuple(range(args.seeds))
+    cfg.backend = args.backend
+    if args.threads is not None:
+        cfg.threads = args.threads
+    try:
+        res = pretraining_study(cfg, out=out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    except (IdxFormatError, FileExistsError, ValueError) as exc:
+        print(f"gfs study pretraining: {exc}", file=sys.stderr)
+        return 2
+    print(res.finding)
+    print(f"{res.computed_cells} cell(s) computed, {res.skipped_cells} resumed, {res.seconds:.1f} s; wrote "
+          + ", ".join(res.files.values()))
+    return 0
+
+
+def _cmd_singular_values(args: argparse.Namespace) -> int:
+    from ..theory import singular_value_study
+
+    kw = {}
+    if args.quick:
+        kw = dict(widths=(128, 256, 512, 1024), sizes=(16, 32), dims=(8, 32), repeats=3)
+    if args.repeats is not None:
+        kw["repeats"] = args.repeats
+    res = singular_value_study(**kw, activation=args.activation, out=args.out, progress=True)
+    print(res.finding)
+    print(f"{len(res.rows)} grid points, {res.seconds:.1f} s; wrote " + ", ".join(res.files.values()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m gfs.experiments study ...` until the `gfs` command carries these subcommands."""
+    parser = argparse.ArgumentParser(prog="python -m gfs.experiments", description="gfs studies")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    add_study_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
