@@ -374,7 +374,12 @@ class GreedyLoop:
         self.splits, self.chunk = split_plan(N, M, dev)
         self.part = torch.empty(self.splits, N, dtype=y.dtype, device=dev)
         self.state = torch.zeros(4, dtype=torch.int64, device=dev)
-        self.fstate = torch.tensor([float(stop_loss), 0.0, float(M), 0.0], dtype=torch.float64, device=dev)
+        # filled on the device: torch.tensor(..., device="cuda") would copy from pageable memory
+        # and synchronise
+        self.fstate = torch.zeros(4, dtype=torch.float64, device=dev)
+        self.fstate.narrow(0, STOP_LOSS.value, 1).fill_(float(stop_loss))
+        self.fstate.narrow(0, MF.value, 1).fill_(float(M))
+        self.fstate_host_stop = float(stop_loss)
         self.taken = torch.zeros(N, dtype=torch.int8, device=dev)
         self.picks = torch.full((max(k, 1),), -1, dtype=torch.int64, device=dev)
         self.losses = torch.full((max(k, 1),), float("nan"), dtype=torch.float64, device=dev)
@@ -410,18 +415,34 @@ class GreedyLoop:
 
     def run(self, use_graph: bool = False):
         """All k steps and the final pass, then one read of the step count (the only sync)."""
-        steps_left = self.k
+        step = self.step
+        first = 0
         if use_graph and self.U.is_cuda and self.k > 1:
             self.step()  # compiles and autotunes outside the capture
-            steps_left -= 1
+            first = 1
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 self.step()
-            for _ in range(steps_left):
-                graph.replay()
-        else:
-            for _ in range(steps_left):
-                self.step()
+            step = graph.replay
+        # With a stop loss, peek at the device's stop flag every 16 steps without waiting (an
+        # async copy to pinned memory and an event that is only queried), so that the host stops
+        # launching no-op steps soon after the device has stopped.
+        peek = self.U.is_cuda and float(self.fstate_host_stop) >= 0.0
+        if peek:
+            flag = torch.zeros(1, dtype=torch.int64, pin_memory=True)
+            event = torch.cuda.Event()
+            pending = False
+        for s in range(first, self.k):
+            if peek and s % 16 == 0:
+                if pending and event.query():
+                    pending = False
+                    if int(flag[0]) != 0:
+                        break
+                if not pending:
+                    flag.copy_(self.state[DONE.value : DONE.value + 1], non_blocking=True)
+                    event.record()
+                    pending = True
+            step()
         self.finish()
         T = int(self.state[STEP.value])
         return self.picks[:T], self.losses[:T], self.gaps[: max(T, 1)]
