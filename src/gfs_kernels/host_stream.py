@@ -51,31 +51,38 @@ def fits_on_device(U: torch.Tensor, device: torch.device | str, *, free_bytes: i
 
 @dataclass(frozen=True)
 class ChunkPlan:
-    """Row chunks of U streamed through `buffers` device buffers of `rows` rows each."""
+    """N rows of U in `n_chunks` row chunks of nearly equal size (they differ by at most one
+    row), streamed through `buffers` device buffers of `rows` rows each."""
 
     N: int
-    rows: int
+    n_chunks: int
     buffers: int
     row_bytes: int
 
     @property
-    def n_chunks(self) -> int:
-        return -(-self.N // self.rows)
+    def rows(self) -> int:
+        """Rows of the largest chunk (the buffer size)."""
+        return -(-self.N // self.n_chunks)
 
     @property
     def buffer_bytes(self) -> int:
         return self.rows * self.row_bytes
 
     def ranges(self):
-        """(first row, end row) of every chunk, in order; the last may be shorter."""
-        return [(i, min(i + self.rows, self.N)) for i in range(0, self.N, self.rows)]
+        """(first row, end row) of every chunk, in order."""
+        base, extra = divmod(self.N, self.n_chunks)
+        out, i = [], 0
+        for c in range(self.n_chunks):
+            n = base + (1 if c < extra else 0)
+            out.append((i, i + n))
+            i += n
+        return out
 
 
 def plan_chunks(N: int, M: int, itemsize: int, budget_bytes: int, *, buffers: int = 2,
                 target_chunk_bytes: int = TARGET_CHUNK_BYTES) -> ChunkPlan:
-    """Rows per chunk such that `buffers` chunk buffers fit in `budget_bytes` and a chunk is
-    about `target_chunk_bytes` (never more than the budget allows), balanced so that the chunks
-    have nearly equal sizes."""
+    """Chunks such that `buffers` chunk buffers fit in `budget_bytes` and a chunk is about
+    `target_chunk_bytes` (never more than the budget allows), of nearly equal sizes."""
     if N < 1 or M < 1:
         raise ValueError(f"U must be non-empty, got N={N}, M={M}")
     if buffers < 1:
@@ -88,9 +95,7 @@ def plan_chunks(N: int, M: int, itemsize: int, budget_bytes: int, *, buffers: in
             f"{budget_bytes / 2**20:.1f} MiB of device memory; free device memory or use the Gram engine"
         )
     rows = max(1, min(N, max_rows, target_chunk_bytes // row_bytes))
-    n_chunks = -(-N // rows)
-    rows = -(-N // n_chunks)  # balance: same number of chunks, nearly equal sizes
-    return ChunkPlan(N=N, rows=rows, buffers=buffers, row_bytes=row_bytes)
+    return ChunkPlan(N=N, n_chunks=-(-N // rows), buffers=buffers, row_bytes=row_bytes)
 
 
 def stream_budget(N: int, M: int, dtype: torch.dtype, device: torch.device, *, free_bytes: int | None = None) -> int:

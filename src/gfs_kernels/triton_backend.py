@@ -45,9 +45,8 @@ class TritonBackend(Backend):
     def supports(self, device, dtype):
         device = torch.device(device)
         if device.type == "cpu":
-            reason = self.unavailable_reason()
-            if reason:
-                return reason
+            if importlib.util.find_spec("triton") is None:
+                return "triton is not installed"
             if not _interpret():
                 return "runs on cuda; on cpu only under the Triton interpreter (TRITON_INTERPRET=1)"
             if dtype not in self.dtypes:
