@@ -60,13 +60,19 @@ class TritonBackend(Backend):
 
         return triton_step
 
+    @staticmethod
+    def _rows(U):
+        """The kernels need unit stride along M (any row stride)."""
+        return U if U.stride(-1) == 1 else U.contiguous()
+
     def prepare(self, U, y):
-        return self._k().prepare(U, y)
+        return self._k().prepare(self._rows(U), y.contiguous())
 
     def dots(self, U, r):
-        return self._k().dots(U, r)
+        return self._k().dots(self._rows(U), r.contiguous())
 
     def greedy_uniform(self, U, y, k, replacement, stop_loss):
+        U, y = self._rows(U), y.contiguous()
         loop = self._k().GreedyLoop(U, y, k, replacement, stop_loss)
         picks, losses, gaps = loop.run(use_graph=self.use_cuda_graph)
         notes = {"splits": loop.splits, "cuda_graph": bool(self.use_cuda_graph and U.is_cuda and k > 1)}
