@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import functools
-import glob
 import json
 import os
 import shutil

@@ -17,7 +17,6 @@ tested without a GPU.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch

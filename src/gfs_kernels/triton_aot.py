@@ -95,9 +95,7 @@ def count_16byte_loads(ptx: str) -> int:
 
 
 def compile_all(dtypes=None):
-    """[(name, resources dict, shared bytes)] for every kernel variant the GPU path launches."""
-    import torch
-
+    """[(name, resources dict)] for every kernel variant the GPU path launches."""
     from . import triton_step
 
     kw = {} if dtypes is None else {"dtypes": dtypes}
@@ -108,7 +106,6 @@ def compile_all(dtypes=None):
         res["shared"] = compiled.metadata.shared
         res["loads16"] = count_16byte_loads(compiled.asm["ptx"])
         out.append((spec["name"], res))
-    del torch
     return out
 
 
