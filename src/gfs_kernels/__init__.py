@@ -10,8 +10,10 @@ import torch
 
 from .base import Backend, GreedyResult, accumulation_dtype
 from .cpu import CpuBackend
+from .cuda_backend import CudaBackend
 from .naive import NaiveBackend
 from .torch_ref import TorchBackend
+from .triton_backend import TritonBackend
 
 _REGISTRY: dict[str, Backend] = {}
 
@@ -63,7 +65,7 @@ def choose(device: torch.device, dtype: torch.dtype) -> tuple[Backend, str]:
     raise RuntimeError("no backend can run here: " + "; ".join(skipped))
 
 
-for _backend in (NaiveBackend(), TorchBackend(), CpuBackend()):
+for _backend in (NaiveBackend(), TorchBackend(), CpuBackend(), TritonBackend(), CudaBackend()):
     register(_backend)
 
 __all__ = ["Backend", "GreedyResult", "accumulation_dtype", "register", "names", "get", "availability", "choose", "PREFERENCE"]
