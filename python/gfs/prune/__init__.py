@@ -2,7 +2,8 @@
 
     result = gfs.prune(model, calibration, ratio=0.5)     # gfs.prune is api.prune
     result.model, result.report, result.summary()
-    gfs.prune.io.save(result.model, "pruned.safetensors"); gfs.prune.io.load(...)
+    from gfs.prune import save, load                       # JSON architecture + tensors, no pickle
+    save(result.model, "pruned.safetensors"); model = load("pruned.safetensors")
 
 Layout (one idea per file): groups (channel groups from the traced data flow), capture
 (calibration batches, activations at layers), criteria ("local", "l1", "random", and the
@@ -12,6 +13,7 @@ io (save / load without pickle), api (prune, PruneResult).
 from .api import LayerReport, PruneResult, prune
 from .criteria import CRITERIA, Decision, group_statistics
 from .groups import ChannelGroup, GroupScan, UnsupportedModelError, find_groups
+from .io import UnsafeFileError, load, save
 
 __all__ = ["prune", "PruneResult", "LayerReport", "find_groups", "ChannelGroup", "GroupScan",
-           "UnsupportedModelError", "group_statistics", "Decision", "CRITERIA"]
+           "UnsupportedModelError", "group_statistics", "Decision", "CRITERIA", "save", "load", "UnsafeFileError"]
