@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from ..select import select
 from ..selection import Selection
 
-# Largest candidate matrix materialised (elements, float32): 2^26 = 256 MiB. Beyond it, the
-# output coordinates are subsampled uniformly at random (seeded), and the report says so.
+# Largest candidate matrix materialised (elements, float32): 2^26 = 256 MiB. Beyond it, output
+# positions are subsampled uniformly at random (seeded), and the report says so ("sampled").
 MAX_ELEMENTS = 1 << 26
 
 
@@ -91,6 +91,49 @@ def _candidates(X, layer, channels, dtype):
     return out.view(B, n, Cout, *out.shape[2:]).transpose(0, 1).reshape(n, -1)
 
 
+def _positions(X, layer):
+    """Output positions of the consumer: (B, Ho, Wo) for Conv2d, (rows,) for Linear."""
+    if isinstance(layer, nn.Linear):
+        return (X.reshape(-1, X.shape[-1]).shape[0],)
+    B = X.shape[0]
+    pads = layer._reversed_padding_repeated_twice
+    Hp, Wp = X.shape[2] + pads[2] + pads[3], X.shape[3] + pads[0] + pads[1]
+    kh, kw = layer.kernel_size
+    (sh, sw), (dh, dw) = layer.stride, layer.dilation
+    return B, (Hp - dh * (kh - 1) - 1) // sh + 1, (Wp - dw * (kw - 1) - 1) // sw + 1
+
+
+def _candidates_at(X, layer, positions, dtype):
+    """(N, len(positions) * Cout): every channel's share of the consumer output at the flat
+    output positions ``positions`` (all output channels of each; unscaled), one gather and one
+    broadcast multiply-add per kernel tap: the full per-channel outputs are never formed."""
+    W = layer.weight.to(dtype)
+    Cout, N = W.shape[:2]
+    if isinstance(layer, nn.Linear):
+        Xg = X.reshape(-1, N)[positions].to(dtype)  # (m, N)
+        return (Xg.t()[:, :, None] * W.t()[:, None, :]).reshape(N, -1)
+    _, Ho, Wo = _positions(X, layer)
+    b, rest = positions // (Ho * Wo), positions % (Ho * Wo)
+    h, w = rest // Wo, rest % Wo
+    Xp = F.pad(X, layer._reversed_padding_repeated_twice,
+               mode="constant" if layer.padding_mode == "zeros" else layer.padding_mode)
+    Xcl = Xp.permute(0, 2, 3, 1).contiguous()  # channels last: each gathered row is contiguous
+    (sh, sw), (dh, dw) = layer.stride, layer.dilation
+    kh, kw = W.shape[2:]
+    taps = [Xcl[b, h * sh + i * dh, w * sw + j * dw] for i in range(kh) for j in range(kw)]  # each (m, N)
+    patches = torch.stack(taps, -1).to(dtype).permute(1, 0, 2)  # (N, m, taps)
+    Wt = W.reshape(Cout, N, kh * kw).permute(1, 2, 0)  # (N, taps, Cout)
+    return torch.bmm(patches, Wt).reshape(N, -1)  # (N, m * Cout): channel j's patches times its filters
+
+
+def _targets_at(target, layer, positions):
+    if isinstance(layer, nn.Linear):
+        return target.reshape(-1, target.shape[-1])[positions].reshape(-1)
+    B, Cout, Ho, Wo = target.shape
+    b, rest = positions // (Ho * Wo), positions % (Ho * Wo)
+    return target[b, :, rest // Wo, rest % Wo].reshape(-1)  # (m, Cout), like the candidates
+
+
 def group_statistics(X: torch.Tensor, layer: nn.Module, target: torch.Tensor, *, max_elements: int = MAX_ELEMENTS,
                      generator: torch.Generator | None = None):
     """What gfs.select needs for one group's local imitation problem: ``(features, targets)``.
@@ -112,27 +155,30 @@ def group_statistics(X: torch.Tensor, layer: nn.Module, target: torch.Tensor, *,
         that the dense output is ``features.mean(0)``.
     targets : Tensor (M,)
 
-    When N x M exceeds ``max_elements`` only a uniformly random subset of the M output
-    coordinates is kept (the same for features and targets), so M is smaller than
-    ``target.numel()``.
+    When N x M exceeds ``max_elements``, only ``max_elements // (N * Cout)`` output positions
+    (an image and a pixel, or a row for Linear), drawn uniformly without replacement with
+    ``generator``, are used, with all output channels of each: M is then smaller than
+    ``target.numel()`` (ordered position-major), and only those outputs are computed.
     """
     dtype = torch.float64 if X.dtype == torch.float64 else torch.float32
     N = X.shape[1] if isinstance(layer, nn.Conv2d) else X.shape[-1]
-    y = target.reshape(-1).to(dtype)
-    M = y.numel()
-    coords = None
+    Cout = layer.weight.shape[0]
+    M = target.numel()
     if N * M > max_elements:
-        m = max(1, max_elements // N)
-        coords = torch.randperm(M, generator=generator)[:m].sort().values.to(y.device)
-        y = y[coords]
-    chunk = max(1, max_elements // max(1, M))
-    rows = []
-    for i in range(0, N, chunk):
-        u = _candidates(X, layer, range(i, min(N, i + chunk)), dtype)
-        rows.append(u[:, coords] if coords is not None else u)
-    U = torch.cat(rows, 0) if len(rows) > 1 else rows[0]
+        total = math.prod(_positions(X, layer))
+        positions = sample_positions(total, max(1, max_elements // (N * Cout)), generator).to(X.device)
+        U = _candidates_at(X, layer, positions, dtype)
+        y = _targets_at(target, layer, positions).to(dtype)
+    else:
+        U = _candidates(X, layer, range(N), dtype)
+        y = target.reshape(-1).to(dtype)
     U.mul_(N)
     return U, y
+
+
+def sample_positions(total: int, m: int, generator=None) -> torch.Tensor:
+    """m of ``total`` output positions, uniformly without replacement, sorted."""
+    return torch.randperm(total, generator=generator)[:m].sort().values
 
 
 # ---- criteria --------------------------------------------------------------------------------

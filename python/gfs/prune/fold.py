@@ -69,11 +69,11 @@ def conv_like(old: nn.Module, *, out_idx=None, in_idx=None, in_scale=None, bias_
 
 
 def batchnorm_like(old: nn.Module, idx: torch.Tensor) -> nn.Module:
-    dev = (old.weight if old.weight is not None else old.running_mean).device
-    idx = idx.to(dev)
+    ref = next((t for t in (old.weight, old.running_mean) if t is not None), None)
+    dev, dtype = (ref.device, ref.dtype) if ref is not None else (None, None)
+    idx = idx.to(dev) if dev is not None else idx
     new = type(old)(len(idx), eps=old.eps, momentum=old.momentum, affine=old.affine,
-                    track_running_stats=old.track_running_stats, device=dev,
-                    dtype=(old.weight if old.weight is not None else old.running_mean).dtype)
+                    track_running_stats=old.track_running_stats, device=dev, dtype=dtype)
     if old.affine:
         new.weight = _param(old.weight.detach()[idx], old.weight)
         new.bias = _param(old.bias.detach()[idx], old.bias)

@@ -299,6 +299,13 @@ def _follow(start, modules, calls, position) -> ChannelGroup:
         u = users[0]
         if u.op == "output":
             raise _Reject(f"the output of {_desc(cur, modules)} is the model's output")
+        others = [a for a in u.all_input_nodes if a is not cur]
+        if others:
+            raise _Reject(
+                f"{_desc(u, modules)} combines the channels of {name} with another tensor "
+                f"({', '.join(_desc(a, modules) for a in others)}): a residual connection or a merge shares "
+                f"these channels, so they are left whole"
+            )
         if u.args[:1] != (cur,) and u.op != "call_function":
             raise _Reject(f"{_desc(u, modules)} does not take the channels as its input")
         out_shape = _shape(u)
@@ -364,13 +371,6 @@ def _follow(start, modules, calls, position) -> ChannelGroup:
             ):
                 pass
             else:
-                others = [a for a in list(u.args) + list(u.kwargs.values()) if isinstance(a, fx.Node) and a is not cur]
-                if others:
-                    raise _Reject(
-                        f"{_desc(u, modules)} combines the channels of {name} with another tensor "
-                        f"({', '.join(_desc(a, modules) for a in others)}): a residual connection or a merge shares "
-                        f"these channels, so they are left whole"
-                    )
                 raise _Reject(
                     f"{_desc(u, modules)} is not a per-channel operation gfs.prune knows (it may mix or reshape "
                     f"channels), so the output channels of {name} are left whole"
