@@ -164,9 +164,11 @@ def test_groups_mobilenets():
 
 
 def test_groups_sequential():
-    assert [(g.producer, g.consumer) for g in find_groups(mlp(), torch.randn(2, 3, 8, 8)).groups] == [("1", "3"), ("3", "6")]
-    assert [(g.producer, g.consumer) for g in find_groups(cnn(), torch.randn(2, 3, 8, 8)).groups] == [
-        ("0", "4"), ("4", "7"), ("7", "11")]
+    def links(model):
+        return [(g.producer, g.consumer) for g in find_groups(model, torch.randn(2, 3, 8, 8)).groups]
+
+    assert links(mlp()) == [("1", "3"), ("3", "6")]
+    assert links(cnn()) == [("0", "4"), ("4", "7"), ("7", "11")]
 
 
 # ---- prune, run, fold, unchanged input ----------------------------------------------------
@@ -376,6 +378,7 @@ def test_argument_errors_name_the_argument():
         (dict(ratio=0.5, layers=["nope"]), ValueError, "layers: .*'nope'"),
         (dict(ratio=0.5, layers="x*"), ValueError, "layers: pattern 'x\\*'"),
         (dict(ratio=0.5, step="newton"), ValueError, "unknown step"),
+        (dict(ratio=0.5, criterion="l1", replacement=True), ValueError, "replacement= and eps= apply to criterion"),
     ]
     for kwargs, err, msg in cases:
         with pytest.raises(err, match=msg):

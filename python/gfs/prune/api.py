@@ -16,7 +16,7 @@ from .. import _validation as check
 from . import fold
 from .capture import GraphRunner, as_batches
 from .criteria import CRITERIA, Context, consumer_output, keep_count, remove_bias
-from .groups import ChannelGroup, UnsupportedModelError, _find, describe_rejected
+from .groups import UnsupportedModelError, _find, describe_rejected
 
 
 @dataclass
@@ -230,8 +230,8 @@ def prune(model: nn.Module, calibration, *, keep=None, ratio=None, criterion="lo
         filters. "random": a random subset (seeded by ``seed``). The last two keep weights as
         they are.
     step, replacement, eps, backend
-        Passed to gfs.select ("local"). With replacement a channel can be picked several times
-        and its column weighs more; ``keep`` then counts distinct channels. With eps a group may
+        Passed to gfs.select ("local" only; replacement / eps with another criterion is an
+        error). With replacement a channel can be picked several times and its column weighs more; ``keep`` then counts distinct channels. With eps a group may
         keep fewer than ``keep`` channels (the papers' stopping rule).
     layers : str or list of str, optional
         Prune only these groups: names of the layer whose output channels go, or glob patterns
@@ -261,6 +261,8 @@ def prune(model: nn.Module, calibration, *, keep=None, ratio=None, criterion="lo
     if criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; choose one of {list(CRITERIA)}")
     eps = check.check_options(step, eps, replacement)
+    if criterion != "local" and (replacement or eps is not None):
+        raise ValueError(f"replacement= and eps= apply to criterion 'local' (greedy selection) only, not {criterion!r}")
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int, got {seed!r}")
     name = type(model).__name__

@@ -27,19 +27,27 @@ Squeeze-excitation is recognised as a side branch: the tensor h feeds exactly a 
 gate ``pool -> 1x1 conv (fc1) -> act -> 1x1 conv (fc2) -> act`` whose result is that ``mul``'s
 other operand. h's channels then go together with fc1's input channels and fc2's output channels.
 
-What this gives on torchvision models (weights=None or not):
+What this gives on torchvision models (weights=None or not); ``gfs.prune`` prunes all of them
+unless ``layers=`` says otherwise:
 
 - ResNet BasicBlock: conv1 -> bn1 -> relu -> conv2. Bottleneck: conv1 -> bn1 -> relu -> conv2 and
   conv2 -> bn2 -> relu -> conv3. conv2 (BasicBlock) / conv3 (Bottleneck) feed the residual add,
-  as do the stem and every downsample, so they are left whole.
+  as do the stem and every downsample, so they are left whole. Nothing else is a group.
 - MobileNetV2 / V3 inverted residuals with an expand layer: expand 1x1 -> BN -> act -> depthwise
-  -> BN -> act [-> SE] -> project. Blocks with expand_ratio 1 have no expand layer: their hidden
-  channels are the block's input, produced by the previous layer. They form a group with that
-  layer as the producer exactly when its output is used by nothing else: the stem of MobileNetV2
-  (features.0.0 -> features.1.conv.1) and of MobileNetV3-Small; in MobileNetV3-Large the stem
-  also feeds a residual add, so there it is left whole.
-- The classifier chains that end in a 1x1 map: MobileNetV2 features.18.0 -> ... -> classifier.1,
-  MobileNetV3 features.*.0 (last) -> ... -> classifier.0 and classifier.0 -> classifier.3.
+  -> BN -> act [-> SE] -> project (``features.i.conv.0.0`` / ``features.i.block.0.0``).
+  Blocks with expand_ratio 1 have no expand layer: their hidden channels are the block's input,
+  produced by the previous layer. They form a group with that layer as the producer exactly when
+  its output is used by nothing else: the stem of MobileNetV2 (features.0.0 -> features.1.conv.1)
+  and of MobileNetV3-Small; in MobileNetV3-Large the stem also feeds a residual add, so there it
+  is left whole.
+- Also found, because nothing else shares them: the squeeze-excitation bottleneck itself
+  (``*.fc1 -> *.fc2``), a block's projected output when the next block has no residual add
+  (MobileNetV2 features.1.conv.1 -> features.2.conv.0.0, features.17.conv.2 -> features.18.0;
+  MobileNetV3-Small features.1.block.2.0 -> features.2.block.0.0), and the classifier chains
+  ending in a 1x1 map (MobileNetV2 features.18.0 -> classifier.1; MobileNetV3 last conv ->
+  classifier.0 and classifier.0 -> classifier.3). To prune only the hidden channels of the
+  inverted residuals, pass e.g. ``layers=["features.0.0", "features.*.conv.0.0"]`` (V2) or
+  ``layers=["features.*.block.0.0"]`` (V3; add "features.0.0" for V3-Small).
 - Sequential MLPs and CNNs: every Linear -> act -> Linear and Conv -> BN -> act [-> pool] -> Conv
   link, and Conv -> ... -> global pool -> flatten -> Linear.
 

@@ -69,7 +69,8 @@ class UnsafeFileError(ValueError):
     """The file names something outside the allow-list, or is not a gfs model file."""
 
 
-_INTERNALS = set(vars(nn.Module()).keys()) - {"training"}
+_INTERNALS = set(vars(nn.Module()).keys()) - {"training"}  # hooks and bookkeeping, never saved or set
+_TABLES = ("_parameters", "_buffers", "_modules")
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.uint8, torch.int16, torch.int32,
     torch.int64, torch.bool, torch.complex64, torch.complex128)}
@@ -132,7 +133,7 @@ def describe(model: nn.Module, allowed=()) -> tuple[dict, dict]:
             )
         attrs = {}
         for k, v in vars(m).items():
-            if k in _INTERNALS or k in ("_parameters", "_buffers", "_modules"):
+            if k in _INTERNALS or k in _TABLES:
                 continue
             attrs[k] = _encode(v, f"{where}.{k}", classes)
         params, buffers = {}, {}
@@ -179,7 +180,7 @@ def rebuild(arch: dict, tensors: dict, allowed=()) -> nn.Module:
         m = cls.__new__(cls)
         nn.Module.__init__(m)
         for k, v in d["attrs"].items():
-            if not isinstance(k, str) or k.startswith("__") or k in _INTERNALS or k in ("_parameters", "_buffers", "_modules"):
+            if not isinstance(k, str) or k.startswith("__") or k in _INTERNALS or k in _TABLES:
                 raise UnsafeFileError(f"{where}: attribute name {k!r} is not allowed")
             object.__setattr__(m, k, _decode(v, f"{where}.{k}", classes))
         for k, spec in d["params"].items():
