@@ -423,6 +423,7 @@ def test_save_and_reload_in_a_new_process(pruned, tmp_path):
 def test_load_never_runs_code_from_the_file(tmp_path):
     import json
 
+    pytest.importorskip("safetensors")
     from safetensors.torch import save_file
 
     model = mlp()
