@@ -1,0 +1,19 @@
+"""Model surgery: prune channel groups by greedy forward selection, export smaller models.
+
+    result = gfs.prune(model, calibration, ratio=0.5)     # gfs.prune is api.prune
+    result.model, result.report, result.summary()
+    from gfs.prune import save, load                       # JSON architecture + tensors, no pickle
+    save(result.model, "pruned.safetensors"); model = load("pruned.safetensors")
+
+Layout (one idea per file): groups (channel groups from the traced data flow), capture
+(calibration batches, activations at layers), criteria ("local", "l1", "random", and the
+group_statistics seam to gfs.select), fold (slicing / folding into new modules, params, FLOPs),
+io (save / load without pickle), api (prune, PruneResult).
+"""
+from .api import LayerReport, PruneResult, prune
+from .criteria import CRITERIA, Decision, group_statistics
+from .groups import ChannelGroup, GroupScan, UnsupportedModelError, find_groups
+from .io import UnsafeFileError, load, save
+
+__all__ = ["prune", "PruneResult", "LayerReport", "find_groups", "ChannelGroup", "GroupScan",
+           "UnsupportedModelError", "group_statistics", "Decision", "CRITERIA", "save", "load", "UnsafeFileError"]

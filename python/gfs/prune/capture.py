@@ -1,0 +1,154 @@
+"""Calibration batches, and activations captured at named layers with forward hooks.
+
+The calibration data are read once and kept as a list of input tensors: local imitation compares
+the original and the pruned network on the *same* batches layer after layer, so a shuffling
+DataLoader must not be re-iterated.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+
+def as_batches(calibration, device=None) -> list:
+    """The input tensors of ``calibration``, on ``device``.
+
+    ``calibration`` is a tensor (one batch), or an iterable (e.g. a DataLoader) of batches, each a
+    tensor ``x`` or a tuple/list whose first item is ``x`` (labels are ignored).
+    """
+    if isinstance(calibration, torch.Tensor):
+        items = [calibration]
+    elif isinstance(calibration, (str, bytes)) or not isinstance(calibration, Iterable):
+        raise TypeError(
+            f"calibration must be a tensor, a DataLoader or an iterable of batches, got {type(calibration).__name__}"
+        )
+    else:
+        items = list(calibration)
+    batches = []
+    for i, b in enumerate(items):
+        x = b[0] if isinstance(b, (tuple, list)) and len(b) > 0 else b
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(
+                f"calibration batch {i} is a {type(b).__name__}; each batch must be an input tensor x or an "
+                f"(x, y) tuple with x a tensor"
+            )
+        if not (x.is_floating_point() or x.is_complex()) and x.dtype not in (torch.long, torch.int):
+            raise TypeError(f"calibration batch {i} has dtype {x.dtype}; pass the model's inputs")
+        if x.dim() == 0 or x.shape[0] == 0:
+            raise ValueError(f"calibration batch {i} has shape {tuple(x.shape)}; it needs at least one sample")
+        batches.append(x.to(device) if device is not None else x)
+    if not batches:
+        raise ValueError("calibration is empty: pass at least one batch of inputs")
+    return batches
+
+
+def _clone(env: dict) -> dict:
+    return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in env.items()}
+
+
+class GraphRunner:
+    """Runs a traced graph on a live model segment by segment, one batch at a time.
+
+    The graph comes from torch.fx (gfs.prune.groups); ``call_module`` nodes look their module up
+    in ``root`` *when they run*, so modules replaced in ``root`` after pruning a group are used
+    by the next segment. Values no longer needed are freed as the run goes.
+
+    Checkpoints make the layer-by-layer loop cost about one forward pass in all instead of one
+    per group: ``run(start, stop, ...)`` resumes from the checkpoint taken at node ``start``
+    (position 0: the input) and takes new checkpoints at the positions asked for. A checkpoint at
+    position q holds, per batch, the values of the nodes before q still needed at or after q; it
+    stays valid until a module at a position >= q changes (see :meth:`invalidate_after`).
+    """
+
+    def __init__(self, graph, root: nn.Module, batches):
+        self.nodes = list(graph.nodes)
+        placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        if len(placeholders) != 1:
+            raise ValueError(f"gfs.prune supports models with one tensor input; the traced graph has "
+                             f"{len(placeholders)} inputs ({', '.join(n.name for n in placeholders)})")
+        self.pos = {n: i for i, n in enumerate(self.nodes)}
+        self.last_use = {n: max((self.pos[u] for u in n.users), default=self.pos[n]) for n in self.nodes}
+        self.root = root
+        self.batches = batches
+        self.checkpoints: dict = {0: [{} for _ in batches]}
+
+    def start_for(self, position: int) -> int:
+        """The latest checkpoint at or before ``position``."""
+        return max(q for q in self.checkpoints if q <= position)
+
+    def invalidate_after(self, position: int) -> None:
+        """A module at node ``position`` changed: checkpoints after it are stale."""
+        for q in [q for q in self.checkpoints if q > position]:
+            del self.checkpoints[q]
+
+    def keep_only(self, positions) -> None:
+        """Drop checkpoints that no future run needs: keep those in ``positions`` (and 0), and the
+        latest one before their minimum (a start for runs that need an earlier one)."""
+        positions = set(positions)
+        low = min(positions, default=0)
+        below = [q for q in self.checkpoints if q < low]
+        keep = positions | {0} | ({max(below)} if below else set())
+        for q in [q for q in self.checkpoints if q not in keep]:
+            del self.checkpoints[q]
+
+    def _value(self, node, env):
+        return fx.node.map_arg(node.args, lambda a: env[a]), fx.node.map_arg(node.kwargs, lambda a: env[a])
+
+    @torch.no_grad()
+    def run(self, start: int, stop: int, *, inputs=(), outputs=(), checkpoint_at=(), clone_start=True) -> dict:
+        """Run nodes [start, stop) on every batch, from the checkpoint at ``start``.
+
+        inputs: nodes whose first argument to record (the node at ``stop`` included: its input is
+        recorded without running it); outputs: nodes whose result to record (cloned).
+        Returns {("in" or "out", node): tensor concatenated over batches}.
+        """
+        inputs, outputs = set(inputs), set(outputs)
+        want = {q for q in checkpoint_at if start < q <= stop}
+        store: dict = {}
+        base = self.checkpoints[start]
+        for b, x in enumerate(self.batches):
+            env = _clone(base[b]) if clone_start else base[b]
+            for i in range(start, stop):
+                if i in want:
+                    self.checkpoints.setdefault(i, [None] * len(self.batches))[b] = _clone(env)
+                node = self.nodes[i]
+                if node.op == "output":
+                    break
+                args, kwargs = self._value(node, env) if node.op != "placeholder" else ((), {})
+                if node in inputs:
+                    store.setdefault(("in", node), []).append(args[0])
+                if node.op == "placeholder":
+                    val = x
+                elif node.op == "call_module":
+                    val = self.root.get_submodule(node.target)(*args, **kwargs)
+                elif node.op == "call_function":
+                    val = node.target(*args, **kwargs)
+                elif node.op == "call_method":
+                    val = getattr(args[0], node.target)(*args[1:], **kwargs)
+                elif node.op == "get_attr":
+                    val = _attr(self.root, node.target)
+                else:  # pragma: no cover
+                    raise RuntimeError(f"unexpected node {node.op}")
+                if node in outputs:
+                    store.setdefault(("out", node), []).append(val.clone())
+                env[node] = val
+                for a in node.all_input_nodes:
+                    if self.last_use[a] <= i:
+                        env.pop(a, None)
+                if self.last_use[node] <= i:
+                    env.pop(node, None)
+            if stop < len(self.nodes) and self.nodes[stop] in inputs:  # the input of the node run stops at
+                store.setdefault(("in", self.nodes[stop]), []).append(self._value(self.nodes[stop], env)[0][0])
+            if stop in want:
+                self.checkpoints.setdefault(stop, [None] * len(self.batches))[b] = _clone(env)
+        return {k: torch.cat(v, 0) for k, v in store.items()}
+
+
+def _attr(root, target):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -1,0 +1,294 @@
+"""Which channels of a group to keep: one class per criterion, one small interface.
+
+Every criterion returns a :class:`Decision`: the kept channels and one scale per kept channel.
+The pruned consumer then computes ``consumer(X * s)`` with ``s_j = scale_j`` on kept channels and
+0 elsewhere (see :mod:`gfs.prune.fold`).
+
+- ``"local"`` (local imitation, Ye, Wu, Liu, NeurIPS 2020). For a consumer with weight W and
+  input channels X_j, candidate j is the consumer's output from channel j alone, scaled by N:
+  ``u_j = N * consumer(X_j only)`` (no bias), so the dense output is the uniform average
+  ``mean_j u_j``. The target is the *original* network's consumer output (minus bias) on the same
+  batch. gfs.select picks the subnetwork ``sum_j w_j u_j``; the scales are ``N * w_j``.
+- ``"l1"``: the ``keep`` producer filters with the largest L1 norm (Li et al., 2017); kept
+  channels keep their weights (scale 1).
+- ``"random"``: a uniformly random subset (seeded); scale 1.
+
+The seam for the Gram engine: :func:`group_statistics` turns (X, layer, target) into what
+:func:`gfs.select` takes. Today it materialises the N x M candidate matrix; a GramStats-based
+version (G = N^2 (W^T W) * (X^T X) for Linear / 1x1 convolutions, offsets for k x k) can replace it
+without touching the criteria, as long as gfs.select accepts what it returns.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..select import select
+from ..selection import Selection
+
+# Largest candidate matrix materialised (elements, float32): 2^26 = 256 MiB. Beyond it, output
+# positions are subsampled uniformly at random (seeded), and the report says so ("sampled").
+MAX_ELEMENTS = 1 << 26
+
+
+@dataclass
+class Decision:
+    """Kept channels (sorted LongTensor) and their scales (float64, same length)."""
+
+    keep: torch.Tensor
+    scale: torch.Tensor
+    selection: Selection | None = None
+    sampled: float = 1.0  # fraction of the output coordinates the criterion looked at
+
+
+# ---- the consumer, channel by channel --------------------------------------------------------
+
+def _channel_view(layer, t):
+    """Reshape a per-channel vector to broadcast over the consumer's input/output layout."""
+    return t.view(1, -1, 1, 1) if isinstance(layer, nn.Conv2d) else t
+
+
+def consumer_output(X: torch.Tensor, layer: nn.Module, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The consumer's output without bias on X, input channel j multiplied by scale[j]."""
+    W = layer.weight
+    if scale is not None:
+        X = X * _channel_view(layer, scale.to(X.dtype)) if isinstance(layer, nn.Conv2d) else X * scale.to(X.dtype)
+    if isinstance(layer, nn.Conv2d):
+        return layer._conv_forward(X, W.to(X.dtype), None)
+    return F.linear(X, W.to(X.dtype))
+
+
+def remove_bias(output: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    if layer.bias is None:
+        return output
+    return output - _channel_view(layer, layer.bias.to(output.dtype))
+
+
+def _candidates(X, layer, channels, dtype):
+    """(len(channels), M): channel j's share of the consumer output (unscaled), M in output order."""
+    W = layer.weight.to(dtype)
+    idx = torch.as_tensor(channels, device=X.device)
+    if isinstance(layer, nn.Linear):
+        X2 = X.reshape(-1, X.shape[-1]).to(dtype)[:, idx]  # (P, n)
+        Wc = W[:, idx]  # (Cout, n)
+        return (X2.t()[:, :, None] * Wc.t()[:, None, :]).reshape(len(idx), -1)
+    n = len(idx)
+    Xc = X[:, idx].to(dtype)
+    if layer.padding_mode != "zeros":
+        Xc = F.pad(Xc, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+        padding = 0
+    else:
+        padding = layer.padding
+    Cout = W.shape[0]
+    Wg = W[:, idx].transpose(0, 1).reshape(n * Cout, 1, *W.shape[2:])
+    out = F.conv2d(Xc, Wg, None, layer.stride, padding, layer.dilation, groups=n)  # (B, n*Cout, H, W)
+    B = out.shape[0]
+    return out.view(B, n, Cout, *out.shape[2:]).transpose(0, 1).reshape(n, -1)
+
+
+def _positions(X, layer):
+    """Output positions of the consumer: (B, Ho, Wo) for Conv2d, (rows,) for Linear."""
+    if isinstance(layer, nn.Linear):
+        return (X.reshape(-1, X.shape[-1]).shape[0],)
+    B = X.shape[0]
+    pads = layer._reversed_padding_repeated_twice
+    Hp, Wp = X.shape[2] + pads[2] + pads[3], X.shape[3] + pads[0] + pads[1]
+    kh, kw = layer.kernel_size
+    (sh, sw), (dh, dw) = layer.stride, layer.dilation
+    return B, (Hp - dh * (kh - 1) - 1) // sh + 1, (Wp - dw * (kw - 1) - 1) // sw + 1
+
+
+def _candidates_at(X, layer, positions, dtype):
+    """(N, len(positions) * Cout): every channel's share of the consumer output at the flat
+    output positions ``positions`` (all output channels of each; unscaled), one gather and one
+    broadcast multiply-add per kernel tap: the full per-channel outputs are never formed."""
+    W = layer.weight.to(dtype)
+    Cout, N = W.shape[:2]
+    if isinstance(layer, nn.Linear):
+        Xg = X.reshape(-1, N)[positions].to(dtype)  # (m, N)
+        return (Xg.t()[:, :, None] * W.t()[:, None, :]).reshape(N, -1)
+    _, Ho, Wo = _positions(X, layer)
+    b, rest = positions // (Ho * Wo), positions % (Ho * Wo)
+    h, w = rest // Wo, rest % Wo
+    Xp = F.pad(X, layer._reversed_padding_repeated_twice,
+               mode="constant" if layer.padding_mode == "zeros" else layer.padding_mode)
+    Xcl = Xp.permute(0, 2, 3, 1).contiguous()  # channels last: each gathered row is contiguous
+    (sh, sw), (dh, dw) = layer.stride, layer.dilation
+    kh, kw = W.shape[2:]
+    taps = [Xcl[b, h * sh + i * dh, w * sw + j * dw] for i in range(kh) for j in range(kw)]  # each (m, N)
+    patches = torch.stack(taps, -1).to(dtype).permute(1, 0, 2)  # (N, m, taps)
+    Wt = W.reshape(Cout, N, kh * kw).permute(1, 2, 0)  # (N, taps, Cout)
+    return torch.bmm(patches, Wt).reshape(N, -1)  # (N, m * Cout): channel j's patches times its filters
+
+
+def _targets_at(target, layer, positions):
+    if isinstance(layer, nn.Linear):
+        return target.reshape(-1, target.shape[-1])[positions].reshape(-1)
+    B, Cout, Ho, Wo = target.shape
+    b, rest = positions // (Ho * Wo), positions % (Ho * Wo)
+    return target[b, :, rest // Wo, rest % Wo].reshape(-1)  # (m, Cout), like the candidates
+
+
+def group_statistics(X: torch.Tensor, layer: nn.Module, target: torch.Tensor, *, max_elements: int = MAX_ELEMENTS,
+                     generator: torch.Generator | None = None):
+    """What gfs.select needs for one group's local imitation problem: ``(features, targets)``.
+
+    Parameters
+    ----------
+    X : Tensor
+        The consumer's input over the calibration batches ((B, N, H, W) for Conv2d, (..., N) for
+        Linear), taken from the network pruned so far.
+    layer : nn.Conv2d or nn.Linear
+        The consumer (its weight W and geometry; its bias is not part of the candidates).
+    target : Tensor
+        The original network's consumer output minus bias, same shape as ``layer(X)``.
+
+    Returns
+    -------
+    features : Tensor (N, M)
+        Row j is u_j = N * (consumer output of channel j alone), flattened like the target, so
+        that the dense output is ``features.mean(0)``.
+    targets : Tensor (M,)
+
+    When N x M exceeds ``max_elements``, only ``max_elements // (N * Cout)`` output positions
+    (an image and a pixel, or a row for Linear), drawn uniformly without replacement with
+    ``generator``, are used, with all output channels of each: M is then smaller than
+    ``target.numel()`` (ordered position-major), and only those outputs are computed.
+    """
+    dtype = torch.float64 if X.dtype == torch.float64 else torch.float32
+    N = X.shape[1] if isinstance(layer, nn.Conv2d) else X.shape[-1]
+    Cout = layer.weight.shape[0]
+    M = target.numel()
+    if N * M > max_elements:
+        total = math.prod(_positions(X, layer))
+        positions = sample_positions(total, max(1, max_elements // (N * Cout)), generator).to(X.device)
+        U = _candidates_at(X, layer, positions, dtype)
+        y = _targets_at(target, layer, positions).to(dtype)
+    else:
+        U = _candidates(X, layer, range(N), dtype)
+        y = target.reshape(-1).to(dtype)
+    U.mul_(N)
+    return U, y
+
+
+def sample_positions(total: int, m: int, generator=None) -> torch.Tensor:
+    """m of ``total`` output positions, uniformly without replacement, sorted."""
+    return torch.randperm(total, generator=generator)[:m].sort().values
+
+
+# ---- criteria --------------------------------------------------------------------------------
+
+@dataclass
+class Context:
+    """What a criterion may look at for one group."""
+
+    group: object  # ChannelGroup
+    X: torch.Tensor  # consumer input, network pruned so far
+    layer: nn.Module  # the consumer (current)
+    target: torch.Tensor  # original consumer output minus bias
+    producer: nn.Module
+    keep: int
+    step: str = "uniform"
+    replacement: bool = False
+    eps: float | None = None
+    backend: str = "auto"
+    generator: torch.Generator | None = None
+
+
+class Criterion:
+    name = ""
+    needs_data = True
+
+    def decide(self, ctx: Context) -> Decision:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class LocalImitation(Criterion):
+    """Greedy forward selection on the consumer's output (local imitation)."""
+
+    name = "local"
+
+    def decide(self, ctx):
+        U, y = group_statistics(ctx.X, ctx.layer, ctx.target, generator=ctx.generator)
+        N = U.shape[0]
+        sel = select_channels(U, y, ctx.keep, step=ctx.step, replacement=ctx.replacement, eps=ctx.eps,
+                              backend=ctx.backend)
+        keep = sel.support.clone()
+        scale = N * sel.weights[keep]
+        return Decision(keep=keep, scale=scale, selection=sel, sampled=y.numel() / ctx.target.numel())
+
+
+class L1Norm(Criterion):
+    """The producer filters with the largest L1 norm; ties to the lowest index."""
+
+    name = "l1"
+    needs_data = False
+
+    def decide(self, ctx):
+        W = ctx.producer.weight.detach()
+        norms = W.reshape(W.shape[0], -1).abs().sum(1).double().cpu()
+        order = sorted(range(len(norms)), key=lambda j: (-float(norms[j]), j))
+        keep = torch.tensor(sorted(order[: ctx.keep]), dtype=torch.long)
+        return Decision(keep=keep, scale=torch.ones(len(keep), dtype=torch.float64))
+
+
+class RandomSubset(Criterion):
+    """A uniformly random subset of the channels (seeded through ``seed=``)."""
+
+    name = "random"
+    needs_data = False
+
+    def decide(self, ctx):
+        N = ctx.group.channels
+        keep = torch.randperm(N, generator=ctx.generator)[: ctx.keep].sort().values
+        return Decision(keep=keep, scale=torch.ones(len(keep), dtype=torch.float64))
+
+
+CRITERIA = {c.name: c for c in (LocalImitation, L1Norm, RandomSubset)}
+
+
+def select_channels(U, y, keep: int, *, step="uniform", replacement=False, eps=None, backend="auto") -> Selection:
+    """gfs.select until ``keep`` distinct channels are chosen.
+
+    Without replacement that is ``keep`` steps. With replacement a channel may be picked again
+    (its weight grows), so the greedy sequence is run longer (doubling, at most 8 x keep steps)
+    and cut at the first step where it has ``keep`` distinct channels; the greedy rule is
+    deterministic, so that prefix is exactly what a run of that many steps returns. With ``eps``
+    the selection may stop earlier, with fewer channels.
+    """
+    if not replacement:
+        return select(U, y, keep, replacement=False, step=step, eps=eps, backend=backend)
+    steps, cap = keep, 8 * keep
+    while True:
+        sel = select(U, y, steps, replacement=True, step=step, eps=eps, backend=backend)
+        if sel.support.numel() >= keep or sel.k < steps or steps >= cap:
+            break
+        steps = min(cap, 2 * steps)
+    return _prefix_with_distinct(sel, keep, U.shape[0])
+
+
+def _prefix_with_distinct(sel: Selection, keep: int, n: int) -> Selection:
+    seen, t = set(), sel.k
+    for i, j in enumerate(sel.indices.tolist()):
+        seen.add(j)
+        if len(seen) == keep:
+            t = i + 1
+            break
+    if t == sel.k:
+        return sel
+    idx = sel.indices[:t]
+    counts = torch.bincount(idx, minlength=n).double()
+    return dataclasses.replace(sel, indices=idx, support=torch.unique(idx), weights=counts / t,
+                               losses=sel.losses[:t], gaps=sel.gaps[:t])
+
+
+def keep_count(n: int, keep, ratio) -> int:
+    """Channels to keep of n: ``keep`` as given, or ``ratio * n`` rounded half up, at least 1."""
+    if keep is not None:
+        return int(keep)
+    return max(1, min(n, math.floor(ratio * n + 0.5)))

@@ -1,0 +1,460 @@
+"""gfs.prune: channel groups, criteria, exact folding, unchanged inputs, save/load, errors.
+
+Tiny inputs and random-init models (weights=None); every torchvision model is pruned once per
+module (fixture) and the properties are checked on that result. The exactness checks compare
+with an independently built *masked* copy of the original: each consumer's input column j
+multiplied by the report's scale (0 for dropped channels), which is the selected subnetwork
+sum_j w_j u_j without any slicing.
+"""
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+
+import gfs
+from gfs.prune import UnsafeFileError, UnsupportedModelError, find_groups, group_statistics, load, prune, save
+from gfs.prune.criteria import consumer_output, remove_bias
+
+tv = pytest.importorskip("torchvision")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # On a shared, loaded CPU, two spinning intra-op threads make these tiny ops ~20x slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def mlp():
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 32), nn.ReLU(), nn.Linear(32, 24), nn.BatchNorm1d(24),
+                         nn.GELU(), nn.Linear(24, 10))
+
+
+def cnn():
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(16, 24, 3, padding=1, bias=False), nn.BatchNorm2d(24), nn.ReLU(inplace=True),
+        nn.Conv2d(24, 32, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    )
+
+
+# name: (builder, input shape, calibration batch size)
+ARCHS = {
+    "resnet18": (lambda: tv.models.resnet18(weights=None, num_classes=10), (3, 32, 32), 4),
+    "resnet50": (lambda: tv.models.resnet50(weights=None, num_classes=10), (3, 32, 32), 2),
+    "mobilenet_v2": (lambda: tv.models.mobilenet_v2(weights=None, num_classes=10), (3, 32, 32), 4),
+    # one calibration sample: the squeeze-excitation bias fold is then exact on it (see fold.py)
+    "mobilenet_v3_small": (lambda: tv.models.mobilenet_v3_small(weights=None, num_classes=10), (3, 32, 32), 1),
+    "mlp": (mlp, (3, 8, 8), 16),
+    "cnn": (cnn, (3, 8, 8), 8),
+}
+
+
+def _randomise_bn(model, gen):
+    """Non-trivial BatchNorm statistics, so that slicing them wrongly would show."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=gen))
+                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=gen))
+                m.weight.copy_(0.5 + torch.rand(m.num_features, generator=gen))
+                m.bias.copy_(0.1 * torch.randn(m.num_features, generator=gen))
+
+
+def build(name, train=False):
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    make, shape, b = ARCHS[name]
+    model = make()
+    _randomise_bn(model, gen)
+    model.train(train)
+    x = torch.randn(b, *shape, generator=gen)
+    return model, x
+
+
+def snapshot(model):
+    return ({k: v.detach().clone() for k, v in model.state_dict().items()},
+            {n: m.training for n, m in model.named_modules()},
+            {n: id(m) for n, m in model.named_modules()})
+
+
+@pytest.fixture(scope="module")
+def pruned():
+    """{arch: (original, its snapshot before pruning, calibration x, PruneResult)}; the models are
+    in training mode while pruned (BatchNorm would update its statistics if run in place)."""
+    out = {}
+    for name in ARCHS:
+        model, x = build(name, train=True)
+        before = snapshot(model)
+        result = prune(model, x, ratio=0.5, progress=False)
+        out[name] = (model, before, x, result)
+    return out
+
+
+def eval_copy(model):
+    return copy.deepcopy(model).eval()
+
+
+def masked(original, result):
+    """The selected subnetworks without slicing: consumer columns times the scales, 0 if dropped."""
+    m = eval_copy(original)
+    with torch.no_grad():
+        for r in result.report:
+            layer = m.get_submodule(r.consumer)
+            s = torch.zeros(r.channels_before, dtype=torch.float64)
+            s[r.kept] = r.scale
+            shape = (1, -1) + (1,) * (layer.weight.dim() - 2)
+            layer.weight.copy_((layer.weight.double() * s.view(shape)).to(layer.weight.dtype))
+    return m
+
+
+def outputs_at(model, x, names):
+    got, handles = {}, []
+    for n in names:
+        handles.append(model.get_submodule(n).register_forward_hook(
+            lambda mod, a, out, _n=n: got.__setitem__(_n, out.detach().clone())))
+    with torch.no_grad():
+        y = model(x)
+    for h in handles:
+        h.remove()
+    return y, got
+
+
+def close(a, b, rtol=1e-4):
+    return float((a - b).abs().max()) <= rtol * float(b.abs().max()) + 1e-30
+
+
+# ---- groups -------------------------------------------------------------------------------
+
+def test_groups_resnet_internal_channels_only():
+    x = torch.randn(1, 3, 32, 32)
+    g18 = find_groups(tv.models.resnet18(weights=None), x)
+    assert g18.names() == [f"layer{i}.{j}.conv1" for i in range(1, 5) for j in range(2)]
+    assert all(g.consumer == g.name.replace("conv1", "conv2") for g in g18.groups)
+    g50 = find_groups(tv.models.resnet50(weights=None), x)
+    blocks = [f"layer{i}.{j}" for i, n in zip(range(1, 5), (3, 4, 6, 3)) for j in range(n)]
+    assert g50.names() == [f"{b}.{c}" for b in blocks for c in ("conv1", "conv2")]
+    # the residual stream (stem, conv3, downsample) is left whole, with the reason
+    assert "residual" in g50.rejected["layer1.0.conv3"] and "layer1.0.downsample.0" in g50.rejected
+    assert "conv1" in g50.rejected
+
+
+def test_groups_mobilenets():
+    x = torch.randn(1, 3, 32, 32)
+    v2 = find_groups(tv.models.mobilenet_v2(weights=None), x)
+    for i in range(2, 18):  # every expand layer: expand -> BN -> ReLU6 -> depthwise -> BN -> ReLU6 -> project
+        g = v2[f"features.{i}.conv.0.0"]
+        assert g.consumer == f"features.{i}.conv.2"
+        assert [m.kind for m in g.members] == ["norm", "depthwise", "norm"]
+    # expand_ratio 1 block: hidden channels = the stem's output, which feeds nothing else
+    assert v2["features.0.0"].consumer == "features.1.conv.1"
+    v3 = find_groups(tv.models.mobilenet_v3_small(weights=None), x)
+    g = v3["features.4.block.0.0"]
+    assert [m.kind for m in g.members] == ["norm", "depthwise", "norm", "se"]
+    assert g.members[-1].name == "features.4.block.2.fc1" and g.members[-1].fc2 == "features.4.block.2.fc2"
+    large = find_groups(tv.models.mobilenet_v3_large(weights=None), x)
+    assert "features.0.0" in large.rejected  # its stem feeds a residual add
+
+
+def test_groups_sequential():
+    def links(model):
+        return [(g.producer, g.consumer) for g in find_groups(model, torch.randn(2, 3, 8, 8)).groups]
+
+    assert links(mlp()) == [("1", "3"), ("3", "6")]
+    assert links(cnn()) == [("0", "4"), ("4", "7"), ("7", "11")]
+
+
+# ---- prune, run, fold, unchanged input ----------------------------------------------------
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_prunes_and_runs_smaller(pruned, arch):
+    model, _, x, result = pruned[arch]
+    assert result.report and len(result.report) == len(result.groups)
+    for r in result.report:
+        assert r.channels_after == max(1, int(0.5 * r.channels_before + 0.5))
+        assert r.kept.numel() == r.channels_after and r.fold_error == r.fold_error  # not NaN
+        producer = result.model.get_submodule(r.producer)
+        assert (producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels) == r.channels_after
+    assert result.params[1] < result.params[0] and result.flops[1] < result.flops[0]
+    assert sum(p.numel() for p in result.model.parameters()) == result.params[1]
+    pm = eval_copy(result.model)
+    with torch.no_grad():
+        y = pm(x)
+    assert y.shape == (x.shape[0], 10) and torch.isfinite(y).all()
+    assert result.model.training  # flags follow the input model
+    assert arch in ("mlp", "cnn") or type(result.model) is type(model)  # still a torchvision model
+    assert "parameters" in result.summary()
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_folds_exactly(pruned, arch):
+    """Before fine-tuning: every pruned consumer's output equals the selected subnetwork's
+    sum_j w_j u_j (+ bias), built independently by masking the original network."""
+    model, _, x, result = pruned[arch]
+    consumers = [r.consumer for r in result.report]
+    y_mask, at_mask = outputs_at(masked(model, result), x, consumers)
+    y_pruned, at_pruned = outputs_at(eval_copy(result.model), x, consumers)
+    rows = {r.producer: r.kept for r in result.report}  # a consumer that is also a producer lost rows,
+    for g, r in zip(result.groups, result.report):  # and so did an SE's fc2 (it follows the hidden channels)
+        rows.update({m.fc2: r.kept for m in g.members if m.kind == "se"})
+    for c in consumers:
+        ref = at_mask[c]
+        if c in rows:
+            ref = ref.index_select(-1 if isinstance(result.model.get_submodule(c), nn.Linear) else 1, rows[c])
+        assert close(at_pruned[c], ref), c
+    assert close(y_pruned, y_mask)
+    assert max(r.fold_error for r in result.report) < 1e-4
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_input_model_unchanged(pruned, arch):
+    model, (state, flags, ids), _, result = pruned[arch]
+    after, after_flags, after_ids = snapshot(model)
+    assert state.keys() == after.keys()
+    assert all(torch.equal(state[k], after[k]) for k in state)  # bit-identical, BN statistics included
+    assert flags == after_flags and ids == after_ids
+    assert all(p is not q for p, q in zip(model.parameters(), result.model.parameters()))
+
+
+def test_local_loss_is_the_selection_loss_and_beats_random_subsets():
+    model, x = build("cnn")
+    local = prune(model, x, ratio=0.5, progress=False)
+    for r in local.report:  # the loss measured on the folded consumer is the selection's loss
+        assert abs(r.loss - local.selections[r.name].loss) <= 1e-5 * max(r.loss, 1e-12)
+        assert r.gap is not None
+    assert local.report[0].dense_loss < 1e-12  # the first group's inputs are the original ones
+    # the first group sees the original inputs: the greedy pick beats random subsets of the same
+    # size and form (uniform weights, scale N / k); on random-init networks the uniform average
+    # need not beat plain dropping (l1 / random), on trained ones it does by far (see the report)
+    first = local.report[0]
+    net = eval_copy(model)
+    with torch.no_grad():
+        feats = net[:4](x)
+        target = remove_bias(net[4](feats), net[4])
+    gen = torch.Generator().manual_seed(0)
+    N, k = first.channels_before, first.channels_after
+    for _ in range(20):
+        s = torch.zeros(N, dtype=torch.float64)
+        s[torch.randperm(N, generator=gen)[:k]] = N / k
+        with torch.no_grad():
+            loss = float(((consumer_output(feats, net[4], s) - target).double() ** 2).mean())
+        assert first.loss <= loss + 1e-9
+
+
+def test_baselines():
+    model, x = build("cnn")
+    l1 = prune(model, x, keep=5, criterion="l1", progress=False)
+    W = model[0].weight.detach()
+    top = W.abs().reshape(W.shape[0], -1).sum(1).argsort(descending=True)[:5].sort().values
+    assert torch.equal(l1.report[0].kept, top) and torch.all(l1.report[0].scale == 1)
+    r1 = prune(model, x, keep=5, criterion="random", seed=3, progress=False)
+    r2 = prune(model, x, keep=5, criterion="random", seed=3, progress=False)
+    r3 = prune(model, x, keep=5, criterion="random", seed=4, progress=False)
+    assert [r.kept.tolist() for r in r1.report] == [r.kept.tolist() for r in r2.report]
+    assert [r.kept.tolist() for r in r1.report] != [r.kept.tolist() for r in r3.report]
+    assert l1.selections == {} and l1.report[0].gap is None
+    assert max(r.fold_error for r in l1.report + r1.report) < 1e-4
+
+
+def test_replacement_keeps_distinct_channels_and_folds_exactly():
+    model, x = build("mlp")
+    result = prune(model, x, keep=6, replacement=True, progress=False)
+    for r in result.report:
+        sel = result.selections[r.name]
+        assert r.channels_after == 6 == sel.support.numel()
+        assert torch.allclose(r.scale, r.channels_before * sel.weights[r.kept])
+    y_mask, _ = outputs_at(masked(model, result), x, [])
+    y_pruned, _ = outputs_at(eval_copy(result.model), x, [])
+    assert close(y_pruned, y_mask)
+
+
+def test_calibration_forms_agree():
+    model, x = build("mlp")
+    y = torch.zeros(len(x), dtype=torch.long)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=5)
+    kept = []
+    for cal in (x, loader, [x[:5], x[5:10], x[10:]], [(x[:8], y[:8]), (x[8:], y[8:])]):
+        kept.append([r.kept.tolist() for r in prune(model, cal, keep=4, progress=False).report])
+    assert all(k == kept[0] for k in kept)
+
+
+def test_layers_selects_groups():
+    model, x = build("resnet18")
+    result = prune(model, x, ratio=0.25, layers="layer1.*", progress=False)
+    assert [r.name for r in result.report] == ["layer1.0.conv1", "layer1.1.conv1"]
+    assert "layer2.0.conv1" in result.skipped
+
+
+def test_group_statistics_is_the_consumer_split_by_channel():
+    gen = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(6, 5, 3, stride=2, padding=1, padding_mode="reflect")
+    lin = nn.Linear(6, 4)
+    for layer, X in ((conv, torch.randn(3, 6, 7, 7, generator=gen)), (lin, torch.randn(2, 3, 6, generator=gen))):
+        with torch.no_grad():
+            dense = consumer_output(X, layer)
+            U, y = group_statistics(X, layer, dense)
+            assert U.shape == (6, dense.numel()) and torch.allclose(U.mean(0), dense.reshape(-1), atol=1e-5)
+            w = torch.rand(6, generator=gen, dtype=torch.float64)
+            w /= w.sum()
+            sub = consumer_output(X, layer, 6 * w)
+            assert torch.allclose((w.float()[:, None] * U).sum(0), sub.reshape(-1), atol=1e-5)
+            # too large: a random subset of output positions, all output channels of each, computed
+            # directly (no full output); it is the full matrix restricted to those positions
+            Cout = layer.weight.shape[0]
+            small, ys = group_statistics(X, layer, dense, max_elements=6 * Cout * 3,
+                                         generator=torch.Generator().manual_seed(1))
+            assert small.shape == (6, 3 * Cout) and ys.shape == (3 * Cout,)
+            pos = torch.randperm(dense.numel() // Cout, generator=torch.Generator().manual_seed(1))[:3].sort().values
+            by_position = U.reshape(6, -1, Cout) if isinstance(layer, nn.Linear) else \
+                U.reshape(6, dense.shape[0], Cout, -1).transpose(2, 3).reshape(6, -1, Cout)
+            assert torch.allclose(small, by_position[:, pos].reshape(6, -1), atol=1e-5)
+            assert torch.allclose(small.mean(0), ys, atol=1e-5)
+
+
+def test_exported_from_gfs():
+    assert gfs.prune is prune and gfs.PruneResult.__name__ == "PruneResult"
+
+
+# ---- errors --------------------------------------------------------------------------------
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        if h.sum() > 0:  # data-dependent control flow: not traceable
+            h = h.relu()
+        return self.fc2(h)
+
+
+class Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.out = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(self.fc2(self.fc1(self.fc1(x)).relu()))
+
+
+def test_unsupported_structures_raise_clear_errors():
+    x = torch.randn(2, 4)
+    with pytest.raises(UnsupportedModelError, match="Branchy"):
+        prune(Branchy(), x, ratio=0.5, progress=False)
+    with pytest.raises(UnsupportedModelError, match=r"'1'.*LayerNorm|1 \(LayerNorm\)"):
+        prune(nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 2)), x, ratio=0.5,
+              progress=False)
+    grouped = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.Flatten())
+    with pytest.raises(UnsupportedModelError, match=r"grouped convolution \(groups=2"):
+        prune(grouped, torch.randn(1, 3, 5, 5), ratio=0.5, layers="0", progress=False)
+    with pytest.raises(UnsupportedModelError, match="fc1 is called 2 times"):
+        prune(Shared(), x, ratio=0.5, layers="fc1", progress=False)
+    net, xr = build("resnet18")
+    with pytest.raises(UnsupportedModelError, match=r"'layer1.0.conv2' cannot be pruned.*residual"):
+        prune(net, xr, ratio=0.5, layers=["layer1.0.conv2"], progress=False)
+
+
+def test_argument_errors_name_the_argument():
+    model, x = build("mlp")
+    cases = [
+        (dict(), ValueError, "keep= .*ratio="),
+        (dict(keep=2, ratio=0.5), ValueError, "exactly one of keep"),
+        (dict(ratio=0), ValueError, "ratio must be in"),
+        (dict(ratio=1.5), ValueError, "ratio must be in"),
+        (dict(ratio="half"), TypeError, "ratio must be a number"),
+        (dict(ratio=True), TypeError, "ratio must be a number"),
+        (dict(keep=0), ValueError, "keep must be >= 1"),
+        (dict(keep=2.5), TypeError, "keep must be an int"),
+        (dict(keep=100), ValueError, "keep=100 is more than the 32 channels of group '1'"),
+        (dict(ratio=0.5, criterion="taylor"), ValueError, "unknown criterion 'taylor'"),
+        (dict(ratio=0.5, layers=["nope"]), ValueError, "layers: .*'nope'"),
+        (dict(ratio=0.5, layers="x*"), ValueError, "layers: pattern 'x\\*'"),
+        (dict(ratio=0.5, step="newton"), ValueError, "unknown step"),
+        (dict(ratio=0.5, criterion="l1", replacement=True), ValueError, "replacement= and eps= apply to criterion"),
+    ]
+    for kwargs, err, msg in cases:
+        with pytest.raises(err, match=msg):
+            prune(model, x, progress=False, **kwargs)
+    with pytest.raises(ValueError, match="calibration is empty"):
+        prune(model, [], ratio=0.5, progress=False)
+    with pytest.raises(TypeError, match="calibration batch 0"):
+        prune(model, [{"x": x}], ratio=0.5, progress=False)
+
+
+# ---- save / load -----------------------------------------------------------------------------
+
+def test_save_and_reload_in_a_new_process(pruned, tmp_path):
+    cases = []
+    for i, (arch, (_, _, x, result)) in enumerate(pruned.items()):
+        fmt = "torch" if arch == "cnn" else "auto"
+        path = tmp_path / f"{arch}.gfs"
+        save(result.model, path, format=fmt)
+        model = eval_copy(result.model)
+        with torch.no_grad():
+            torch.save({"x": x, "y": model(x)}, tmp_path / f"{arch}.io")
+        cases.append(arch)
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from gfs.prune import load
+        torch.set_num_threads(1)
+        for arch in {cases!r}:
+            model = load(r"{tmp_path}/" + arch + ".gfs").eval()
+            io = torch.load(r"{tmp_path}/" + arch + ".io", weights_only=True)
+            with torch.no_grad():
+                y = model(io["x"])
+            assert torch.equal(y, io["y"]), arch
+            print(arch, type(model).__name__, "ok")
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count(" ok") == len(cases)
+    assert "ResNet ok" in done.stdout and "MobileNetV3 ok" in done.stdout
+
+
+def test_load_never_runs_code_from_the_file(tmp_path):
+    import json
+
+    pytest.importorskip("safetensors")
+    from safetensors.torch import save_file
+
+    model = mlp()
+    path = tmp_path / "m.safetensors"
+    save(model, path)
+    assert type(load(path)) is nn.Sequential
+    # a file naming a class outside the allow-list: refused, and its module never imported
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    arch = json.loads(meta["gfs_architecture"])
+    arch["root"]["children"]["1"]["type"] = "antigravity.Fly"
+    save_file(tensors, str(tmp_path / "evil.safetensors"), metadata={**meta, "gfs_architecture": json.dumps(arch)})
+    with pytest.raises(UnsafeFileError, match="antigravity.Fly.*not in the allow-list"):
+        load(tmp_path / "evil.safetensors")
+    assert "antigravity" not in sys.modules
+    # a torch.save file with a pickled object that would run code: the restricted unpickler refuses
+    marker = tmp_path / "ran"
+    torch.save({"format": "gfs-module/1", "gfs_architecture": "{}", "tensors": {}, "x": _Boom(str(marker))},
+               tmp_path / "evil.pt")
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+        load(tmp_path / "evil.pt")
+    assert not marker.exists()
+    with pytest.raises(TypeError, match="not in the allow-list.*Branchy"):
+        save(Branchy(), tmp_path / "b.safetensors")
+
+
+class _Boom:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
