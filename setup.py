@@ -36,8 +36,9 @@ def _extensions():
 
     want = os.environ.get("GFS_BUILD_CUDA", "auto").lower()
     cuda_home = _cuda_home()
+    has_cu = bool(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
     build_cuda = want in ("1", "true", "yes") or (
-        want == "auto" and cuda_home is not None and torch.version.cuda is not None
+        want == "auto" and has_cu and cuda_home is not None and torch.version.cuda is not None
     )
     if build_cuda and (cuda_home is None or torch.version.cuda is None):
         raise RuntimeError("GFS_BUILD_CUDA=1 needs a CUDA toolkit (set CUDA_HOME) and a CUDA build of torch")
@@ -45,7 +46,7 @@ def _extensions():
 
     rel = lambda p: os.path.relpath(p, ROOT)  # noqa: E731
     sources = sorted(rel(p) for p in glob.glob(os.path.join(ROOT, "csrc", "**", "*.cpp"), recursive=True))
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-mavx2", "-mfma", "-mf16c", "-fno-math-errno"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-mavx2", "-mfma", "-mf16c", "-fno-math-errno"]
     if build_cuda:
         sources += sorted(rel(p) for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
         nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-DGFS_WITH_CUDA"]
