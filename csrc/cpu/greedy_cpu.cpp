@@ -1,0 +1,464 @@
+// CPU implementations of the gfs operators (schemas in csrc/ops.cpp).
+//
+// One streaming pass over U per greedy step: every thread owns a contiguous block of rows
+// (candidates); for each row it computes e_j = <r, u_j> with AVX2/FMA, and in the same pass the
+// score a_j - 2 t e_j, its masked argmin (ties to the lowest index) and max_j e_j (for the
+// Frank-Wolfe gap). Nothing of size N x M is written. The whole k-step loop runs inside one
+// OpenMP parallel region, with barriers between the phases of a step.
+//
+// Determinism of ties: every row's dot product is computed by the same sequence of operations
+// (same accumulators, same chunking from the row's first element, unaligned loads and no
+// alignment peeling, same final reduction), whatever its address, its thread or whether it
+// was processed alone or in a group of rows sharing the loads of r. Identical rows therefore
+// give bit-identical e_j and identical scores, and the argmin sends exact ties to the lowest
+// index, as `uniform_loop` in src/gfs_kernels/base.py (the definition these kernels follow).
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+#include <omp.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+namespace gfs_cpu {
+namespace {
+
+#define GFS_INLINE inline __attribute__((always_inline))
+
+// ---------------------------------------------------------------------------------------------
+// Vector traits: float accumulation (8 lanes) for float32/float16/bfloat16 storage, double
+// accumulation (4 lanes) for float64 storage.
+struct VecF {
+  using V = __m256;
+  using S = float;
+  static constexpr int W = 8;
+  static GFS_INLINE V zero() { return _mm256_setzero_ps(); }
+  static GFS_INLINE V loadr(const float* p) { return _mm256_loadu_ps(p); }
+  static GFS_INLINE V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static GFS_INLINE V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static GFS_INLINE S hsum(V v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+};
+
+struct VecD {
+  using V = __m256d;
+  using S = double;
+  static constexpr int W = 4;
+  static GFS_INLINE V zero() { return _mm256_setzero_pd(); }
+  static GFS_INLINE V loadr(const double* p) { return _mm256_loadu_pd(p); }
+  static GFS_INLINE V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
+  static GFS_INLINE V add(V a, V b) { return _mm256_add_pd(a, b); }
+  static GFS_INLINE S hsum(V v) {
+    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    s = _mm_add_sd(s, _mm_unpackhi_pd(s, s));
+    return _mm_cvtsd_f64(s);
+  }
+};
+
+template <typename T> struct Traits;
+template <> struct Traits<float> {
+  using Vec = VecF;
+  static GFS_INLINE __m256 load(const float* p) { return _mm256_loadu_ps(p); }
+  static GFS_INLINE float scalar(const float* p) { return *p; }
+};
+template <> struct Traits<c10::BFloat16> {
+  using Vec = VecF;
+  // bfloat16 is the upper half of a float32: widen to 32 bits and shift left by 16.
+  static GFS_INLINE __m256 load(const c10::BFloat16* p) {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  static GFS_INLINE float scalar(const c10::BFloat16* p) {
+    uint32_t bits = uint32_t(p->x) << 16;
+    float f;
+    __builtin_memcpy(&f, &bits, sizeof f);
+    return f;
+  }
+};
+template <> struct Traits<c10::Half> {
+  using Vec = VecF;
+  static GFS_INLINE __m256 load(const c10::Half* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static GFS_INLINE float scalar(const c10::Half* p) { return _cvtsh_ss(p->x); }
+};
+template <> struct Traits<double> {
+  using Vec = VecD;
+  static GFS_INLINE __m256d load(const double* p) { return _mm256_loadu_pd(p); }
+  static GFS_INLINE double scalar(const double* p) { return *p; }
+};
+
+template <typename S> GFS_INLINE S fma_s(S a, S b, S c) { return std::fma(a, b, c); }
+
+constexpr int kAcc = 4;            // independent accumulators per row
+constexpr int64_t kPrefetch = 512; // software prefetch distance, in bytes ahead of each row
+
+// out[i] = <u_i, r> for the R consecutive rows starting at u (row stride M). The R rows share
+// the loads of r. Per row, the arithmetic is identical for every R (see the file comment).
+template <int R, typename T>
+GFS_INLINE void dot_rows(const T* __restrict u, int64_t M, const typename Traits<T>::Vec::S* __restrict r,
+                         typename Traits<T>::Vec::S* __restrict out) {
+  using Vec = typename Traits<T>::Vec;
+  using V = typename Vec::V;
+  constexpr int W = Vec::W;
+  constexpr int C = W * kAcc;  // elements per chunk
+  constexpr int64_t pf = kPrefetch / int64_t(sizeof(T));
+  V acc[R][kAcc];
+  for (int i = 0; i < R; ++i)
+    for (int a = 0; a < kAcc; ++a) acc[i][a] = Vec::zero();
+  int64_t m = 0;
+  for (; m + C <= M; m += C) {
+    V rv[kAcc];
+    for (int a = 0; a < kAcc; ++a) rv[a] = Vec::loadr(r + m + a * W);
+    for (int i = 0; i < R; ++i) {
+      const T* row = u + i * M + m;
+      if (kPrefetch > 0) {
+        for (int64_t b = 0; b < int64_t(C * sizeof(T)); b += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(row + pf) + b, _MM_HINT_T0);
+      }
+      for (int a = 0; a < kAcc; ++a) acc[i][a] = Vec::fma(Traits<T>::load(row + a * W), rv[a], acc[i][a]);
+    }
+  }
+  for (; m + W <= M; m += W) {
+    V rv = Vec::loadr(r + m);
+    for (int i = 0; i < R; ++i) acc[i][0] = Vec::fma(Traits<T>::load(u + i * M + m), rv, acc[i][0]);
+  }
+  for (int i = 0; i < R; ++i) {
+    typename Vec::S s = Vec::hsum(Vec::add(Vec::add(acc[i][0], acc[i][1]), Vec::add(acc[i][2], acc[i][3])));
+    for (int64_t mm = m; mm < M; ++mm) s = fma_s(Traits<T>::scalar(u + i * M + mm), r[mm], s);
+    out[i] = s;
+  }
+}
+
+// norms = <u, u> and b = <u, y> of one row, in the accumulation type.
+template <typename T>
+GFS_INLINE void norm_and_b(const T* __restrict u, int64_t M, const typename Traits<T>::Vec::S* __restrict y,
+                           typename Traits<T>::Vec::S* norm, typename Traits<T>::Vec::S* b) {
+  using Vec = typename Traits<T>::Vec;
+  using V = typename Vec::V;
+  constexpr int W = Vec::W;
+  V nn[2] = {Vec::zero(), Vec::zero()}, bb[2] = {Vec::zero(), Vec::zero()};
+  int64_t m = 0;
+  for (; m + 2 * W <= M; m += 2 * W) {
+    for (int a = 0; a < 2; ++a) {
+      V x = Traits<T>::load(u + m + a * W);
+      nn[a] = Vec::fma(x, x, nn[a]);
+      bb[a] = Vec::fma(x, Vec::loadr(y + m + a * W), bb[a]);
+    }
+  }
+  for (; m + W <= M; m += W) {
+    V x = Traits<T>::load(u + m);
+    nn[0] = Vec::fma(x, x, nn[0]);
+    bb[0] = Vec::fma(x, Vec::loadr(y + m), bb[0]);
+  }
+  typename Vec::S sn = Vec::hsum(Vec::add(nn[0], nn[1])), sb = Vec::hsum(Vec::add(bb[0], bb[1]));
+  for (; m < M; ++m) {
+    auto x = Traits<T>::scalar(u + m);
+    sn = fma_s(x, x, sn);
+    sb = fma_s(x, y[m], sb);
+  }
+  *norm = sn;
+  *b = sb;
+}
+
+constexpr int kRows = 2;  // rows streamed together, sharing the loads of r
+
+// Calls f(j, e_j) for every row j in [lo, hi), in increasing j.
+template <typename T, typename F>
+GFS_INLINE void for_each_dot(const T* U, int64_t M, const typename Traits<T>::Vec::S* r, int64_t lo, int64_t hi,
+                             F&& f) {
+  typename Traits<T>::Vec::S e[kRows];
+  int64_t j = lo;
+  for (; j + kRows <= hi; j += kRows) {
+    dot_rows<kRows>(U + j * M, M, r, e);
+    for (int i = 0; i < kRows; ++i) f(j + i, e[i]);
+  }
+  for (; j < hi; ++j) {
+    dot_rows<1>(U + j * M, M, r, e);
+    f(j, e[0]);
+  }
+}
+
+// The running argmin of a score and max of e: torch.argmin/max semantics (a NaN wins, the
+// first of equals wins). Padded to a cache line: one per thread.
+struct alignas(64) Partial {
+  double best = 0;
+  int64_t best_j = -1;
+  double max_e = 0;
+  bool has_e = false;
+  double loss = 0, rz = 0;  // partial sums of r.r and r.z over the thread's slice of M
+
+  GFS_INLINE void reset() {
+    best_j = -1;
+    has_e = false;
+  }
+  GFS_INLINE void offer(double s, int64_t j) {
+    if (best_j < 0 || (std::isnan(s) && !std::isnan(best)) || s < best) {
+      best = s;
+      best_j = j;
+    }
+  }
+  GFS_INLINE void offer_e(double e) {
+    if (!has_e || (std::isnan(e) && !std::isnan(max_e)) || e > max_e) {
+      max_e = e;
+      has_e = true;
+    }
+  }
+};
+
+GFS_INLINE int64_t block_start(int64_t n, int parts, int i) { return n * i / parts; }
+
+int num_threads_for(int64_t N, int64_t M) {
+  int nt = std::max(1, at::get_num_threads());
+  // Below a few hundred kilo-elements per step, a second thread costs more than it gives.
+  if (N * M < (1 << 15)) nt = 1;
+  return int(std::min<int64_t>(nt, std::max<int64_t>(1, N)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks (the Python API validates at its edge too; these keep the ops safe alone).
+c10::ScalarType acc_type(c10::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_U(const at::Tensor& U, const char* op) {
+  TORCH_CHECK(U.dim() == 2, "gfs::", op, ": U must be 2-D (N candidates x M values), got ", U.dim(), "-D");
+  TORCH_CHECK(U.device().is_cpu(), "gfs::", op, ": U must be on the CPU for this kernel, got ", U.device());
+  auto s = U.scalar_type();
+  TORCH_CHECK(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16, "gfs::", op,
+              ": U must be float32, float64, float16 or bfloat16, got ", s);
+  TORCH_CHECK(U.is_contiguous(), "gfs::", op, ": U must be contiguous (call .contiguous() first)");
+  TORCH_CHECK(U.size(0) >= 1 && U.size(1) >= 1, "gfs::", op, ": U must have at least one row and one column, got ",
+              U.sizes());
+}
+
+void check_vec(const at::Tensor& U, const at::Tensor& v, const char* op, const char* name) {
+  auto want = acc_type(U.scalar_type());
+  TORCH_CHECK(v.dim() == 1, "gfs::", op, ": ", name, " must be 1-D, got ", v.dim(), "-D");
+  TORCH_CHECK(v.size(0) == U.size(1), "gfs::", op, ": ", name, " has length ", v.size(0),
+              " but U has M = ", U.size(1), " columns");
+  TORCH_CHECK(v.scalar_type() == want, "gfs::", op, ": ", name, " must be ", want, " for ", U.scalar_type(),
+              " U (the accumulation dtype), got ", v.scalar_type());
+  TORCH_CHECK(v.device().is_cpu(), "gfs::", op, ": ", name, " must be on the CPU, got ", v.device());
+  TORCH_CHECK(v.is_contiguous(), "gfs::", op, ": ", name, " must be contiguous");
+}
+
+template <typename F>
+void dispatch(c10::ScalarType s, F&& f) {
+  switch (s) {
+    case at::kFloat: return f(float{});
+    case at::kDouble: return f(double{});
+    case at::kHalf: return f(c10::Half{});
+    case at::kBFloat16: return f(c10::BFloat16{});
+    default: TORCH_CHECK(false, "gfs: unsupported dtype ", s);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor> prepare_cpu(const at::Tensor& U, const at::Tensor& y) {
+  check_U(U, "prepare");
+  check_vec(U, y, "prepare", "y");
+  const int64_t N = U.size(0), M = U.size(1);
+  auto norms = at::empty({N}, y.options());
+  auto b = at::empty({N}, y.options());
+  dispatch(U.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    using S = typename Traits<T>::Vec::S;
+    const T* u = reinterpret_cast<const T*>(U.const_data_ptr());
+    const S* yp = y.const_data_ptr<S>();
+    S* np = norms.mutable_data_ptr<S>();
+    S* bp = b.mutable_data_ptr<S>();
+    const int nt = num_threads_for(N, M);
+#pragma omp parallel num_threads(nt)
+    {
+      const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
+      for (int64_t j = block_start(N, nth, tid); j < block_start(N, nth, tid + 1); ++j)
+        norm_and_b(u + j * M, M, yp, np + j, bp + j);
+    }
+  });
+  return {norms, b};
+}
+
+at::Tensor dots_cpu(const at::Tensor& U, const at::Tensor& r) {
+  check_U(U, "dots");
+  check_vec(U, r, "dots", "r");
+  const int64_t N = U.size(0), M = U.size(1);
+  auto e = at::empty({N}, r.options());
+  dispatch(U.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    using S = typename Traits<T>::Vec::S;
+    const T* u = reinterpret_cast<const T*>(U.const_data_ptr());
+    const S* rp = r.const_data_ptr<S>();
+    S* ep = e.mutable_data_ptr<S>();
+    const int nt = num_threads_for(N, M);
+#pragma omp parallel num_threads(nt)
+    {
+      const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
+      for_each_dot(u, M, rp, block_start(N, nth, tid), block_start(N, nth, tid + 1),
+                   [&](int64_t j, S v) { ep[j] = v; });
+    }
+  });
+  return e;
+}
+
+// The uniform rule, following `uniform_loop` (base.py) step for step:
+//   a_j = ||u_j||^2 - 2 b_j (float64 from the accumulated norms and b); step t picks the masked
+//   argmin of a_j - 2 t e_j with e = U r_t (e = b at t = 0, where the term vanishes);
+//   z_{t+1} = (t z_t + u_j) / (t + 1), r = y - z in float64; loss = r.r / M; the pass after each
+//   step computes e = U float(r) once, giving both the next step's scores and the gap at z_{t+1}
+//   (2 (max_j e_j - r.z) / M); the pass after the last step gives the last gap only.
+template <typename T>
+void greedy_uniform_impl(const at::Tensor& U, const at::Tensor& y, int64_t k, bool replacement, double stop_loss,
+                         std::vector<int64_t>& picks, std::vector<double>& losses, std::vector<double>& gaps) {
+  using S = typename Traits<T>::Vec::S;
+  const int64_t N = U.size(0), M = U.size(1);
+  const T* u = reinterpret_cast<const T*>(U.const_data_ptr());
+  const S* yp = y.const_data_ptr<S>();
+
+  std::vector<double> a(N), z(M, 0.0), r(M);
+  std::vector<S> rs(M);  // r in the accumulation type: the vector each pass streams against
+  std::vector<uint8_t> taken(replacement ? 0 : N, 0);
+  const int nt = num_threads_for(N, M);
+  std::vector<Partial> part(nt);
+  const double inf = std::numeric_limits<double>::infinity();
+
+#pragma omp parallel num_threads(nt)
+  {
+    const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
+    const int64_t lo = block_start(N, nth, tid), hi = block_start(N, nth, tid + 1);
+    const int64_t mlo = block_start(M, nth, tid), mhi = block_start(M, nth, tid + 1);
+    Partial& mine = part[tid];
+
+    // Pass 0: norms and b, a_j, and step 0's argmin (score a_j, nothing taken yet).
+    mine.reset();
+    for (int64_t j = lo; j < hi; ++j) {
+      S nj, bj;
+      norm_and_b(u + j * M, M, yp, &nj, &bj);
+      a[j] = double(nj) - 2.0 * double(bj);
+      mine.offer(a[j], j);
+    }
+    for (int64_t m = mlo; m < mhi; ++m) r[m] = double(yp[m]);
+#pragma omp barrier
+
+    for (int64_t t = 0; t < k; ++t) {
+      // Every thread combines the partials in thread order (identically): the pick of step t,
+      // and for t > 0 the max of e = U r_t for the gap at z_t.
+      Partial all;
+      for (int i = 0; i < nth; ++i) {
+        if (part[i].best_j >= 0) all.offer(part[i].best, part[i].best_j);
+        if (t > 0 && part[i].has_e) all.offer_e(part[i].max_e);
+      }
+      const int64_t j = all.best_j;
+      if (tid == 0) {
+        if (t > 0) {
+          double rz = 0;
+          for (int i = 0; i < nth; ++i) rz += part[i].rz;
+          gaps.push_back(2.0 * (all.max_e - rz) / double(M));
+        }
+        picks.push_back(j);
+        if (!replacement) taken[j] = 1;
+      }
+#pragma omp barrier  // everyone has read the partials of the last pass
+
+      // z <- (t z + u_j) / (t + 1), r = y - z, over this thread's slice of M.
+      const T* uj = u + j * M;
+      const double t1 = double(t + 1), td = double(t);
+      double sl = 0, srz = 0;
+      for (int64_t m = mlo; m < mhi; ++m) {
+        const double zm = (td * z[m] + double(Traits<T>::scalar(uj + m))) / t1;
+        const double rm = double(yp[m]) - zm;
+        z[m] = zm;
+        r[m] = rm;
+        rs[m] = S(rm);
+        sl += rm * rm;
+        srz += rm * zm;
+      }
+      mine.loss = sl;
+      mine.rz = srz;
+#pragma omp barrier
+
+      double loss = 0;
+      for (int i = 0; i < nth; ++i) loss += part[i].loss;
+      loss /= double(M);
+      if (tid == 0) losses.push_back(loss);
+      const bool last = loss <= stop_loss || t + 1 == k;
+
+      // The pass: e = U r_{t+1}; max e always, the scores of step t + 1 unless this was the last.
+      mine.reset();
+      const S* rp = rs.data();
+      if (last) {
+        for_each_dot(u, M, rp, lo, hi, [&](int64_t, S e) { mine.offer_e(double(e)); });
+      } else {
+        const double two_t = 2.0 * double(t + 1);
+        const uint8_t* tk = taken.data();
+        if (replacement) {
+          for_each_dot(u, M, rp, lo, hi, [&](int64_t jj, S e) {
+            mine.offer_e(double(e));
+            mine.offer(a[jj] - two_t * double(e), jj);
+          });
+        } else {
+          for_each_dot(u, M, rp, lo, hi, [&](int64_t jj, S e) {
+            mine.offer_e(double(e));
+            mine.offer(tk[jj] ? inf : a[jj] - two_t * double(e), jj);
+          });
+        }
+      }
+#pragma omp barrier
+      if (last) break;
+    }
+
+    if (tid == 0) {
+      Partial all;
+      double rz = 0;
+      for (int i = 0; i < nth; ++i) {
+        if (part[i].has_e) all.offer_e(part[i].max_e);
+        rz += part[i].rz;
+      }
+      gaps.push_back(2.0 * (all.max_e - rz) / double(M));
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> greedy_uniform_cpu(const at::Tensor& U, const at::Tensor& y,
+                                                                    int64_t k, bool replacement, double stop_loss) {
+  check_U(U, "greedy_uniform");
+  check_vec(U, y, "greedy_uniform", "y");
+  TORCH_CHECK(k >= 1, "gfs::greedy_uniform: k must be >= 1, got ", k);
+  TORCH_CHECK(replacement || k <= U.size(0), "gfs::greedy_uniform: k = ", k, " exceeds the N = ", U.size(0),
+              " candidates, impossible without replacement (pass replacement=True or k <= N)");
+  std::vector<int64_t> picks;
+  std::vector<double> losses, gaps;
+  const int64_t cap = std::min<int64_t>(k, int64_t(1) << 20);
+  picks.reserve(cap);
+  losses.reserve(cap);
+  gaps.reserve(cap);
+  dispatch(U.scalar_type(), [&](auto tag) {
+    greedy_uniform_impl<decltype(tag)>(U, y, k, replacement, stop_loss, picks, losses, gaps);
+  });
+  const int64_t s = int64_t(picks.size());
+  auto f64 = at::TensorOptions().dtype(at::kDouble);
+  auto idx = at::empty({s}, at::TensorOptions().dtype(at::kLong));
+  auto lo = at::empty({s}, f64), ga = at::empty({s}, f64);
+  std::copy(picks.begin(), picks.end(), idx.mutable_data_ptr<int64_t>());
+  std::copy(losses.begin(), losses.end(), lo.mutable_data_ptr<double>());
+  std::copy(gaps.begin(), gaps.end(), ga.mutable_data_ptr<double>());
+  return {idx, lo, ga};
+}
+
+}  // namespace
+}  // namespace gfs_cpu
+
+TORCH_LIBRARY_IMPL(gfs, CPU, m) {
+  m.impl("prepare", &gfs_cpu::prepare_cpu);
+  m.impl("dots", &gfs_cpu::dots_cpu);
+  m.impl("greedy_uniform", &gfs_cpu::greedy_uniform_cpu);
+}
