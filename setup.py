@@ -31,11 +31,11 @@ def _cuda_home():
 
 
 def _extensions():
+    cuda_home = _cuda_home()  # before torch.utils.cpp_extension reads CUDA_HOME
     import torch
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     want = os.environ.get("GFS_BUILD_CUDA", "auto").lower()
-    cuda_home = _cuda_home()
     has_cu = bool(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
     build_cuda = want in ("1", "true", "yes") or (
         want == "auto" and has_cu and cuda_home is not None and torch.version.cuda is not None
@@ -46,10 +46,11 @@ def _extensions():
 
     rel = lambda p: os.path.relpath(p, ROOT)  # noqa: E731
     sources = sorted(rel(p) for p in glob.glob(os.path.join(ROOT, "csrc", "**", "*.cpp"), recursive=True))
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-mavx2", "-mfma", "-mf16c", "-fno-math-errno"]
+    # the C++ standard is torch's own (C++20 for torch >= 2.10): no -std flag here
+    cxx = ["-O3", "-fopenmp", "-mavx2", "-mfma", "-mf16c", "-fno-math-errno"]
     if build_cuda:
         sources += sorted(rel(p) for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-DGFS_WITH_CUDA"]
+        nvcc = ["-O3", "--use_fast_math", "-lineinfo", "-DGFS_WITH_CUDA"]
         return [
             CUDAExtension(
                 "gfs_kernels._C",

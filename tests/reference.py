@@ -67,3 +67,40 @@ def check_path(U, y, picks, losses, *, replacement=True, rtol=1e-5, atol=1e-9):
         z = cand[j]
         used.append(j)
     return differing
+
+
+def path_gaps(U, y, picks):
+    """The Frank-Wolfe gap after each of the given picks (uniform rule), in float64."""
+    U = np.asarray(U, dtype=np.float64).reshape(len(U), -1)
+    y = np.asarray(y, dtype=np.float64).reshape(-1)
+    z = np.zeros(U.shape[1])
+    out = []
+    for t, j in enumerate(picks):
+        z = (t * z + U[j]) / (t + 1)
+        out.append(fw_gap(U, y, z))
+    return np.array(out)
+
+
+def hull_optimum(U, y):
+    """min over the convex hull of the rows of ||y - z||^2 / M, exactly, by enumerating the
+    faces (for small N): on each subset solve least squares with sum(w) = 1 through its KKT
+    system and keep the feasible (w >= 0) solutions."""
+    from itertools import combinations
+
+    U = np.asarray(U, dtype=np.float64).reshape(len(U), -1)
+    y = np.asarray(y, dtype=np.float64).reshape(-1)
+    N, M = U.shape
+    best = min(((y - u) ** 2).sum() for u in U)
+    for size in range(2, N + 1):
+        for S in combinations(range(N), size):
+            A = U[list(S)]
+            G = A @ A.T
+            kkt = np.zeros((size + 1, size + 1))
+            kkt[:size, :size] = 2 * G
+            kkt[:size, size] = 1
+            kkt[size, :size] = 1
+            rhs = np.concatenate([2 * A @ y, [1.0]])
+            w = np.linalg.lstsq(kkt, rhs, rcond=None)[0][:size]
+            if np.all(w >= -1e-12) and abs(w.sum() - 1) < 1e-9:
+                best = min(best, ((y - w @ A) ** 2).sum())
+    return best / M

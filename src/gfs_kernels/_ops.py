@@ -5,14 +5,21 @@ so torch.compile / FakeTensor tracing can pass through them.
 """
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
-try:
-    from . import _C  # noqa: F401  (importing registers torch.ops.gfs.*)
+_REBUILD = "build it with `pip install --no-build-isolation -e .`"
+load_error: str | None
+if importlib.util.find_spec(f"{__package__}._C") is None:
+    load_error = f"compiled extension gfs_kernels._C is not built; {_REBUILD}"
+else:
+    try:
+        from . import _C  # noqa: F401  (importing registers torch.ops.gfs.*)
 
-    load_error: str | None = None
-except ImportError as exc:  # not built, or built against another torch
-    load_error = f"compiled extension gfs_kernels._C not importable ({exc}); reinstall with `pip install --no-build-isolation -e .`"
+        load_error = None
+    except ImportError as exc:  # e.g. built against another torch
+        load_error = f"compiled extension gfs_kernels._C does not import ({exc}); re{_REBUILD}"
 
 
 def has_cuda_kernels() -> bool:

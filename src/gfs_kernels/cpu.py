@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import _ops
-from .base import Backend
+from .base import Backend, GreedyResult
 
 
 class CpuBackend(Backend):
@@ -18,7 +18,11 @@ class CpuBackend(Backend):
     device_types = ("cpu",)
 
     def unavailable_reason(self):
-        return _ops.load_error
+        if _ops.load_error:
+            return _ops.load_error
+        if not torch._C._dispatch_has_kernel_for_dispatch_key("gfs::greedy_uniform", "CPU"):
+            return "the extension has no CPU kernels (csrc/cpu was not compiled)"
+        return None
 
     def prepare(self, U, y):
         return torch.ops.gfs.prepare(U, y)
@@ -27,6 +31,4 @@ class CpuBackend(Backend):
         return torch.ops.gfs.dots(U, r)
 
     def greedy_uniform(self, U, y, k, replacement, stop_loss):
-        from .base import GreedyResult
-
         return GreedyResult(*torch.ops.gfs.greedy_uniform(U, y, k, replacement, stop_loss))

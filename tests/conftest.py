@@ -1,0 +1,20 @@
+import numpy as np
+import pytest
+import torch
+
+import gfs_kernels
+
+
+def cpu_backends():
+    """Every registered backend, as pytest params; those that cannot run on this CPU are
+    skipped with their reason."""
+    params = []
+    for name, why_not in gfs_kernels.availability("cpu", torch.float32).items():
+        marks = [pytest.mark.skip(reason=f"{name}: {why_not}")] if why_not else []
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
