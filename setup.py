@@ -36,9 +36,8 @@ def _extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     want = os.environ.get("GFS_BUILD_CUDA", "auto").lower()
-    has_cu = bool(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
     build_cuda = want in ("1", "true", "yes") or (
-        want == "auto" and has_cu and cuda_home is not None and torch.version.cuda is not None
+        want == "auto" and cuda_home is not None and torch.version.cuda is not None
     )
     if build_cuda and (cuda_home is None or torch.version.cuda is None):
         raise RuntimeError("GFS_BUILD_CUDA=1 needs a CUDA toolkit (set CUDA_HOME) and a CUDA build of torch")
