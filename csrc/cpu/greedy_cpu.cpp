@@ -101,8 +101,8 @@ template <> struct Traits<double> {
 
 template <typename S> GFS_INLINE S fma_s(S a, S b, S c) { return std::fma(a, b, c); }
 
-constexpr int kAcc = 4;            // independent accumulators per row
-constexpr int64_t kPrefetch = 512; // software prefetch distance, in bytes ahead of each row
+constexpr int kAcc = 2;            // independent accumulators per row
+constexpr int64_t kPrefetch = 256; // software prefetch distance, in bytes ahead of each row
 
 // out[i] = <u_i, r> for the R consecutive rows starting at u (row stride M). The R rows share
 // the loads of r. Per row, the arithmetic is identical for every R (see the file comment).
@@ -135,44 +135,47 @@ GFS_INLINE void dot_rows(const T* __restrict u, int64_t M, const typename Traits
     for (int i = 0; i < R; ++i) acc[i][0] = Vec::fma(Traits<T>::load(u + i * M + m), rv, acc[i][0]);
   }
   for (int i = 0; i < R; ++i) {
-    typename Vec::S s = Vec::hsum(Vec::add(Vec::add(acc[i][0], acc[i][1]), Vec::add(acc[i][2], acc[i][3])));
+    V v = acc[i][0];
+    for (int a = 1; a < kAcc; ++a) v = Vec::add(v, acc[i][a]);
+    typename Vec::S s = Vec::hsum(v);
     for (int64_t mm = m; mm < M; ++mm) s = fma_s(Traits<T>::scalar(u + i * M + mm), r[mm], s);
     out[i] = s;
   }
 }
 
-// norms = <u, u> and b = <u, y> of one row, in the accumulation type.
-template <typename T>
-GFS_INLINE void norm_and_b(const T* __restrict u, int64_t M, const typename Traits<T>::Vec::S* __restrict y,
-                           typename Traits<T>::Vec::S* norm, typename Traits<T>::Vec::S* b) {
+// norms[i] = <u_i, u_i> and b[i] = <u_i, y> for the R consecutive rows starting at u, in the
+// accumulation type; the rows share the loads of y, and per row the arithmetic is identical for
+// every R (identical rows get identical norms and b).
+template <int R, typename T>
+GFS_INLINE void norm_and_b_rows(const T* __restrict u, int64_t M, const typename Traits<T>::Vec::S* __restrict y,
+                                typename Traits<T>::Vec::S* norm, typename Traits<T>::Vec::S* b) {
   using Vec = typename Traits<T>::Vec;
   using V = typename Vec::V;
   constexpr int W = Vec::W;
-  V nn[2] = {Vec::zero(), Vec::zero()}, bb[2] = {Vec::zero(), Vec::zero()};
+  V nn[R], bb[R];
+  for (int i = 0; i < R; ++i) nn[i] = bb[i] = Vec::zero();
   int64_t m = 0;
-  for (; m + 2 * W <= M; m += 2 * W) {
-    for (int a = 0; a < 2; ++a) {
-      V x = Traits<T>::load(u + m + a * W);
-      nn[a] = Vec::fma(x, x, nn[a]);
-      bb[a] = Vec::fma(x, Vec::loadr(y + m + a * W), bb[a]);
+  for (; m + W <= M; m += W) {
+    const V yv = Vec::loadr(y + m);
+    for (int i = 0; i < R; ++i) {
+      const V x = Traits<T>::load(u + i * M + m);
+      nn[i] = Vec::fma(x, x, nn[i]);
+      bb[i] = Vec::fma(x, yv, bb[i]);
     }
   }
-  for (; m + W <= M; m += W) {
-    V x = Traits<T>::load(u + m);
-    nn[0] = Vec::fma(x, x, nn[0]);
-    bb[0] = Vec::fma(x, Vec::loadr(y + m), bb[0]);
+  for (int i = 0; i < R; ++i) {
+    typename Vec::S sn = Vec::hsum(nn[i]), sb = Vec::hsum(bb[i]);
+    for (int64_t mm = m; mm < M; ++mm) {
+      const auto x = Traits<T>::scalar(u + i * M + mm);
+      sn = fma_s(x, x, sn);
+      sb = fma_s(x, y[mm], sb);
+    }
+    norm[i] = sn;
+    b[i] = sb;
   }
-  typename Vec::S sn = Vec::hsum(Vec::add(nn[0], nn[1])), sb = Vec::hsum(Vec::add(bb[0], bb[1]));
-  for (; m < M; ++m) {
-    auto x = Traits<T>::scalar(u + m);
-    sn = fma_s(x, x, sn);
-    sb = fma_s(x, y[m], sb);
-  }
-  *norm = sn;
-  *b = sb;
 }
 
-constexpr int kRows = 2;  // rows streamed together, sharing the loads of r
+constexpr int kRows = 8;  // rows streamed together, sharing the loads of r
 
 // Calls f(j, e_j) for every row j in [lo, hi), in increasing j.
 template <typename T, typename F>
@@ -187,6 +190,23 @@ GFS_INLINE void for_each_dot(const T* U, int64_t M, const typename Traits<T>::Ve
   for (; j < hi; ++j) {
     dot_rows<1>(U + j * M, M, r, e);
     f(j, e[0]);
+  }
+}
+
+// Calls f(j, norm_j, b_j) for every row j in [lo, hi), in increasing j.
+template <typename T, typename F>
+GFS_INLINE void for_each_norm_and_b(const T* U, int64_t M, const typename Traits<T>::Vec::S* y, int64_t lo,
+                                    int64_t hi, F&& f) {
+  constexpr int R = 4;
+  typename Traits<T>::Vec::S n[R], b[R];
+  int64_t j = lo;
+  for (; j + R <= hi; j += R) {
+    norm_and_b_rows<R>(U + j * M, M, y, n, b);
+    for (int i = 0; i < R; ++i) f(j + i, n[i], b[i]);
+  }
+  for (; j < hi; ++j) {
+    norm_and_b_rows<1>(U + j * M, M, y, n, b);
+    f(j, n[0], b[0]);
   }
 }
 
@@ -281,8 +301,10 @@ std::tuple<at::Tensor, at::Tensor> prepare_cpu(const at::Tensor& U, const at::Te
 #pragma omp parallel num_threads(nt)
     {
       const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
-      for (int64_t j = block_start(N, nth, tid); j < block_start(N, nth, tid + 1); ++j)
-        norm_and_b(u + j * M, M, yp, np + j, bp + j);
+      for_each_norm_and_b(u, M, yp, block_start(N, nth, tid), block_start(N, nth, tid + 1), [&](int64_t j, S n, S bj) {
+        np[j] = n;
+        bp[j] = bj;
+      });
     }
   });
   return {norms, b};
@@ -340,12 +362,10 @@ void greedy_uniform_impl(const at::Tensor& U, const at::Tensor& y, int64_t k, bo
 
     // Pass 0: norms and b, a_j, and step 0's argmin (score a_j, nothing taken yet).
     mine.reset();
-    for (int64_t j = lo; j < hi; ++j) {
-      S nj, bj;
-      norm_and_b(u + j * M, M, yp, &nj, &bj);
+    for_each_norm_and_b(u, M, yp, lo, hi, [&](int64_t j, S nj, S bj) {
       a[j] = double(nj) - 2.0 * double(bj);
       mine.offer(a[j], j);
-    }
+    });
     for (int64_t m = mlo; m < mhi; ++m) r[m] = double(yp[m]);
 #pragma omp barrier
 
