@@ -217,7 +217,6 @@ struct alignas(64) Partial {
   int64_t best_j = -1;
   double max_e = 0;
   bool has_e = false;
-  double loss = 0, rz = 0;  // partial sums of r.r and r.z over the thread's slice of M
 
   GFS_INLINE void reset() {
     best_j = -1;
@@ -332,12 +331,81 @@ at::Tensor dots_cpu(const at::Tensor& U, const at::Tensor& r) {
   return e;
 }
 
+// Four consecutive storage values widened to double (exactly).
+GFS_INLINE __m256d load4d(const float* p) { return _mm256_cvtps_pd(_mm_loadu_ps(p)); }
+GFS_INLINE __m256d load4d(const double* p) { return _mm256_loadu_pd(p); }
+GFS_INLINE __m256d load4d(const c10::BFloat16* p) {
+  __m128i h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_cvtps_pd(_mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16)));
+}
+GFS_INLINE __m256d load4d(const c10::Half* p) {
+  return _mm256_cvtps_pd(_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+GFS_INLINE void store4(float* p, __m256d v) { _mm_storeu_ps(p, _mm256_cvtpd_ps(v)); }
+GFS_INLINE void store4(double* p, __m256d v) { _mm256_storeu_pd(p, v); }
+
+// a - c * e with two roundings, as torch computes it (written with intrinsics so that no
+// compiler setting contracts it into one fused multiply-add).
+GFS_INLINE double mul_sub(double a, double c, double e) {
+  const __m128d p = _mm_mul_sd(_mm_set_sd(c), _mm_set_sd(e));
+  return _mm_cvtsd_f64(_mm_sub_sd(_mm_set_sd(a), p));
+}
+
+// z <- (t z + u) / (t + 1), r = y - z, rs = S(r) over all M, in float64 exactly as
+// `uniform_loop` (t * z, then + u, then / (t + 1): no fused multiply-add). Returns r.r and r.z,
+// summed in a fixed order (every thread that calls this gets the same bits).
+template <typename T, typename S>
+GFS_INLINE void update_residual(const T* __restrict uj, const S* __restrict y, int64_t M, int64_t t,
+                                double* __restrict z, double* __restrict r, S* __restrict rs, double* loss,
+                                double* rz) {
+  const __m256d td = _mm256_set1_pd(double(t)), t1 = _mm256_set1_pd(double(t + 1));
+  __m256d l0 = _mm256_setzero_pd(), l1 = l0, q0 = l0, q1 = l0;
+  int64_t m = 0;
+  for (; m + 8 <= M; m += 8) {
+    for (int h = 0; h < 2; ++h) {
+      const int64_t i = m + 4 * h;
+      const __m256d zv = _mm256_div_pd(_mm256_add_pd(_mm256_mul_pd(td, _mm256_loadu_pd(z + i)), load4d(uj + i)), t1);
+      const __m256d rv = _mm256_sub_pd(load4d(y + i), zv);
+      _mm256_storeu_pd(z + i, zv);
+      _mm256_storeu_pd(r + i, rv);
+      store4(rs + i, rv);
+      if (h == 0) {
+        l0 = _mm256_fmadd_pd(rv, rv, l0);
+        q0 = _mm256_fmadd_pd(rv, zv, q0);
+      } else {
+        l1 = _mm256_fmadd_pd(rv, rv, l1);
+        q1 = _mm256_fmadd_pd(rv, zv, q1);
+      }
+    }
+  }
+  double sl = VecD::hsum(_mm256_add_pd(l0, l1)), sq = VecD::hsum(_mm256_add_pd(q0, q1));
+  const __m128d ts = _mm_set_sd(double(t)), ts1 = _mm_set_sd(double(t + 1));
+  for (; m < M; ++m) {
+    const __m128d zs = _mm_div_sd(_mm_add_sd(_mm_mul_sd(ts, _mm_set_sd(z[m])), _mm_set_sd(double(Traits<T>::scalar(uj + m)))), ts1);
+    const double zm = _mm_cvtsd_f64(zs);
+    const double rm = _mm_cvtsd_f64(_mm_sub_sd(_mm_set_sd(double(y[m])), zs));
+    z[m] = zm;
+    r[m] = rm;
+    rs[m] = S(rm);
+    sl = std::fma(rm, rm, sl);
+    sq = std::fma(rm, zm, sq);
+  }
+  *loss = sl;
+  *rz = sq;
+}
+
 // The uniform rule, following `uniform_loop` (base.py) step for step:
 //   a_j = ||u_j||^2 - 2 b_j (float64 from the accumulated norms and b); step t picks the masked
 //   argmin of a_j - 2 t e_j with e = U r_t (e = b at t = 0, where the term vanishes);
 //   z_{t+1} = (t z_t + u_j) / (t + 1), r = y - z in float64; loss = r.r / M; the pass after each
 //   step computes e = U float(r) once, giving both the next step's scores and the gap at z_{t+1}
 //   (2 (max_j e_j - r.z) / M); the pass after the last step gives the last gap only.
+//
+// One barrier per step: each thread keeps its own copy of z and r (the O(M) update is done by
+// every thread, identically, instead of being split and synchronised), and the per-thread
+// partials of consecutive passes alternate between two buffers, so a thread that runs ahead
+// never overwrites what a slower one is still reading. On shared (oversubscribed) cores every
+// barrier is a chance to wait for a descheduled thread; fewer of them keep the loop robust.
 template <typename T>
 void greedy_uniform_impl(const at::Tensor& U, const at::Tensor& y, int64_t k, bool replacement, double stop_loss,
                          std::vector<int64_t>& picks, std::vector<double>& losses, std::vector<double>& gaps) {
@@ -345,90 +413,71 @@ void greedy_uniform_impl(const at::Tensor& U, const at::Tensor& y, int64_t k, bo
   const int64_t N = U.size(0), M = U.size(1);
   const T* u = reinterpret_cast<const T*>(U.const_data_ptr());
   const S* yp = y.const_data_ptr<S>();
-
-  std::vector<double> a(N), z(M, 0.0), r(M);
-  std::vector<S> rs(M);  // r in the accumulation type: the vector each pass streams against
-  std::vector<uint8_t> taken(replacement ? 0 : N, 0);
+  std::vector<double> a(N);
   const int nt = num_threads_for(N, M);
-  std::vector<Partial> part(nt);
+  std::vector<Partial> part(2 * nt);  // [pass parity][thread]
   const double inf = std::numeric_limits<double>::infinity();
 
 #pragma omp parallel num_threads(nt)
   {
     const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
     const int64_t lo = block_start(N, nth, tid), hi = block_start(N, nth, tid + 1);
-    const int64_t mlo = block_start(M, nth, tid), mhi = block_start(M, nth, tid + 1);
-    Partial& mine = part[tid];
+    // This thread's state (allocated once, first touched here): z, r, r in the accumulation type.
+    std::vector<double> z(M, 0.0), r(M);
+    std::vector<S> rs(M);
+    std::vector<uint8_t> taken(replacement ? 0 : N, 0);
+    double rz = 0;  // r.z at the current z
 
     // Pass 0: norms and b, a_j, and step 0's argmin (score a_j, nothing taken yet).
-    mine.reset();
+    Partial* mine = &part[tid];
+    mine->reset();
     for_each_norm_and_b(u, M, yp, lo, hi, [&](int64_t j, S nj, S bj) {
-      a[j] = double(nj) - 2.0 * double(bj);
-      mine.offer(a[j], j);
+      a[j] = mul_sub(double(nj), 2.0, double(bj));
+      mine->offer(a[j], j);
     });
-    for (int64_t m = mlo; m < mhi; ++m) r[m] = double(yp[m]);
 #pragma omp barrier
 
-    for (int64_t t = 0; t < k; ++t) {
-      // Every thread combines the partials in thread order (identically): the pick of step t,
-      // and for t > 0 the max of e = U r_t for the gap at z_t.
+    int64_t t = 0;
+    for (;; ++t) {
+      // Combine the partials of pass t in thread order (every thread identically): the pick of
+      // step t, and for t > 0 the max of e = U r_t for the gap at z_t.
+      const Partial* last_pass = &part[(t & 1) * nt];
       Partial all;
       for (int i = 0; i < nth; ++i) {
-        if (part[i].best_j >= 0) all.offer(part[i].best, part[i].best_j);
-        if (t > 0 && part[i].has_e) all.offer_e(part[i].max_e);
+        if (last_pass[i].best_j >= 0) all.offer(last_pass[i].best, last_pass[i].best_j);
+        if (t > 0 && last_pass[i].has_e) all.offer_e(last_pass[i].max_e);
       }
       const int64_t j = all.best_j;
       if (tid == 0) {
-        if (t > 0) {
-          double rz = 0;
-          for (int i = 0; i < nth; ++i) rz += part[i].rz;
-          gaps.push_back(2.0 * (all.max_e - rz) / double(M));
-        }
+        if (t > 0) gaps.push_back(2.0 * (all.max_e - rz) / double(M));
         picks.push_back(j);
-        if (!replacement) taken[j] = 1;
       }
-#pragma omp barrier  // everyone has read the partials of the last pass
+      if (!replacement) taken[j] = 1;
 
-      // z <- (t z + u_j) / (t + 1), r = y - z, over this thread's slice of M.
-      const T* uj = u + j * M;
-      const double t1 = double(t + 1), td = double(t);
-      double sl = 0, srz = 0;
-      for (int64_t m = mlo; m < mhi; ++m) {
-        const double zm = (td * z[m] + double(Traits<T>::scalar(uj + m))) / t1;
-        const double rm = double(yp[m]) - zm;
-        z[m] = zm;
-        r[m] = rm;
-        rs[m] = S(rm);
-        sl += rm * rm;
-        srz += rm * zm;
-      }
-      mine.loss = sl;
-      mine.rz = srz;
-#pragma omp barrier
-
-      double loss = 0;
-      for (int i = 0; i < nth; ++i) loss += part[i].loss;
-      loss /= double(M);
+      double sl;
+      update_residual(u + j * M, yp, M, t, z.data(), r.data(), rs.data(), &sl, &rz);
+      const double loss = sl / double(M);
       if (tid == 0) losses.push_back(loss);
       const bool last = loss <= stop_loss || t + 1 == k;
 
       // The pass: e = U r_{t+1}; max e always, the scores of step t + 1 unless this was the last.
-      mine.reset();
+      mine = &part[((t + 1) & 1) * nt + tid];
+      mine->reset();
       const S* rp = rs.data();
       if (last) {
-        for_each_dot(u, M, rp, lo, hi, [&](int64_t, S e) { mine.offer_e(double(e)); });
+        for_each_dot(u, M, rp, lo, hi, [&](int64_t, S e) { mine->offer_e(double(e)); });
       } else {
         const double two_t = 2.0 * double(t + 1);
-        const uint8_t* tk = taken.data();
         if (replacement) {
           for_each_dot(u, M, rp, lo, hi, [&](int64_t jj, S e) {
-            mine.offer_e(double(e));
-            mine.offer(a[jj] - two_t * double(e), jj);
+            mine->offer_e(double(e));
+            mine->offer(mul_sub(a[jj], two_t, double(e)), jj);
           });
         } else {
+          const uint8_t* tk = taken.data();
           for_each_dot(u, M, rp, lo, hi, [&](int64_t jj, S e) {
-            mine.offer_e(double(e));
-            mine.offer(tk[jj] ? inf : a[jj] - two_t * double(e), jj);
+            mine->offer_e(double(e));
+            mine->offer(tk[jj] ? inf : mul_sub(a[jj], two_t, double(e)), jj);
           });
         }
       }
@@ -437,12 +486,10 @@ void greedy_uniform_impl(const at::Tensor& U, const at::Tensor& y, int64_t k, bo
     }
 
     if (tid == 0) {
+      const Partial* last_pass = &part[((t + 1) & 1) * nt];
       Partial all;
-      double rz = 0;
-      for (int i = 0; i < nth; ++i) {
-        if (part[i].has_e) all.offer_e(part[i].max_e);
-        rz += part[i].rz;
-      }
+      for (int i = 0; i < nth; ++i)
+        if (last_pass[i].has_e) all.offer_e(last_pass[i].max_e);
       gaps.push_back(2.0 * (all.max_e - rz) / double(M));
     }
   }
