@@ -351,12 +351,13 @@ GFS_INLINE double mul_sub(double a, double c, double e) {
   return _mm_cvtsd_f64(_mm_sub_sd(_mm_set_sd(a), p));
 }
 
-// z <- (t z + u) / (t + 1), r = y - z, rs = S(r) over all M, in float64 exactly as
-// `uniform_loop` (t * z, then + u, then / (t + 1): no fused multiply-add). Returns r.r and r.z,
-// summed in a fixed order (every thread that calls this gets the same bits).
+// z <- (t z + u) / (t + 1) and r = y - z over all M, in float64 exactly as `uniform_loop`
+// (t * z, then + u, then / (t + 1): no fused multiply-add); stores z and rs = S(r) (r itself is
+// only needed through rs and the two sums). Returns r.r and r.z, summed in a fixed order (every
+// thread that calls this gets the same bits).
 template <typename T, typename S>
 GFS_INLINE void update_residual(const T* __restrict uj, const S* __restrict y, int64_t M, int64_t t,
-                                double* __restrict z, double* __restrict r, S* __restrict rs, double* loss,
+                                double* __restrict z, S* __restrict rs, double* loss,
                                 double* rz) {
   const __m256d td = _mm256_set1_pd(double(t)), t1 = _mm256_set1_pd(double(t + 1));
   __m256d l0 = _mm256_setzero_pd(), l1 = l0, q0 = l0, q1 = l0;
@@ -367,7 +368,6 @@ GFS_INLINE void update_residual(const T* __restrict uj, const S* __restrict y, i
       const __m256d zv = _mm256_div_pd(_mm256_add_pd(_mm256_mul_pd(td, _mm256_loadu_pd(z + i)), load4d(uj + i)), t1);
       const __m256d rv = _mm256_sub_pd(load4d(y + i), zv);
       _mm256_storeu_pd(z + i, zv);
-      _mm256_storeu_pd(r + i, rv);
       store4(rs + i, rv);
       if (h == 0) {
         l0 = _mm256_fmadd_pd(rv, rv, l0);
@@ -385,7 +385,6 @@ GFS_INLINE void update_residual(const T* __restrict uj, const S* __restrict y, i
     const double zm = _mm_cvtsd_f64(zs);
     const double rm = _mm_cvtsd_f64(_mm_sub_sd(_mm_set_sd(double(y[m])), zs));
     z[m] = zm;
-    r[m] = rm;
     rs[m] = S(rm);
     sl = std::fma(rm, rm, sl);
     sq = std::fma(rm, zm, sq);
@@ -422,8 +421,8 @@ void greedy_uniform_impl(const at::Tensor& U, const at::Tensor& y, int64_t k, bo
   {
     const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
     const int64_t lo = block_start(N, nth, tid), hi = block_start(N, nth, tid + 1);
-    // This thread's state (allocated once, first touched here): z, r, r in the accumulation type.
-    std::vector<double> z(M, 0.0), r(M);
+    // This thread's state (allocated once, first touched here): z, and r in the accumulation type.
+    std::vector<double> z(M, 0.0);
     std::vector<S> rs(M);
     std::vector<uint8_t> taken(replacement ? 0 : N, 0);
     double rz = 0;  // r.z at the current z
@@ -455,7 +454,7 @@ void greedy_uniform_impl(const at::Tensor& U, const at::Tensor& y, int64_t k, bo
       if (!replacement) taken[j] = 1;
 
       double sl;
-      update_residual(u + j * M, yp, M, t, z.data(), r.data(), rs.data(), &sl, &rz);
+      update_residual(u + j * M, yp, M, t, z.data(), rs.data(), &sl, &rz);
       const double loss = sl / double(M);
       if (tid == 0) losses.push_back(loss);
       const bool last = loss <= stop_loss || t + 1 == k;
