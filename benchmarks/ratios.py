@@ -107,8 +107,8 @@ def main():
 
     def row(what, value, goal, note=""):
         ok = "" if goal is None else ("met" if goal(value) else "NOT met")
-        rows.append((what, value, ok, note))
-        print(f"{what:<62} {value:9.3f}  {ok:<7} {note}", flush=True)
+        rows.append((what, value, ok, note, loadavg()))
+        print(f"{what:<62} {value:9.3f}  {ok:<7} {note}  (load {rows[-1][-1]:.2f})", flush=True)
 
     # -- per step vs torch.mv, N=4096, M=65536 -------------------------------------------------
     N, M = 4096, 65536
@@ -190,16 +190,16 @@ def main():
         "(T(k=1+s) - T(k=1)) / s; one process, minimum over repetitions (per-step timings and torch.mv in "
         "interleaved rounds).",
         "",
-        "| ratio | value | goal |",
-        "|---|---:|---|",
+        "| ratio | value | goal | 1-min load when measured |",
+        "|---|---:|---|---:|",
     ]
-    for what, value, ok, note in rows:
-        lines.append(f"| {what} | {value:.3f} | {(ok + ' ' + note).strip() if (ok or note) else ''} |")
+    for what, value, ok, note, load in rows:
+        lines.append(f"| {what} | {value:.3f} | {(ok + ' ' + note).strip() if (ok or note) else ''} | {load:.2f} |")
     lines += ["", "Raw times (seconds):", "", "```json", json.dumps(raw, indent=1), "```", ""]
     with open(base + ".md", "w") as f:
         f.write("\n".join(lines))
     with open(base + ".json", "w") as f:
-        json.dump(dict(machine=machine, ratios=[dict(ratio=w, value=v, goal=o, note=n) for w, v, o, n in rows],
+        json.dump(dict(machine=machine, ratios=[dict(ratio=w, value=v, goal=o, note=n, load=ld) for w, v, o, n, ld in rows],
                        raw=raw), f, indent=1)
     print(f"wrote {base}.md and {base}.json")
 
