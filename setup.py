@@ -31,11 +31,11 @@ def _cuda_home():
 
 
 def _extensions():
+    cuda_home = _cuda_home()  # before torch.utils.cpp_extension reads CUDA_HOME at import
     import torch
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     want = os.environ.get("GFS_BUILD_CUDA", "auto").lower()
-    cuda_home = _cuda_home()
     build_cuda = want in ("1", "true", "yes") or (
         want == "auto" and cuda_home is not None and torch.version.cuda is not None
     )
