@@ -1,7 +1,10 @@
 """"torch": the vectorised PyTorch reference of the streaming step, any device, any dtype.
 
-Readable rather than fast: one matrix-vector product per step, done in row chunks so that
-half-precision storage is upcast a slice at a time (never a full float32 copy of U).
+Readable rather than fast: every row's dot product is an elementwise product reduced along the
+row, one row chunk at a time (half-precision storage is upcast a slice at a time, never a full
+float32 copy of U). It avoids BLAS gemv on purpose: gemv blocks rows and may round two
+identical rows differently by their position, which would break ties-to-the-lowest-index;
+a row-wise reduction rounds every row the same way.
 """
 from __future__ import annotations
 
@@ -12,30 +15,23 @@ from .base import Backend
 _CHUNK_BYTES = 64 << 20
 
 
-def _row_chunks(U: torch.Tensor):
-    rows = max(1, _CHUNK_BYTES // max(1, U.shape[1] * 4))
+def _row_dots(U: torch.Tensor, v: torch.Tensor, square: bool = False) -> torch.Tensor:
+    """(U_j . v) for every row j (or ||U_j||^2 when square), in v's dtype."""
+    out = torch.empty(U.shape[0], dtype=v.dtype, device=U.device)
+    rows = max(1, _CHUNK_BYTES // max(1, U.shape[1] * v.element_size()))
     for i in range(0, U.shape[0], rows):
-        yield i, U[i : i + rows]
+        c = U[i : i + rows].to(v.dtype)
+        out[i : i + len(c)] = (c * (c if square else v)).sum(1)
+    return out
 
 
 class TorchBackend(Backend):
     name = "torch"
-    description = "vectorised PyTorch reference (one torch.mv per step), any device"
+    description = "vectorised PyTorch reference (one row-wise product per step), any device"
     device_types = ("cpu", "cuda")
 
     def prepare(self, U, y):
-        norms = torch.empty(U.shape[0], dtype=y.dtype, device=U.device)
-        b = torch.empty_like(norms)
-        for i, chunk in _row_chunks(U):
-            c = chunk.to(y.dtype)
-            norms[i : i + len(c)] = (c * c).sum(1)
-            b[i : i + len(c)] = c @ y
-        return norms, b
+        return _row_dots(U, y, square=True), _row_dots(U, y)
 
     def dots(self, U, r):
-        if U.dtype == r.dtype:
-            return U @ r
-        out = torch.empty(U.shape[0], dtype=r.dtype, device=U.device)
-        for i, chunk in _row_chunks(U):
-            out[i : i + len(chunk)] = chunk.to(r.dtype) @ r
-        return out
+        return _row_dots(U, r)
