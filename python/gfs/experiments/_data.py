@@ -1,23 +1,16 @@
-"""Data for the studies: scikit-learn's digits (shipped with scikit-learn, no download), MNIST
-from local IDX files, and class-balanced nested sub-data-sets.
-
-The IDX reader here is small and self-contained; when `gfs.data.load_mnist_idx` (branch demo)
-lands on main, the study can switch to it.
+"""Data for the studies: scikit-learn's digits (shipped with scikit-learn, no download), MNIST's
+training split from local IDX files (read by gfs.data), and class-balanced nested sub-data-sets.
 """
 from __future__ import annotations
 
-import gzip
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
-# IDX type codes (the third byte of the magic number) -> big-endian numpy dtype
-_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+from ..data import IdxError, _find, read_idx
 
-
-class IdxFormatError(ValueError):
-    """A file that is not a readable IDX file, or a folder without the MNIST training files."""
+IdxFormatError = IdxError  # the name the study has always raised
 
 
 @dataclass
@@ -34,50 +27,15 @@ class Dataset:
         return int(self.X.shape[0])
 
 
-def read_idx(path: str) -> np.ndarray:
-    """Read one IDX file (optionally gzip-compressed) into a numpy array of its stored shape."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as fh:
-        raw = fh.read()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise IdxFormatError(f"{path}: not an IDX file (the magic number must start with two zero bytes)")
-    code, ndim = raw[2], raw[3]
-    if code not in _IDX_DTYPES:
-        raise IdxFormatError(f"{path}: unknown IDX type code 0x{code:02x}")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise IdxFormatError(f"{path}: truncated header")
-    shape = tuple(int(v) for v in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
-    dtype = np.dtype(_IDX_DTYPES[code])
-    count = int(np.prod(shape)) if shape else 1
-    if len(raw) - header < count * dtype.itemsize:
-        raise IdxFormatError(f"{path}: holds {len(raw) - header} data bytes, the header promises {count * dtype.itemsize}")
-    return np.frombuffer(raw, dtype=dtype, count=count, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
-
-
-def _find(folder: str, stem: str) -> str:
-    """The file in folder for stem ("train-images" / "train-labels"), with either spelling
-    (train-images-idx3-ubyte or train-images.idx3-ubyte), gzipped or not."""
-    kind = "idx3" if "images" in stem else "idx1"
-    for sep in ("-", "."):
-        for ext in ("", ".gz"):
-            path = os.path.join(folder, f"{stem}{sep}{kind}-ubyte{ext}")
-            if os.path.exists(path):
-                return path
-    raise IdxFormatError(
-        f"{folder}: no {stem}-{kind}-ubyte[.gz] file; --mnist needs the folder holding the MNIST IDX files "
-        f"(train-images-idx3-ubyte and train-labels-idx1-ubyte, gzipped or not)"
-    )
-
-
 def load_mnist_train(folder: str) -> Dataset:
-    """MNIST's 60,000 training images from IDX files in folder, scaled to [0, 1], flattened."""
+    """MNIST's 60,000 training images from IDX files in folder, scaled to [0, 1], flattened.
+    Only the two training files are needed (plain or gzipped)."""
     if not os.path.isdir(folder):
         raise IdxFormatError(f"--mnist {folder}: not a folder")
-    images = read_idx(_find(folder, "train-images"))
-    classes = read_idx(_find(folder, "train-labels")).astype(np.int64)
-    if images.ndim != 3 or classes.ndim != 1 or images.shape[0] != classes.shape[0]:
-        raise IdxFormatError(f"{folder}: images {images.shape} and labels {classes.shape} do not match")
+    images = read_idx(_find(folder, "train-images-idx3-ubyte"), expect_ndim=3)
+    classes = read_idx(_find(folder, "train-labels-idx1-ubyte"), expect_ndim=1).astype(np.int64)
+    if images.shape[0] != classes.shape[0]:
+        raise IdxFormatError(f"{folder}: {images.shape[0]} images but {classes.shape[0]} labels")
     X = images.reshape(images.shape[0], -1).astype(np.float32) / 255.0
     return Dataset(X, classes, (classes >= 5).astype(np.float32), "mnist")
 
