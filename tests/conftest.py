@@ -18,3 +18,12 @@ def cpu_backends():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture
+def one_thread():
+    """Small problems: one intra-op thread (two threads on a shared 2-core machine spin-wait)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

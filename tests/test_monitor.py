@@ -5,13 +5,7 @@ import torch
 from gfs.monitor import EarlyTicketMonitor, layer_features, linear_features
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small problems: one intra-op thread (two threads on a shared 2-core machine spin-wait)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

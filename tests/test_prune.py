@@ -23,13 +23,7 @@ from gfs.prune.criteria import consumer_output, remove_bias
 tv = pytest.importorskip("torchvision")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On a shared, loaded CPU, two spinning intra-op threads make these tiny ops ~20x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mlp():

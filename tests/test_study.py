@@ -14,13 +14,7 @@ from gfs.experiments import pretraining as P
 from gfs.experiments._data import Dataset, IdxFormatError, balanced_quotas, balanced_subsets, load_mnist_train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small problems: one intra-op thread (two threads on a shared 2-core machine spin-wait)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

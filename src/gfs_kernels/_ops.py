@@ -9,6 +9,8 @@ import importlib.util
 
 import torch
 
+from .base import Backend, GreedyResult
+
 _REBUILD = "build it with `pip install --no-build-isolation -e .`"
 load_error: str | None
 if importlib.util.find_spec(f"{__package__}._C") is None:
@@ -44,3 +46,18 @@ if load_error is None:
         s = torch.library.get_ctx().new_dynamic_size(min=1, max=k)
         f64 = dict(dtype=torch.float64, device=U.device)
         return U.new_empty(s, dtype=torch.int64), U.new_empty(s, **f64), U.new_empty(s, **f64)
+
+
+class OpBackend(Backend):
+    """A backend whose primitives are the torch.ops.gfs operators: the dispatcher runs the
+    kernel registered for the tensors' device (csrc/cpu or csrc/cuda). Subclasses say when
+    they are usable."""
+
+    def prepare(self, U, y):
+        return torch.ops.gfs.prepare(U, y)
+
+    def dots(self, U, r):
+        return torch.ops.gfs.dots(U, r)
+
+    def greedy_uniform(self, U, y, k, replacement, stop_loss):
+        return GreedyResult(*torch.ops.gfs.greedy_uniform(U, y, k, replacement, stop_loss))

@@ -9,10 +9,9 @@ from __future__ import annotations
 import torch
 
 from . import _ops
-from .base import Backend, GreedyResult
 
 
-class CpuBackend(Backend):
+class CpuBackend(_ops.OpBackend):
     name = "cpu"
     description = "fused C++ kernel, OpenMP + AVX2, whole loop in one native call"
     device_types = ("cpu",)
@@ -23,12 +22,3 @@ class CpuBackend(Backend):
         if not torch._C._dispatch_has_kernel_for_dispatch_key("gfs::greedy_uniform", "CPU"):
             return "the extension has no CPU kernels (csrc/cpu was not compiled)"
         return None
-
-    def prepare(self, U, y):
-        return torch.ops.gfs.prepare(U, y)
-
-    def dots(self, U, r):
-        return torch.ops.gfs.dots(U, r)
-
-    def greedy_uniform(self, U, y, k, replacement, stop_loss):
-        return GreedyResult(*torch.ops.gfs.greedy_uniform(U, y, k, replacement, stop_loss))

@@ -11,10 +11,9 @@ from __future__ import annotations
 import torch
 
 from . import _ops
-from .base import Backend, GreedyResult
 
 
-class CudaBackend(Backend):
+class CudaBackend(_ops.OpBackend):
     name = "cuda"
     description = "fused CUDA C++ kernels (16-byte loads, warp shuffles), device-resident loop"
     device_types = ("cuda",)
@@ -27,12 +26,3 @@ class CudaBackend(Backend):
         if not torch.cuda.is_available():
             return "no CUDA device"
         return None
-
-    def prepare(self, U, y):
-        return torch.ops.gfs.prepare(U, y)
-
-    def dots(self, U, r):
-        return torch.ops.gfs.dots(U, r)
-
-    def greedy_uniform(self, U, y, k, replacement, stop_loss):
-        return GreedyResult(*torch.ops.gfs.greedy_uniform(U, y, k, replacement, stop_loss))
