@@ -45,10 +45,10 @@ def _extensions():
 
     rel = lambda p: os.path.relpath(p, ROOT)  # noqa: E731
     sources = sorted(rel(p) for p in glob.glob(os.path.join(ROOT, "csrc", "**", "*.cpp"), recursive=True))
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-mavx2", "-mfma", "-mf16c", "-fno-math-errno"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-mavx2", "-mfma", "-mf16c", "-fno-math-errno"]
     if build_cuda:
         sources += sorted(rel(p) for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-DGFS_WITH_CUDA"]
+        nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "-DGFS_WITH_CUDA"]
         return [
             CUDAExtension(
                 "gfs_kernels._C",

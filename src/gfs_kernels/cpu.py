@@ -18,7 +18,11 @@ class CpuBackend(Backend):
     device_types = ("cpu",)
 
     def unavailable_reason(self):
-        return _ops.load_error
+        if _ops.load_error:
+            return _ops.load_error
+        if not torch._C._dispatch_has_kernel_for_dispatch_key("gfs::greedy_uniform", "CPU"):
+            return "the extension was built without the C++ streaming kernels (csrc/cpu/greedy_cpu.cpp)"
+        return None
 
     def prepare(self, U, y):
         return torch.ops.gfs.prepare(U, y)
