@@ -178,3 +178,24 @@ def test_line_search_and_refit_do_at_least_as_well_as_uniform():
         assert rf.loss <= ls.loss + 1e-12 and rf.loss <= uni.loss + 1e-12
         assert np.all(np.diff(ls.losses.numpy()) <= 1e-12)
         assert np.all(np.diff(rf.losses.numpy()) <= 1e-12)
+
+
+@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize("replacement", [True, False])
+def test_native_gram_loop_matches_its_torch_twin(step, replacement):
+    """csrc/cpu/gram_cpu.cpp against gfs.engines.gram's torch loops, on well-posed and tied problems."""
+    g = torch.Generator().manual_seed(12)
+    problems = [(torch.randn(150, 80, generator=g, dtype=torch.float64), torch.randn(80, generator=g, dtype=torch.float64))]
+    U, y = _integer_problem(3)
+    problems.append((torch.cat([U, U, torch.zeros(2, U.shape[1])]), y))
+    for U, y in problems:
+        stats = gfs.GramStats.from_features(U, y)
+        k = 30 if replacement else min(30, U.shape[0])
+        native = gfs.select(stats, k=k, step=step, replacement=replacement, backend="cpu")
+        twin = gfs.select(stats, k=k, step=step, replacement=replacement, backend="torch")
+        assert native.backend == "cpu" and twin.backend == "torch"
+        if step != "refit" or U.shape[0] == 150:
+            assert native.indices.tolist() == twin.indices.tolist()
+            np.testing.assert_allclose(native.losses.numpy(), twin.losses.numpy(), rtol=1e-10, atol=1e-12)
+            np.testing.assert_allclose(native.weights.numpy(), twin.weights.numpy(), rtol=1e-8, atol=1e-10)
+        _check_against_reference(U, y, native, step, replacement, strict=False)
