@@ -8,6 +8,7 @@ import torch
 
 import gfs
 from gfs import GramStats
+from gfs import stats as S
 
 
 def _data(N=12, M=50, seed=0, dtype=torch.float64):
@@ -16,8 +17,8 @@ def _data(N=12, M=50, seed=0, dtype=torch.float64):
 
 
 def test_batches_sum_to_the_statistics_of_the_whole():
-    U, y = _data(N=1100, M=70)  # N > 1024 exercises the block-triangular product
-    stats = GramStats(1100)
+    U, y = _data(N=2100, M=70)  # N > 2048 exercises the block-triangular product
+    stats = GramStats(2100)
     for c0 in range(0, 70, 16):
         stats.update(U[:, c0 : c0 + 16], y[c0 : c0 + 16])
     assert stats.count == 70
@@ -222,3 +223,15 @@ def test_all_reduce_across_two_processes(tmp_path):
 def test_all_reduce_without_a_process_group():
     with pytest.raises(RuntimeError, match="all_reduce needs an initialised torch.distributed process group"):
         GramStats(2).all_reduce()
+
+
+def test_without_blas_syrk_the_torch_product_gives_the_same(monkeypatch):
+    """GramStats' CPU product is scipy's BLAS syrk when importable; the torch path (GPUs, or no
+    scipy) must give the same statistics."""
+    U, y = _data(N=30, M=300, dtype=torch.float32)
+    fast = GramStats.from_features(U, y, chunk=128)
+    monkeypatch.setattr(S, "_blas", lambda: None)
+    plain = GramStats.from_features(U, y, chunk=128)
+    assert not plain._acc.syrk
+    torch.testing.assert_close(plain.G, fast.G, rtol=1e-6, atol=1e-4)
+    assert torch.equal(plain.G, plain.G.T) and torch.equal(fast.G, fast.G.T)

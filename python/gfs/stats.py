@@ -27,6 +27,7 @@ import os
 import pickle
 import zipfile
 
+import numpy as np
 import torch
 
 from . import _validation as check
@@ -34,7 +35,6 @@ from . import _validation as check
 FORMAT = "gfs.GramStats"
 VERSION = 1
 DEFAULT_CHUNK = 8192  # entries per float32 product: bounds the float32 summation length
-_BLOCK = 512  # rows per block of the lower-triangular product (symmetry halves the work)
 
 
 class GramStats:
@@ -84,7 +84,8 @@ class GramStats:
             raise ValueError(f"chunk must be a positive int (entries per product), got {chunk!r}")
         self.device = torch.device(device)
         f64 = dict(dtype=torch.float64, device=self.device)
-        self.G = torch.zeros(n, n, **f64)
+        self._G = torch.zeros(n, n, **f64)
+        self._acc = _Accumulator(n, self.device)  # products not yet added into G (<= chunk entries)
         self.b = torch.zeros(n, **f64)
         self.u_sum = torch.zeros(n, **f64)
         self.yy = 0.0
@@ -99,6 +100,12 @@ class GramStats:
     @property
     def n(self) -> int:
         return self.b.shape[0]
+
+    @property
+    def G(self) -> torch.Tensor:
+        """(N, N) float64, exactly symmetric (pending products are added in first)."""
+        self._acc.flush(self._G)
+        return self._G
 
     @classmethod
     def from_features(cls, features, targets, **kwargs) -> "GramStats":
@@ -157,7 +164,9 @@ class GramStats:
         y64 = y.double()
         for c0 in range(0, m, self.chunk):
             A = U[:, c0 : c0 + self.chunk].to(cdt)
-            _gram_add(self.G, A)
+            if self._acc.cols + A.shape[1] > self.chunk or self._acc.dtype not in (None, cdt):
+                self._acc.flush(self._G)
+            self._acc.add(A)
             yc = y64[c0 : c0 + self.chunk].to(cdt)
             self.b += A @ yc
             self.u_sum += A.sum(1)
@@ -175,7 +184,7 @@ class GramStats:
             raise ValueError(
                 f"cannot merge GramStats of n={other.n} candidates into n={self.n}: both must describe the same candidates"
             )
-        self.G += other.G.to(self.device)
+        self.G.add_(other.G.to(self.device))
         self.b += other.b.to(self.device)
         self.u_sum += other.u_sum.to(self.device)
         self.yy += other.yy
@@ -555,15 +564,18 @@ def _patch_stats(X, Y, Wf, K, out, patches) -> GramStats:
         stats.precision = torch.float32
     Wc = Wf.to(cdt)
     A = torch.zeros(CK, CK, dtype=torch.float64, device=Xp.device)
-    _gram_add(A, Wc.T.contiguous())  # Wf^T Wf
+    _gram_add(A, Wc.T)  # Wf^T Wf
     Bx = torch.zeros(CK, CK, dtype=torch.float64, device=Xp.device)
+    acc = _Accumulator(CK, Xp.device)
     rows = max(1, min(stats.chunk, _LAYER_CHUNK_BYTES // max(1, 4 * (CK + C_out))))
     yty = ysum = 0.0
     YtX = torch.zeros(C_out, CK, dtype=torch.float64, device=Xp.device) if Yp is not None else None
     xsum = torch.zeros(CK, dtype=torch.float64, device=Xp.device)
     for r0 in range(0, S, rows):
         Xc = Xp[r0 : r0 + rows].to(cdt)
-        _gram_add(Bx, Xc.T)
+        if acc.cols + Xc.shape[0] > stats.chunk:
+            acc.flush(Bx)
+        acc.add(Xc.T)  # X^T X
         xsum += Xc.sum(0)
         if Yp is not None:
             Yc = Yp[r0 : r0 + rows]
@@ -571,6 +583,7 @@ def _patch_stats(X, Y, Wf, K, out, patches) -> GramStats:
             Y64 = Yc.double()
             yty += float((Y64 * Y64).sum())
             ysum += float(Y64.sum())
+    acc.flush(Bx)
     N = float(C)
     AB = (A * Bx).reshape(C, K, C, K).sum((1, 3))
     G = (N * N) * AB
@@ -583,7 +596,7 @@ def _patch_stats(X, Y, Wf, K, out, patches) -> GramStats:
     if Yp is None:
         ysum = float(u_sum.sum()) / N
     G = (G + G.T) * 0.5
-    stats.G += G
+    stats.G.add_(G)
     stats.b += b
     stats.u_sum += u_sum
     stats.yy += yty
@@ -592,24 +605,88 @@ def _patch_stats(X, Y, Wf, K, out, patches) -> GramStats:
     return stats
 
 
+def build_flops(n: int, m: int) -> float:
+    """Flops of adding the product of an (n, m) batch (the cost model's unit of Gram-building
+    work): a symmetric rank-m update, n (n + 1) m."""
+    return float(n) * (n + 1) * m
+
+
+def _blas():
+    try:
+        from scipy.linalg import blas
+
+        return blas
+    except ImportError:  # pragma: no cover - scipy comes with scikit-learn
+        return None
+
+
+class _Accumulator:
+    """Products A A^T in the product dtype, added into the float64 G by `flush` (every `chunk`
+    entries at most, and before G is read).
+
+    On CPU the product is BLAS syrk (scipy's, when importable): only one triangle, half the flops
+    of a GEMM, accumulated in place (beta = 1) in a float32 (or float64) buffer; the flush adds
+    that triangle and its mirror into G in cache-sized blocks, so G is exactly symmetric. Elsewhere
+    (GPU, or no scipy) the buffer takes addmm_(A, A^T) and the flush adds its symmetric part."""
+
+    _FLUSH_BLOCK = 512
+
+    def __init__(self, n: int, device: torch.device):
+        self.n, self.device = n, device
+        self.buf: torch.Tensor | None = None
+        self.dtype: torch.dtype | None = None
+        self.cols = 0
+        self.syrk = device.type == "cpu" and _blas() is not None
+
+    def add(self, A: torch.Tensor) -> None:
+        """buf += A A^T for A (n, m) in the product dtype."""
+        if self.buf is None or self.buf.dtype != A.dtype:
+            self.buf = torch.zeros(self.n, self.n, dtype=A.dtype, device=self.device)
+        self.dtype = A.dtype
+        self.cols += A.shape[1]
+        if not self.syrk:
+            self.buf.addmm_(A, A.T)
+            return
+        blas = _blas()
+        fn = blas.dsyrk if A.dtype == torch.float64 else blas.ssyrk
+        c = self.buf.numpy().T  # Fortran order: syrk's lower triangle is buf's upper triangle
+        if A.is_contiguous():
+            a, trans = A.numpy().T, 1  # Fortran (m, n) = A^T: a^T a = A A^T
+        elif A.T.is_contiguous():
+            a, trans = A.T.numpy().T, 0  # Fortran (n, m) = A: a a^T
+        else:
+            a, trans = A.contiguous().numpy().T, 1
+        out = fn(1.0, a, beta=1.0, c=c, trans=trans, lower=1, overwrite_c=1)
+        if not (out is c or np.shares_memory(out, c)):  # pragma: no cover - BLAS wrapper copied
+            c[...] = out
+
+    def flush(self, G: torch.Tensor) -> None:
+        if self.cols == 0 or self.buf is None:
+            return
+        if not self.syrk:
+            G += (self.buf + self.buf.T).to(G.dtype) * 0.5
+        else:
+            U, Gn, bs = self.buf.numpy(), G.numpy(), self._FLUSH_BLOCK  # U: valid upper triangle
+            n = self.n
+            for i in range(0, n, bs):
+                i1 = min(n, i + bs)
+                D = np.triu(U[i:i1, i:i1])
+                Gn[i:i1, i:i1] += D
+                Gn[i:i1, i:i1] += np.triu(D, 1).T
+                for j in range(i1, n, bs):
+                    j1 = min(n, j + bs)
+                    blk = U[i:i1, j:j1]
+                    Gn[i:i1, j:j1] += blk
+                    Gn[j:j1, i:i1] += blk.T
+        self.buf.zero_()
+        self.cols = 0
+
+
 def _gram_add(G: torch.Tensor, A: torch.Tensor) -> None:
-    """G += A A^T (float64 G, A in the product dtype), computing only the lower block triangle
-    and mirroring it, so G stays exactly symmetric and the product costs about half a GEMM."""
-    N = A.shape[0]
-    if N <= 2 * _BLOCK:
-        P = A @ A.T
-        P = (P + P.T) * 0.5  # exact symmetry
-        G += P
-        return
-    for i in range(0, N, _BLOCK):
-        i1 = min(N, i + _BLOCK)
-        P = A[i:i1] @ A[:i1].T  # (rows i..i1) x (columns 0..i1)
-        if i:
-            off = P[:, :i]
-            G[i:i1, :i] += off
-            G[:i, i:i1] += off.T
-        D = P[:, i:i1]
-        G[i:i1, i:i1] += (D + D.T) * 0.5
+    """G += A A^T (float64 G, A in the product dtype), exactly symmetric."""
+    acc = _Accumulator(A.shape[0], A.device)
+    acc.add(A)
+    acc.flush(G)
 
 
 __all__ = ["GramStats", "FORMAT", "VERSION", "linear_stats", "conv2d_stats", "layer_stats",
