@@ -225,13 +225,18 @@ def test_all_reduce_without_a_process_group():
         GramStats(2).all_reduce()
 
 
-def test_without_blas_syrk_the_torch_product_gives_the_same(monkeypatch):
-    """GramStats' CPU product is scipy's BLAS syrk when importable; the torch path (GPUs, or no
-    scipy) must give the same statistics."""
-    U, y = _data(N=30, M=300, dtype=torch.float32)
-    fast = GramStats.from_features(U, y, chunk=128)
-    monkeypatch.setattr(S, "_blas", lambda: None)
-    plain = GramStats.from_features(U, y, chunk=128)
-    assert not plain._acc.syrk
-    torch.testing.assert_close(plain.G, fast.G, rtol=1e-6, atol=1e-4)
-    assert torch.equal(plain.G, plain.G.T) and torch.equal(fast.G, fast.G.T)
+@pytest.mark.parametrize("n", [37, 1100])
+def test_the_block_triangle_product_and_both_flushes(n):
+    """GramStats' product fills the lower block triangle of a buffer; the CPU flush (numpy) and the
+    device flush (torch) must both add exactly A A^T, symmetric."""
+    A = torch.randn(n, 50, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    exact = A @ A.T
+    for flush in ("_flush_numpy", "_flush_torch"):
+        acc = S._Accumulator(n, torch.device("cpu"))
+        acc.add(A[:, :20])
+        acc.add(A[:, 20:])
+        G = torch.zeros(n, n, dtype=torch.float64)
+        getattr(acc, flush)(G)
+        torch.testing.assert_close(G, exact, rtol=1e-12, atol=1e-12)
+        assert torch.equal(G, G.T)
+        assert not acc.buf.any()

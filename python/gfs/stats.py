@@ -607,28 +607,22 @@ def _patch_stats(X, Y, Wf, K, out, patches) -> GramStats:
 
 def build_flops(n: int, m: int) -> float:
     """Flops of adding the product of an (n, m) batch (the cost model's unit of Gram-building
-    work): a symmetric rank-m update, n (n + 1) m."""
-    return float(n) * (n + 1) * m
-
-
-def _blas():
-    try:
-        from scipy.linalg import blas
-
-        return blas
-    except ImportError:  # pragma: no cover - scipy comes with scikit-learn
-        return None
+    work): the GEMMs of the lower block triangle."""
+    bs = _Accumulator.BLOCK if n > _Accumulator.BLOCK else n
+    return float(sum(2 * (min(n, i + bs) - i) * min(n, i + bs) * m for i in range(0, n, bs)))
 
 
 class _Accumulator:
     """Products A A^T in the product dtype, added into the float64 G by `flush` (every `chunk`
     entries at most, and before G is read).
 
-    On CPU the product is BLAS syrk (scipy's, when importable): only one triangle, half the flops
-    of a GEMM, accumulated in place (beta = 1) in a float32 (or float64) buffer; the flush adds
-    that triangle and its mirror into G in cache-sized blocks, so G is exactly symmetric. Elsewhere
-    (GPU, or no scipy) the buffer takes addmm_(A, A^T) and the flush adds its symmetric part."""
+    The product is a symmetric rank-m update done as GEMMs on the lower block triangle only
+    (row block i times columns 0..i: about half the flops of A A^T), accumulated in place
+    (addmm_, beta = 1) in a buffer of the product dtype. The flush adds the lower triangle and its
+    mirror into G (on CPU in cache-sized blocks with numpy, single-threaded), so G is exactly
+    symmetric. (BLAS syrk would do the same; its thread pool fights torch's for the cores.)"""
 
+    BLOCK = 512  # rows per GEMM of the block triangle
     _FLUSH_BLOCK = 512
 
     def __init__(self, n: int, device: torch.device):
@@ -636,50 +630,52 @@ class _Accumulator:
         self.buf: torch.Tensor | None = None
         self.dtype: torch.dtype | None = None
         self.cols = 0
-        self.syrk = device.type == "cpu" and _blas() is not None
 
     def add(self, A: torch.Tensor) -> None:
-        """buf += A A^T for A (n, m) in the product dtype."""
+        """buf[lower block triangle] += A A^T for A (n, m) in the product dtype."""
         if self.buf is None or self.buf.dtype != A.dtype:
             self.buf = torch.zeros(self.n, self.n, dtype=A.dtype, device=self.device)
         self.dtype = A.dtype
         self.cols += A.shape[1]
-        if not self.syrk:
-            self.buf.addmm_(A, A.T)
-            return
-        blas = _blas()
-        fn = blas.dsyrk if A.dtype == torch.float64 else blas.ssyrk
-        c = self.buf.numpy().T  # Fortran order: syrk's lower triangle is buf's upper triangle
-        if A.is_contiguous():
-            a, trans = A.numpy().T, 1  # Fortran (m, n) = A^T: a^T a = A A^T
-        elif A.T.is_contiguous():
-            a, trans = A.T.numpy().T, 0  # Fortran (n, m) = A: a a^T
-        else:
-            a, trans = A.contiguous().numpy().T, 1
-        out = fn(1.0, a, beta=1.0, c=c, trans=trans, lower=1, overwrite_c=1)
-        if not (out is c or np.shares_memory(out, c)):  # pragma: no cover - BLAS wrapper copied
-            c[...] = out
+        n, bs = self.n, (self.BLOCK if self.n > self.BLOCK else self.n)
+        for i in range(0, n, bs):
+            i1 = min(n, i + bs)
+            self.buf[i:i1, :i1].addmm_(A[i:i1], A[:i1].T)
 
     def flush(self, G: torch.Tensor) -> None:
         if self.cols == 0 or self.buf is None:
             return
-        if not self.syrk:
-            G += (self.buf + self.buf.T).to(G.dtype) * 0.5
+        if self.device.type == "cpu":
+            self._flush_numpy(G)
         else:
-            U, Gn, bs = self.buf.numpy(), G.numpy(), self._FLUSH_BLOCK  # U: valid upper triangle
-            n = self.n
-            for i in range(0, n, bs):
-                i1 = min(n, i + bs)
-                D = np.triu(U[i:i1, i:i1])
-                Gn[i:i1, i:i1] += D
-                Gn[i:i1, i:i1] += np.triu(D, 1).T
-                for j in range(i1, n, bs):
-                    j1 = min(n, j + bs)
-                    blk = U[i:i1, j:j1]
-                    Gn[i:i1, j:j1] += blk
-                    Gn[j:j1, i:i1] += blk.T
-        self.buf.zero_()
+            self._flush_torch(G)
         self.cols = 0
+
+    def _blocks(self):
+        bs = self.BLOCK if self.n > self.BLOCK else self.n
+        return [(i, min(self.n, i + bs)) for i in range(0, self.n, bs)]
+
+    def _flush_numpy(self, G: torch.Tensor) -> None:
+        L, Gn = self.buf.numpy(), G.numpy()
+        for i, i1 in self._blocks():  # the row blocks of the GEMMs: columns 0..i1 are valid
+            D = L[i:i1, i:i1]
+            Gn[i:i1, i:i1] += (D + D.T) * 0.5
+            for j in range(0, i, self._FLUSH_BLOCK):
+                j1 = min(i, j + self._FLUSH_BLOCK)
+                blk = L[i:i1, j:j1]
+                Gn[i:i1, j:j1] += blk
+                Gn[j:j1, i:i1] += blk.T
+        L[...] = 0
+
+    def _flush_torch(self, G: torch.Tensor) -> None:
+        low = torch.zeros_like(self.buf)
+        for i, i1 in self._blocks():
+            low[i:i1, :i1] = self.buf[i:i1, :i1]
+        diag = torch.diagonal(low).to(G.dtype)
+        strict = low.tril(-1).to(G.dtype)
+        G += strict + strict.T
+        G.diagonal().add_(diag)
+        self.buf.zero_()
 
 
 def _gram_add(G: torch.Tensor, A: torch.Tensor) -> None:

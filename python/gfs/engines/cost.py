@@ -1,24 +1,30 @@
 """The cost model behind engine="auto": streaming or Gram, from (N, M, k, dtype, step, memory).
 
-Estimated seconds, with machine rates measured once per process and device (`calibrate`, about
-0.1 s; cached):
+Estimated seconds, with machine rates measured once per process and device (`calibrate`, a few
+tenths of a second, cached; only when the choice is close, see `choose`):
 
-    stream  = 2 passes (dense loss, prepare) + k * (pass + per_step),  pass = N M itemsize / bandwidth
-              (+ refit: k^2 M flops rebuilding z, and k^2 N for its projections)
-    gram    = build_flops(N, M) / gemm_rate(product dtype) + 4 sweeps of 8 N^2 bytes
-              + k * N * per_element   (+ refit: k^2 N for its projections)
+    stream = fixed_stream + 2 passes (dense loss, prepare) + k * (pass + per_step)
+             pass = N M itemsize / bandwidth
+             (line_search / refit: more small operations per step; refit also k^2 (N + M) flops
+             for its projections and for rebuilding z)
+    gram   = fixed_gram + build_flops(N, M) / (gemm_rate * min(1, N / 1024))   the product
+             + ceil(M / chunk) * N^2 * per_flush                          float32 -> float64 sums
+             + k * N * per_element                                        the native loop
+             (refit: + k^2 N flops for its projections)
 
-where `bandwidth` is the measured rate of the streaming backend's `dots` pass, `per_step` its
-fixed per-step cost (Python and the O(N + M) work around the pass), `gemm_rate` the measured
-rate of GramStats' block product, `per_element` the native Gram loop's cost per candidate and
-step. The Gram engine is ruled out when G (8 N^2 bytes, plus 8 N k for refit) would take more
-than half the free memory of the device. When both estimates are under 2 ms the streaming
-engine is kept (nothing to win; it never allocates N x N and keeps z exactly). Rates are
-measured only when the choice is close: with the built-in DEFAULT rates, an engine estimated 4x
-faster than the other wins without a measurement.
+`bandwidth` is the rate of the streaming backend's `dots` over a matrix larger than the CPU
+cache, `per_step` its fixed cost per step (Python and the O(N + M) work around the pass),
+`gemm_rate` the rate of GramStats' block-triangle product at N = 1024 (smaller N run less
+efficiently, about in proportion), `per_flush` the cost per element of adding a product buffer into the float64 G,
+`per_element` the native Gram loop's cost per candidate per step, and the fixed costs those of
+each engine's whole pipeline on a tiny problem. The Gram engine is ruled out when G (8 N^2 bytes,
+plus 8 N k for refit) would take more than half the free memory of the device. When both
+estimates are under 2 ms the streaming engine is kept (nothing to win; it never allocates N x N
+and keeps z exactly).
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -35,7 +41,10 @@ class Rates:
 
     bandwidth: float  # bytes / s of the streaming backend's dots pass
     per_step: float  # s, fixed cost of a streaming step around the pass
-    gemm: float  # flops / s of GramStats' product in the product dtype (gfs.stats.build_flops)
+    fixed_stream: float  # s, the streaming pipeline on a tiny problem
+    gemm: float  # flops / s of GramStats' product (gfs.stats.build_flops) at n = 1024
+    per_flush: float  # s per element of G when a product buffer is added into it
+    fixed_gram: float  # s, the Gram pipeline (statistics, checks, loop) on a tiny problem
     per_element: float  # s per candidate per step of the Gram loop
     flops: float  # flops / s of float64 vector work (refit projections)
 
@@ -53,12 +62,11 @@ def _best_of(fn, repeat=3) -> float:
 
 
 def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, backend=None) -> Rates:
-    """Measure (once per process, device, dtype and streaming backend; about 0.1 s) the rates of
-    the cost model."""
+    """Measure (once per process, device, dtype and streaming backend) the rates of the model."""
     import gfs_kernels
-    from gfs.stats import _gram_add, build_flops
+    from gfs.stats import GramStats, _Accumulator, build_flops
 
-    from . import gram
+    from . import gram, stream
 
     device = torch.device(device)
     if backend is None:
@@ -73,37 +81,55 @@ def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.flo
     U = torch.full((rows, 1024), 0.5, device=device, dtype=dtype)
     r = torch.rand(1024, generator=g, device=device).to(acc)
     bandwidth = U.numel() * U.element_size() / _best_of(lambda: backend.dots(U, r), repeat=5)
-    # fixed per-step cost: a small uniform run, minus its passes
+    # fixed costs per step and per call: small uniform runs, minus their passes
     Us, ys, steps = U[:64, :64].contiguous(), r[:64].contiguous(), 20
     t_small = _best_of(lambda: backend.greedy_uniform(Us, ys, steps, True, -1.0), repeat=5)
     per_step = max(1e-7, t_small / steps - Us.numel() * Us.element_size() / bandwidth)
-    # the Gram build: GramStats' block product at a representative size
+    t_one = _best_of(lambda: (stream.dense_loss(Us, ys), backend.greedy_uniform(Us, ys, 1, True, -1.0)), repeat=5)
+    fixed_stream = max(0.0, t_one - per_step)
     gkey = (str(device), acc)
-    if gkey not in _GEMM:
-        n, m = (2048, 512) if acc == torch.float32 else (2048, 256)  # the blocked path, ~3 (1.6) GFLOP
+    if gkey not in _GRAM:
+        # GramStats' product at n = 1024, and the flush of its buffer into float64
+        n, m = 1024, 2048 if acc == torch.float32 else 1024
         A = torch.rand(n, m, generator=g, device=device, dtype=acc)
+        buf = _Accumulator(n, device)
+        gemm = build_flops(n, m) / _best_of(lambda: buf.add(A), repeat=3)
         G = torch.zeros(n, n, dtype=torch.float64, device=device)
-        _GEMM[gkey] = build_flops(n, m) / _best_of(lambda: _gram_add(G, A), repeat=3)
-    # the Gram loop, per candidate per step
-    if str(device) not in _LOOP:
+
+        def flush():
+            buf.cols = 1
+            buf.flush(G)
+
+        per_flush = _best_of(flush, repeat=3) / (n * n)
+        # the native loop, per candidate per step
         n, ksteps = 2048, 128
-        A = torch.rand(n, 64, generator=g, device=device, dtype=torch.float64)
-        G = A @ A.T
-        bb = torch.rand(n, generator=g, device=device, dtype=torch.float64)
+        B = torch.rand(n, 64, generator=g, device=device, dtype=torch.float64)
+        GG, bb = B @ B.T, torch.rand(n, generator=g, device=device, dtype=torch.float64)
         name, _ = gram.choose(device, "uniform")
-        t = _best_of(lambda: gram.run(G, bb, 1e3, 64, ksteps, step="uniform", replacement=True, stop_loss=-1.0,
+        t = _best_of(lambda: gram.run(GG, bb, 1e3, 64, ksteps, step="uniform", replacement=True, stop_loss=-1.0,
                                       tol=1e-9, backend=name), repeat=5)
+        per_element = t / (ksteps * n)
+        # the whole Gram pipeline on a tiny problem: statistics, dense loss, loop
+        Ut, yt = torch.rand(64, 64, generator=g, device=device, dtype=acc), torch.rand(64, generator=g, device=device, dtype=acc)
+
+        def tiny():
+            st = GramStats(64, device=device).update(Ut, yt, _trusted=True)
+            st.dense_loss
+            gram.run(st.G, st.b, st.yy, st.count, 1, step="uniform", replacement=True, stop_loss=-1.0, tol=1e-9,
+                     backend=name)
+
+        fixed_gram = _best_of(tiny, repeat=5)
         P = torch.rand(64, 1 << 14, generator=g, device=device, dtype=torch.float64)
         l = torch.rand(64, generator=g, device=device, dtype=torch.float64)
-        _LOOP[str(device)] = (t / (ksteps * n), 2 * P.numel() / _best_of(lambda: l @ P, repeat=5))
-    per_element, flops = _LOOP[str(device)]
-    out = Rates(bandwidth, per_step, _GEMM[gkey], per_element, flops)
+        flops = 2 * P.numel() / _best_of(lambda: l @ P, repeat=5)
+        _GRAM[gkey] = (gemm, per_flush, fixed_gram, per_element, flops)
+    gemm, per_flush, fixed_gram, per_element, flops = _GRAM[gkey]
+    out = Rates(bandwidth, per_step, fixed_stream, gemm, per_flush, fixed_gram, per_element, flops)
     _CACHE[key] = out
     return out
 
 
-_GEMM: dict[tuple, float] = {}
-_LOOP: dict[str, tuple[float, float]] = {}
+_GRAM: dict[tuple, tuple] = {}
 
 
 def free_memory(device: torch.device) -> float:
@@ -132,32 +158,30 @@ def estimate(N: int, M: int, k: int, dtype: torch.dtype, step: str, device: torc
              rates: Rates | None = None) -> Estimate:
     """Estimated seconds of each engine (features given), and the Gram engine's memory; `rates`
     default to this machine's measured ones (`calibrate`)."""
-    from gfs.stats import build_flops
+    from gfs.stats import DEFAULT_CHUNK, build_flops
 
     R = rates or calibrate(device, dtype, backend)
     item = torch.finfo(dtype).bits // 8
     pass_s = N * M * item / R.bandwidth
     kk = min(k, N)
-    # streaming: the dense loss and `prepare` (a pass each), then k passes and their fixed costs
     # (line_search and refit do more small operations per step than the uniform loop measured)
     step_factor = {"uniform": 1.0, "line_search": 1.5, "refit": 4.0}[step]
-    stream = 2 * pass_s + k * (pass_s + step_factor * R.per_step)
-    # Gram: the product, a few O(N^2) float64 sweeps (zeroing, symmetrising, the dense loss), the loop
+    stream = R.fixed_stream + 2 * pass_s + k * (pass_s + step_factor * R.per_step)
     loop_factor = {"uniform": 1.0, "line_search": 3.5, "refit": 3.5}[step]
-    gram = build_flops(N, M) / R.gemm + 4 * 8.0 * N * N / R.bandwidth + loop_factor * k * N * R.per_element
+    gram = (R.fixed_gram + build_flops(N, M) / (R.gemm * min(1.0, N / 1024))
+            + math.ceil(M / DEFAULT_CHUNK) * N * N * R.per_flush + loop_factor * k * N * R.per_element)
     gram_bytes = 8.0 * N * N
     if step == "refit":
         proj = kk * kk * N / R.flops  # O(N |set|) projections per step
         stream += proj + kk * kk * M / R.flops  # + rebuilding z for the exact loss
         gram += proj
         gram_bytes += 8.0 * N * kk
-    elif step == "line_search":
-        stream += k * 4 * M * 8 / R.bandwidth  # z, r updates in float64
     return Estimate(stream, gram, gram_bytes, free_memory(device))
 
 
 # Rough rates of a small CPU, used to decide without measuring when the answer is clear.
-DEFAULT = Rates(bandwidth=10e9, per_step=80e-6, gemm=30e9, per_element=2e-9, flops=5e9)
+DEFAULT = Rates(bandwidth=10e9, per_step=80e-6, fixed_stream=1e-3, gemm=60e9, per_flush=5e-9, fixed_gram=2e-3,
+                per_element=2e-9, flops=5e9)
 _CLEAR = 4.0  # an estimate this many times the other needs no measurement
 
 
