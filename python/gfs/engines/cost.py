@@ -7,15 +7,16 @@ tenths of a second, cached; only when the choice is close, see `choose`):
              pass = N M itemsize / bandwidth
              (line_search / refit: more small operations per step; refit also k^2 (N + M) flops
              for its projections and for rebuilding z)
-    gram   = fixed_gram + build_flops(N, M) / (gemm_rate * min(1, N / 1024))   the product
-             + ceil(M / chunk) * N^2 * per_flush                          float32 -> float64 sums
+    gram   = fixed_gram + build_flops(N, M) / (gemm_rate * min(1, sqrt(N / 1024)))   the product
+             + N^2 * (ceil(M / chunk) * per_flush + per_n2)       float32 -> float64 sums, allocation
              + k * N * per_element                                        the native loop
              (refit: + k^2 N flops for its projections)
 
 `bandwidth` is the rate of the streaming backend's `dots` over a matrix larger than the CPU
-cache, `per_step` its fixed cost per step (Python and the O(N + M) work around the pass),
+cache (a cached rate is used when U takes at most half the last-level cache), `per_step` its fixed cost per step (Python and the O(N + M) work around the pass),
 `gemm_rate` the rate of GramStats' block-triangle product at N = 1024 (smaller N run less
-efficiently, about in proportion), `per_flush` the cost per element of adding a product buffer into the float64 G,
+efficiently, about as sqrt(N / 1024)), `per_flush` the cost per element of adding a product buffer into the float64 G, `per_n2` that
+of the rest of the O(N^2) work (allocating the statistics, the dense loss),
 `per_element` the native Gram loop's cost per candidate per step, and the fixed costs those of
 each engine's whole pipeline on a tiny problem. The Gram engine is ruled out when G (8 N^2 bytes,
 plus 8 N k for refit) would take more than half the free memory of the device. When both
@@ -39,11 +40,13 @@ _CACHE: dict[tuple, "Rates"] = {}
 class Rates:
     """Measured rates of one device (and storage dtype for the streaming pass)."""
 
-    bandwidth: float  # bytes / s of the streaming backend's dots pass
+    bandwidth: float  # bytes / s of the streaming backend's dots pass (U larger than the cache)
+    cached_bandwidth: float  # bytes / s of the same pass when U fits in the last-level cache
     per_step: float  # s, fixed cost of a streaming step around the pass
     fixed_stream: float  # s, the streaming pipeline on a tiny problem
     gemm: float  # flops / s of GramStats' product (gfs.stats.build_flops) at n = 1024
     per_flush: float  # s per element of G when a product buffer is added into it
+    per_n2: float  # s per element of G for the rest of the O(N^2) work (allocation, dense loss)
     fixed_gram: float  # s, the Gram pipeline (statistics, checks, loop) on a tiny problem
     per_element: float  # s per candidate per step of the Gram loop
     flops: float  # flops / s of float64 vector work (refit projections)
@@ -81,6 +84,8 @@ def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.flo
     U = torch.full((rows, 1024), 0.5, device=device, dtype=dtype)
     r = torch.rand(1024, generator=g, device=device).to(acc)
     bandwidth = U.numel() * U.element_size() / _best_of(lambda: backend.dots(U, r), repeat=5)
+    Uc = U[: max(1, (4 << 20) // (1024 * U.element_size()))].contiguous()  # 4 MB: stays in cache
+    cached_bandwidth = Uc.numel() * Uc.element_size() / _best_of(lambda: backend.dots(Uc, r), repeat=7)
     # fixed costs per step and per call: small uniform runs, minus their passes
     Us, ys, steps = U[:64, :64].contiguous(), r[:64].contiguous(), 20
     t_small = _best_of(lambda: backend.greedy_uniform(Us, ys, steps, True, -1.0), repeat=5)
@@ -89,11 +94,15 @@ def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.flo
     fixed_stream = max(0.0, t_one - per_step)
     gkey = (str(device), acc)
     if gkey not in _GRAM:
-        # GramStats' product at n = 1024, and the flush of its buffer into float64
+        # GramStats' product at n = 1024; the flush of its buffer into float64 and the other O(N^2)
+        # work (allocating the statistics, the dense loss) at n = 2048, beyond the cache
         n, m = 1024, 2048 if acc == torch.float32 else 1024
         A = torch.rand(n, m, generator=g, device=device, dtype=acc)
         buf = _Accumulator(n, device)
-        gemm = build_flops(n, m) / _best_of(lambda: buf.add(A), repeat=3)
+        gemm = build_flops(n, m) / _best_of(lambda: buf.add(A), repeat=5)
+        n = 2048
+        buf = _Accumulator(n, device)
+        buf.add(torch.rand(n, 8, generator=g, device=device, dtype=acc))
         G = torch.zeros(n, n, dtype=torch.float64, device=device)
 
         def flush():
@@ -101,6 +110,15 @@ def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.flo
             buf.flush(G)
 
         per_flush = _best_of(flush, repeat=3) / (n * n)
+
+        one = torch.rand(n, 1, generator=g, device=device, dtype=acc)
+
+        def setup():
+            st = GramStats(n, device=device)
+            st._acc.add(one)  # allocates the buffer
+            float(st.G.mean())
+
+        per_n2 = max(0.0, _best_of(setup, repeat=3) / (n * n) - per_flush)
         # the native loop, per candidate per step
         n, ksteps = 2048, 128
         B = torch.rand(n, 64, generator=g, device=device, dtype=torch.float64)
@@ -118,18 +136,39 @@ def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.flo
             gram.run(st.G, st.b, st.yy, st.count, 1, step="uniform", replacement=True, stop_loss=-1.0, tol=1e-9,
                      backend=name)
 
-        fixed_gram = _best_of(tiny, repeat=5)
+        fixed_gram = _best_of(tiny, repeat=9)
         P = torch.rand(64, 1 << 14, generator=g, device=device, dtype=torch.float64)
         l = torch.rand(64, generator=g, device=device, dtype=torch.float64)
         flops = 2 * P.numel() / _best_of(lambda: l @ P, repeat=5)
-        _GRAM[gkey] = (gemm, per_flush, fixed_gram, per_element, flops)
-    gemm, per_flush, fixed_gram, per_element, flops = _GRAM[gkey]
-    out = Rates(bandwidth, per_step, fixed_stream, gemm, per_flush, fixed_gram, per_element, flops)
+        _GRAM[gkey] = (gemm, per_flush, per_n2, fixed_gram, per_element, flops)
+    gemm, per_flush, per_n2, fixed_gram, per_element, flops = _GRAM[gkey]
+    out = Rates(bandwidth, cached_bandwidth, per_step, fixed_stream, gemm, per_flush, per_n2, fixed_gram,
+                per_element, flops)
     _CACHE[key] = out
     return out
 
 
 _GRAM: dict[tuple, tuple] = {}
+
+
+_LLC: dict[str, float] = {}
+
+
+def _cache_bytes(device: torch.device) -> float:
+    """Size of the last-level cache (CPU; 0 elsewhere: GPU passes are not modelled as cached)."""
+    if device.type != "cpu":
+        return 0.0
+    if "cpu" not in _LLC:
+        size = 8 << 20
+        try:
+            base = "/sys/devices/system/cpu/cpu0/cache"
+            levels = sorted(d for d in os.listdir(base) if d.startswith("index"))
+            text = open(os.path.join(base, levels[-1], "size")).read().strip()
+            size = int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20}[text[-1]] if text[-1] in "KM" else int(text)
+        except (OSError, ValueError, IndexError, KeyError):
+            pass
+        _LLC["cpu"] = float(size)
+    return _LLC["cpu"]
 
 
 def free_memory(device: torch.device) -> float:
@@ -162,26 +201,28 @@ def estimate(N: int, M: int, k: int, dtype: torch.dtype, step: str, device: torc
 
     R = rates or calibrate(device, dtype, backend)
     item = torch.finfo(dtype).bits // 8
-    pass_s = N * M * item / R.bandwidth
+    nbytes = N * M * item
+    pass_s = nbytes / (R.cached_bandwidth if nbytes <= 0.5 * _cache_bytes(device) else R.bandwidth)
     kk = min(k, N)
     # (line_search and refit do more small operations per step than the uniform loop measured)
     step_factor = {"uniform": 1.0, "line_search": 1.5, "refit": 4.0}[step]
     stream = R.fixed_stream + 2 * pass_s + k * (pass_s + step_factor * R.per_step)
     loop_factor = {"uniform": 1.0, "line_search": 3.5, "refit": 3.5}[step]
-    gram = (R.fixed_gram + build_flops(N, M) / (R.gemm * min(1.0, N / 1024))
-            + math.ceil(M / DEFAULT_CHUNK) * N * N * R.per_flush + loop_factor * k * N * R.per_element)
+    gram = (R.fixed_gram + build_flops(N, M) / (R.gemm * min(1.0, math.sqrt(N / 1024)))
+            + N * N * (math.ceil(M / DEFAULT_CHUNK) * R.per_flush + R.per_n2) + loop_factor * k * N * R.per_element)
     gram_bytes = 8.0 * N * N
     if step == "refit":
         proj = kk * kk * N / R.flops  # O(N |set|) projections per step
         stream += proj + kk * kk * M / R.flops  # + rebuilding z for the exact loss
         gram += proj
         gram_bytes += 8.0 * N * kk
-    return Estimate(stream, gram, gram_bytes, free_memory(device))
+    free = free_memory(device) if gram_bytes > (256 << 20) else float("inf")
+    return Estimate(stream, gram, gram_bytes, free)
 
 
 # Rough rates of a small CPU, used to decide without measuring when the answer is clear.
-DEFAULT = Rates(bandwidth=10e9, per_step=80e-6, fixed_stream=1e-3, gemm=60e9, per_flush=5e-9, fixed_gram=2e-3,
-                per_element=2e-9, flops=5e9)
+DEFAULT = Rates(bandwidth=10e9, cached_bandwidth=20e9, per_step=80e-6, fixed_stream=1e-3, gemm=60e9,
+                per_flush=5e-9, per_n2=5e-9, fixed_gram=2e-3, per_element=2e-9, flops=5e9)
 _CLEAR = 4.0  # an estimate this many times the other needs no measurement
 
 
@@ -203,7 +244,7 @@ def choose(N: int, M: int, k: int, dtype: torch.dtype, step: str, device: torch.
         source = "measured rates"
     shape = f"N={N}, M={M}, k={k}, {str(dtype).removeprefix('torch.')}, {step}"
     times = f"estimated {est.gram:.3g} s Gram vs {est.stream:.3g} s streaming ({source})"
-    if est.gram_bytes > 0.5 * est.free_bytes:
+    if est.gram_bytes > 0.5 * est.free_bytes:  # (free_bytes is read only when G is large)
         return "stream", (f"auto: streaming engine, the N x N statistics ({est.gram_bytes / 2**30:.3g} GiB) "
                           f"exceed half the free memory ({est.free_bytes / 2**30:.3g} GiB); {shape}")
     if est.gram < est.stream and est.stream >= _SMALL:
