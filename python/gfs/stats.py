@@ -307,7 +307,7 @@ class GramStats:
             raise ValueError(f"{name} is empty (count=0): call {name}.update(features_batch, targets_batch) first")
         fix = "the statistics are corrupted (a damaged file, or batches of other candidates merged in); rebuild them"
         for field_name, x in (("G", self.G), ("b", self.b)):
-            if not bool(torch.isfinite(x).all()):
+            if not math.isfinite(float(x.sum())) and not bool(torch.isfinite(x).all()):  # (sum: fast path)
                 raise ValueError(
                     f"{name}.{field_name} contains NaN or Inf: {fix} "
                     f"(if the data overflow float32, build with compute_dtype=torch.float64)"
