@@ -106,7 +106,7 @@ def goal_auto(quick):
         gfs.select(U[:8], y, 2)  # warm: first-call costs
         runs = {"stream": [], "gram": [], "auto": []}
         sel = None
-        repeat = 5 if N * M * k < 2e9 else 3
+        repeat = 9 if N * M * k < 2e8 else 5 if N * M * k < 2e9 else 3
         for r in range(repeat):  # interleaved, so a burst of load hits every engine alike
             for name in ("stream", "gram", "auto") if r % 2 == 0 else ("auto", "gram", "stream"):
                 t0 = time.perf_counter()
@@ -179,7 +179,11 @@ def main():
     print(f"1-min load at start: {start_load}", flush=True)
     t0 = time.time()
     cost.calibrate()
-    results = dict(machine=desc, threads=torch.get_num_threads(), load_at_start=start_load, quick=args.quick)
+    import subprocess
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    results = dict(machine=desc, threads=torch.get_num_threads(), load_at_start=start_load, quick=args.quick,
+                   commit=commit)
     results["rates"] = cost.calibrate().__dict__
     results["steps_vs_build"] = r1 = goal_steps_vs_build(args.quick)
     print(f"1. {r1['k']} uniform Gram steps / build of N={r1['N']}, M={r1['M']}: {r1['ratio']:.4%}", flush=True)
@@ -196,7 +200,7 @@ def main():
     name = f"gram-cpu-{slug}" + ("-quick" if args.quick else "")
     with open(os.path.join(args.out, name + ".json"), "w") as f:
         json.dump(results, f, indent=1)
-    md = [f"# Gram engine on CPU: ratio table", "", f"Machine: {desc}; torch threads {results['threads']}; "
+    md = [f"# Gram engine on CPU: ratio table", "", f"Commit {commit}. Machine: {desc}; torch threads {results['threads']}; "
           f"1-min load {start_load} at start, {results['load_at_end']} at end; one run, best of several timings each.",
           "", "| goal | measured | target | met |", "| --- | --- | --- | --- |",
           f"| {r1['k']} uniform Gram steps vs building G (N={r1['N']}, M={r1['M']}, float32) | {r1['ratio']:.3%} "
