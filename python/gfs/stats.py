@@ -10,9 +10,10 @@ built streaming from a DataLoader (`update`), combined across workers (`merge`, 
 and stored (`save` / `load`). `gfs.select(stats, k=...)` runs the Gram engine on them.
 
 Precision. G is accumulated in float64. Float64 batches are multiplied in float64; every other
-dtype (float32, float16, bfloat16) is multiplied in float32, at most `chunk` entries (columns) at
-a time, and each chunk's product is added into the float64 accumulators, so rounding does not
-grow with the number of batches (per entry, about 1e-6 of sqrt(G_ii G_jj) for float32).
+dtype (float32, float16, bfloat16) is multiplied in float32: the products of at most `chunk`
+entries (columns, across batches) accumulate in a float32 buffer, which is then added into the
+float64 G, so rounding does not grow with the number of batches (per entry, about 1e-6 of
+sqrt(G_ii G_jj) for float32). The product is computed on one block triangle only (G is symmetric).
 `compute_dtype=torch.float64` forces float64 products. b and the sums of u_j are computed the
 same way (chunk products in the product dtype, summed in float64); ||y||^2 and the sum of y in
 float64. G is kept exactly symmetric.
