@@ -106,7 +106,7 @@ def goal_auto(quick):
         gfs.select(U[:8], y, 2)  # warm: first-call costs
         runs = {"stream": [], "gram": [], "auto": []}
         sel = None
-        repeat = 9 if N * M * k < 2e8 else 5 if N * M * k < 2e9 else 3
+        repeat = 21 if N * M * k < 1e8 else 9 if N * M * k < 2e8 else 5 if N * M * k < 2e9 else 3
         for r in range(repeat):  # interleaved, so a burst of load hits every engine alike
             for name in ("stream", "gram", "auto") if r % 2 == 0 else ("auto", "gram", "stream"):
                 t0 = time.perf_counter()

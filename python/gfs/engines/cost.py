@@ -235,6 +235,21 @@ def choose(N: int, M: int, k: int, dtype: torch.dtype, step: str, device: torch.
     device = torch.device(device)
     if backend is None:
         backend, _ = gfs_kernels.choose(device, dtype)
+    key = (N, M, k, dtype, step, str(device), backend.name)
+    if key in _DECISIONS:
+        return _DECISIONS[key]
+    decision = _choose(N, M, k, dtype, step, device, backend)
+    if 8.0 * N * N <= (256 << 20):  # (a decision that read the free memory is not reused)
+        if len(_DECISIONS) > 1024:
+            _DECISIONS.clear()
+        _DECISIONS[key] = decision
+    return decision
+
+
+_DECISIONS: dict[tuple, tuple[str, str]] = {}
+
+
+def _choose(N, M, k, dtype, step, device, backend) -> tuple[str, str]:
     measured = _CACHE.get((str(device), dtype, backend.name))
     est = estimate(N, M, k, dtype, step, device, backend, rates=measured or DEFAULT)
     source = "measured rates" if measured else "default rates"
@@ -242,6 +257,7 @@ def choose(N: int, M: int, k: int, dtype: torch.dtype, step: str, device: torch.
     if measured is None and not clear:
         est = estimate(N, M, k, dtype, step, device, backend, rates=calibrate(device, dtype, backend))
         source = "measured rates"
+        _DECISIONS.clear()  # decisions from default rates are superseded
     shape = f"N={N}, M={M}, k={k}, {str(dtype).removeprefix('torch.')}, {step}"
     times = f"estimated {est.gram:.3g} s Gram vs {est.stream:.3g} s streaming ({source})"
     if est.gram_bytes > 0.5 * est.free_bytes:  # (free_bytes is read only when G is large)
