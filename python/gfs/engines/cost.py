@@ -13,7 +13,7 @@ tenths of a second, cached; only when the choice is close, see `choose`):
              (refit: + k^2 N flops for its projections)
 
 `bandwidth` is the rate of the streaming backend's `dots` over a matrix larger than the CPU
-cache (a cached rate is used when U takes at most half the last-level cache), `per_step` its fixed cost per step (Python and the O(N + M) work around the pass),
+cache (a cached rate is used when U takes at most a quarter of the last-level cache), `per_step` its fixed cost per step (Python and the O(N + M) work around the pass),
 `gemm_rate` the rate of GramStats' block-triangle product at N = 1024 (smaller N run less
 efficiently, about as sqrt(N / 1024)), `per_flush` the cost per element of adding a product buffer into the float64 G, `per_n2` that
 of the rest of the O(N^2) work (allocating the statistics, the dense loss),
@@ -85,12 +85,13 @@ def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.flo
     r = torch.rand(1024, generator=g, device=device).to(acc)
     bandwidth = U.numel() * U.element_size() / _best_of(lambda: backend.dots(U, r), repeat=5)
     Uc = U[: max(1, (4 << 20) // (1024 * U.element_size()))].contiguous()  # 4 MB: stays in cache
-    cached_bandwidth = Uc.numel() * Uc.element_size() / _best_of(lambda: backend.dots(Uc, r), repeat=7)
+    cached_bandwidth = Uc.numel() * Uc.element_size() / _best_of(lambda: backend.dots(Uc, r), repeat=25)
     # fixed costs per step and per call: small uniform runs, minus their passes
+    # (cheap measurements are repeated many times: the minimum is robust to bursts of other load)
     Us, ys, steps = U[:64, :64].contiguous(), r[:64].contiguous(), 20
-    t_small = _best_of(lambda: backend.greedy_uniform(Us, ys, steps, True, -1.0), repeat=5)
+    t_small = _best_of(lambda: backend.greedy_uniform(Us, ys, steps, True, -1.0), repeat=15)
     per_step = max(1e-7, t_small / steps - Us.numel() * Us.element_size() / bandwidth)
-    t_one = _best_of(lambda: (stream.dense_loss(Us, ys), backend.greedy_uniform(Us, ys, 1, True, -1.0)), repeat=5)
+    t_one = _best_of(lambda: (stream.dense_loss(Us, ys), backend.greedy_uniform(Us, ys, 1, True, -1.0)), repeat=15)
     fixed_stream = max(0.0, t_one - per_step)
     gkey = (str(device), acc)
     if gkey not in _GRAM:
@@ -99,7 +100,7 @@ def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.flo
         n, m = 1024, 2048 if acc == torch.float32 else 1024
         A = torch.rand(n, m, generator=g, device=device, dtype=acc)
         buf = _Accumulator(n, device)
-        gemm = build_flops(n, m) / _best_of(lambda: buf.add(A), repeat=5)
+        gemm = build_flops(n, m) / _best_of(lambda: buf.add(A), repeat=9)
         n = 2048
         buf = _Accumulator(n, device)
         buf.add(torch.rand(n, 8, generator=g, device=device, dtype=acc))
@@ -125,7 +126,7 @@ def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.flo
         GG, bb = B @ B.T, torch.rand(n, generator=g, device=device, dtype=torch.float64)
         name, _ = gram.choose(device, "uniform")
         t = _best_of(lambda: gram.run(GG, bb, 1e3, 64, ksteps, step="uniform", replacement=True, stop_loss=-1.0,
-                                      tol=1e-9, backend=name), repeat=5)
+                                      tol=1e-9, backend=name), repeat=9)
         per_element = t / (ksteps * n)
         # the whole Gram pipeline on a tiny problem: statistics, dense loss, loop
         Ut, yt = torch.rand(64, 64, generator=g, device=device, dtype=acc), torch.rand(64, generator=g, device=device, dtype=acc)
@@ -136,7 +137,7 @@ def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.flo
             gram.run(st.G, st.b, st.yy, st.count, 1, step="uniform", replacement=True, stop_loss=-1.0, tol=1e-9,
                      backend=name)
 
-        fixed_gram = _best_of(tiny, repeat=9)
+        fixed_gram = _best_of(tiny, repeat=15)
         P = torch.rand(64, 1 << 14, generator=g, device=device, dtype=torch.float64)
         l = torch.rand(64, generator=g, device=device, dtype=torch.float64)
         flops = 2 * P.numel() / _best_of(lambda: l @ P, repeat=5)
@@ -202,7 +203,7 @@ def estimate(N: int, M: int, k: int, dtype: torch.dtype, step: str, device: torc
     R = rates or calibrate(device, dtype, backend)
     item = torch.finfo(dtype).bits // 8
     nbytes = N * M * item
-    pass_s = nbytes / (R.cached_bandwidth if nbytes <= 0.5 * _cache_bytes(device) else R.bandwidth)
+    pass_s = nbytes / (R.cached_bandwidth if nbytes <= 0.25 * _cache_bytes(device) else R.bandwidth)
     kk = min(k, N)
     # (line_search and refit do more small operations per step than the uniform loop measured)
     step_factor = {"uniform": 1.0, "line_search": 1.5, "refit": 4.0}[step]
