@@ -7,16 +7,17 @@ tenths of a second, cached; only when the choice is close, see `choose`):
              pass = N M itemsize / bandwidth
              (line_search / refit: more small operations per step; refit also k^2 (N + M) flops
              for its projections and for rebuilding z)
-    gram   = fixed_gram + build_flops(N, M) / (gemm_rate * min(1, sqrt(N / 1024)))   the product
-             + N^2 * (ceil(M / chunk) * per_flush + per_n2)       float32 -> float64 sums, allocation
+    gram   = fixed_gram + build_flops(N, M) / gemm_rate(N)                 the product
+             + N^2 * (ceil(M / chunk) * per_flush + per_n2)     float32 -> float64 sums, allocation
              + k * N * per_element                                        the native loop
              (refit: + k^2 N flops for its projections)
 
 `bandwidth` is the rate of the streaming backend's `dots` over a matrix larger than the CPU
-cache (a cached rate is used when U takes at most a quarter of the last-level cache), `per_step` its fixed cost per step (Python and the O(N + M) work around the pass),
-`gemm_rate` the rate of GramStats' block-triangle product at N = 1024 (smaller N run less
-efficiently, about as sqrt(N / 1024)), `per_flush` the cost per element of adding a product buffer into the float64 G, `per_n2` that
-of the rest of the O(N^2) work (allocating the statistics, the dense loss),
+cache (a cached rate is used when U takes at most a quarter of the last-level cache),
+`per_step` its fixed cost per step (Python and the O(N + M) work around the pass),
+`gemm_rate(N)` the rate of GramStats' block-triangle product, measured at N = 256 and 1024
+(`product_rate`), `per_flush` the cost per element of adding a product buffer into the float64
+G, `per_n2` that of the rest of the O(N^2) work (allocating the statistics, the dense loss),
 `per_element` the native Gram loop's cost per candidate per step, and the fixed costs those of
 each engine's whole pipeline on a tiny problem. The Gram engine is ruled out when G (8 N^2 bytes,
 plus 8 N k for refit) would take more than half the free memory of the device. When both
@@ -45,6 +46,7 @@ class Rates:
     per_step: float  # s, fixed cost of a streaming step around the pass
     fixed_stream: float  # s, the streaming pipeline on a tiny problem
     gemm: float  # flops / s of GramStats' product (gfs.stats.build_flops) at n = 1024
+    gemm_small: float  # the same at n = 256
     per_flush: float  # s per element of G when a product buffer is added into it
     per_n2: float  # s per element of G for the rest of the O(N^2) work (allocation, dense loss)
     fixed_gram: float  # s, the Gram pipeline (statistics, checks, loop) on a tiny problem
@@ -101,6 +103,8 @@ def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.flo
         A = torch.rand(n, m, generator=g, device=device, dtype=acc)
         buf = _Accumulator(n, device)
         gemm = build_flops(n, m) / _best_of(lambda: buf.add(A), repeat=9)
+        small = _Accumulator(256, device)
+        gemm_small = build_flops(256, m) / _best_of(lambda: small.add(A[:256]), repeat=15)
         n = 2048
         buf = _Accumulator(n, device)
         buf.add(torch.rand(n, 8, generator=g, device=device, dtype=acc))
@@ -141,15 +145,26 @@ def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.flo
         P = torch.rand(64, 1 << 14, generator=g, device=device, dtype=torch.float64)
         l = torch.rand(64, generator=g, device=device, dtype=torch.float64)
         flops = 2 * P.numel() / _best_of(lambda: l @ P, repeat=5)
-        _GRAM[gkey] = (gemm, per_flush, per_n2, fixed_gram, per_element, flops)
-    gemm, per_flush, per_n2, fixed_gram, per_element, flops = _GRAM[gkey]
-    out = Rates(bandwidth, cached_bandwidth, per_step, fixed_stream, gemm, per_flush, per_n2, fixed_gram,
-                per_element, flops)
+        _GRAM[gkey] = (gemm, gemm_small, per_flush, per_n2, fixed_gram, per_element, flops)
+    gemm, gemm_small, per_flush, per_n2, fixed_gram, per_element, flops = _GRAM[gkey]
+    out = Rates(bandwidth, cached_bandwidth, per_step, fixed_stream, gemm, gemm_small, per_flush, per_n2,
+                fixed_gram, per_element, flops)
     _CACHE[key] = out
     return out
 
 
 _GRAM: dict[tuple, tuple] = {}
+
+
+def product_rate(R: Rates, N: int) -> float:
+    """Flops / s of GramStats' product for N candidates: measured at 256 and 1024, interpolated in
+    log N between them, beyond them the rate at 1024 (larger N) or falling as sqrt(N) (smaller)."""
+    if N >= 1024:
+        return R.gemm
+    if N <= 256:
+        return R.gemm_small * math.sqrt(N / 256)
+    f = math.log(N / 256) / math.log(4)
+    return math.exp((1 - f) * math.log(R.gemm_small) + f * math.log(R.gemm))
 
 
 _LLC: dict[str, float] = {}
@@ -209,7 +224,7 @@ def estimate(N: int, M: int, k: int, dtype: torch.dtype, step: str, device: torc
     step_factor = {"uniform": 1.0, "line_search": 1.5, "refit": 4.0}[step]
     stream = R.fixed_stream + 2 * pass_s + k * (pass_s + step_factor * R.per_step)
     loop_factor = {"uniform": 1.0, "line_search": 3.5, "refit": 3.5}[step]
-    gram = (R.fixed_gram + build_flops(N, M) / (R.gemm * min(1.0, math.sqrt(N / 1024)))
+    gram = (R.fixed_gram + build_flops(N, M) / product_rate(R, N)
             + N * N * (math.ceil(M / DEFAULT_CHUNK) * R.per_flush + R.per_n2) + loop_factor * k * N * R.per_element)
     gram_bytes = 8.0 * N * N
     if step == "refit":
@@ -222,7 +237,7 @@ def estimate(N: int, M: int, k: int, dtype: torch.dtype, step: str, device: torc
 
 
 # Rough rates of a small CPU, used to decide without measuring when the answer is clear.
-DEFAULT = Rates(bandwidth=10e9, cached_bandwidth=20e9, per_step=80e-6, fixed_stream=1e-3, gemm=60e9,
+DEFAULT = Rates(bandwidth=10e9, cached_bandwidth=20e9, per_step=80e-6, fixed_stream=1e-3, gemm=60e9, gemm_small=30e9,
                 per_flush=5e-9, per_n2=5e-9, fixed_gram=2e-3, per_element=2e-9, flops=5e9)
 _CLEAR = 4.0  # an estimate this many times the other needs no measurement
 
