@@ -28,4 +28,12 @@ TORCH_LIBRARY(gfs, m) {
   //   gaps: float64 (s,), Frank-Wolfe gap at z_{t+1}, max_j <2 (y - z), u_j - z> / M.
   // Stops after the first step whose loss <= stop_loss (pass a negative value for "never").
   m.def("greedy_uniform(Tensor U, Tensor y, int k, bool replacement, float stop_loss) -> (Tensor indices, Tensor losses, Tensor gaps)");
+  // The Gram engine: the whole k-step loop of one step rule ("uniform", "line_search" or
+  // "refit") from sufficient statistics G = U U^T (N x N, float64), b = U y (N, float64),
+  // yy = ||y||^2 and count = M; per step one row of G and O(N) work (refit: O(N * |set|)).
+  //   indices, losses, gaps as in greedy_uniform (losses unclamped); gammas: float64 (s,), the
+  //   step size of each step (uniform 1/(t+1); line_search the chosen gamma; refit 1 where the
+  //   pick entered the fit, 0 where it changed nothing); weights: float64 (N,), the final
+  //   weights (sum to 1). tol: relative pivot tolerance for degenerate directions.
+  m.def("gram_greedy(Tensor G, Tensor b, float yy, int count, int k, str step, bool replacement, float stop_loss, float tol) -> (Tensor indices, Tensor losses, Tensor gaps, Tensor gammas, Tensor weights)");
 }

@@ -4,6 +4,13 @@ import torch
 
 import gfs_kernels
 
+try:  # numpy's OpenBLAS threads fight over shared cores on the small lstsq of tests/reference.py
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, user_api="blas")
+except ImportError:  # pragma: no cover
+    pass
+
 
 def cpu_backends():
     """Every registered backend, as pytest params; those that cannot run on this CPU are

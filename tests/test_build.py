@@ -21,3 +21,9 @@ def test_extension_imports_and_registers_its_operators():
 )
 def test_cuda_sources_were_compiled_into_the_extension():
     assert _ops.has_cuda_kernels(), "nvcc and a CUDA torch are present but the extension has no CUDA kernels"
+
+
+def test_the_native_gram_loop_is_registered():
+    assert _ops.load_error is None, _ops.load_error
+    assert hasattr(torch.ops.gfs, "gram_greedy")
+    assert _ops.has_gram_kernel("CPU")

@@ -53,3 +53,35 @@ def test_gap_bounds_distance_to_hull_optimum(name, problem, k):
     scale = 1e-6 * (1 + float(np.abs(U).max()) ** 2 + float(np.abs(y).max()) ** 2)
     assert np.all(sel.losses.numpy() >= best - scale)
     assert np.all(sel.gaps.numpy() >= sel.losses.numpy() - best - scale)
+
+
+@pytest.mark.parametrize("engine", ["stream", "gram"])
+@SETTINGS
+@given(problem=problems(), k=st.integers(1, 15), replacement=st.booleans())
+def test_line_search_losses_never_increase(engine, problem, k, replacement):
+    U, y = problem
+    if not replacement:
+        k = min(k, len(U))
+    sel = gfs.select(U, y, k, replacement=replacement, step="line_search", engine=engine)
+    losses = sel.losses.numpy()
+    scale = 1e-12 * (1 + float(np.abs(U).max()) ** 2 + float(np.abs(y).max()) ** 2)
+    assert np.all(np.diff(losses) <= scale)
+    single = ((y[None] - U) ** 2).mean(1)
+    assert single[int(sel.indices[0])] <= single.min() * (1 + 1e-9) + 1e-12  # the single best candidate
+    gam = sel.notes["gammas"].numpy()
+    assert gam[0] == 1.0 and np.all((gam >= 0) & (gam <= 1))
+    assert abs(float(sel.weights.sum()) - 1) < 1e-9 and float(sel.weights.min()) >= -1e-15
+
+
+@pytest.mark.parametrize("step", ["line_search", "refit"])
+@pytest.mark.parametrize("engine", ["stream", "gram"])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=problems(max_n=6, max_m=5), k=st.integers(1, 8))
+def test_gap_bounds_distance_to_hull_optimum_every_rule(step, engine, problem, k):
+    U, y = problem
+    sel = gfs.select(U, y, k, step=step, engine=engine)
+    best = hull_optimum(U, y)
+    scale = 1e-6 * (1 + float(np.abs(U).max()) ** 2 + float(np.abs(y).max()) ** 2)
+    if step == "line_search":  # z stays in the convex hull
+        assert np.all(sel.losses.numpy() >= best - scale)
+    assert np.all(sel.gaps.numpy() >= sel.losses.numpy() - best - scale)

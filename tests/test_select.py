@@ -125,8 +125,75 @@ def test_auto_skips_unavailable_backends_with_a_reason(problem, monkeypatch):
     assert "cpu: not built in this test" in sel.reason
 
 
-def test_step_rules_not_yet_built_say_so(problem):
+def test_every_step_rule_runs_on_both_engines(problem):
     U, y = problem
-    for step in ("line_search", "refit"):
-        with pytest.raises(NotImplementedError, match="Gram engine"):
-            gfs.select(U, y, 3, step=step)
+    for step in ("uniform", "line_search", "refit"):
+        for engine in ("stream", "gram"):
+            sel = gfs.select(U, y, 5, step=step, engine=engine)
+            assert sel.engine == engine and sel.step == step and sel.k == 5
+            assert f"{engine} engine requested" in sel.reason
+            assert abs(float(sel.weights.sum()) - 1) < 1e-9
+            assert sel.notes["gammas"].shape == (5,)
+
+
+def test_k_is_required(problem):
+    U, y = problem
+    with pytest.raises(TypeError, match="k is missing"):
+        gfs.select(U, y)
+    with pytest.raises(TypeError, match="k is missing"):
+        gfs.select(gfs.GramStats.from_features(U, y))
+
+
+def test_engine_choice_is_recorded(problem):
+    U, y = problem
+    sel = gfs.select(U, y, 4)
+    assert sel.reason.startswith("auto: streaming engine") and "estimated" in sel.reason
+    sel = gfs.select(U, y, 4, backend="torch")
+    assert sel.engine == "stream" and "backend 'torch' requested" in sel.reason
+    sel = gfs.select(U, y, 4, engine="gram")
+    assert sel.engine == "gram" and sel.backend in ("cpu", "torch")
+    assert set(sel.timings) == {"validate", "stats", "dense", "select"}
+    sel = gfs.select(U, y, 4, engine="gram", backend="torch")
+    assert sel.backend == "torch"
+
+
+def test_select_from_stats(problem):
+    U, y = problem
+    stats = gfs.GramStats.from_features(U, y)
+    sel = gfs.select(stats, k=8)
+    ref = gfs.select(U.double(), y.double(), 8, engine="stream")
+    assert sel.engine == "gram" and "statistics given" in sel.reason
+    assert sel.indices.tolist() == ref.indices.tolist()
+    assert sel.dense_loss == pytest.approx(ref.dense_loss, rel=1e-6)
+    U0 = stats.G.clone()
+    gfs.select(stats, k=3, step="refit")
+    assert torch.equal(stats.G, U0)
+
+
+STATS_BAD = {
+    "targets with stats": (dict(targets=torch.zeros(15)), ValueError, "targets must be None when features is a GramStats"),
+    "stream engine with stats": (dict(engine="stream"), ValueError, "engine='stream' needs the features matrix"),
+    "unknown engine": (dict(engine="fast"), ValueError, "unknown engine 'fast'"),
+    "naive backend on gram": (dict(backend="naive"), ValueError, "the Gram engine has no backend 'naive'"),
+    "k > N without replacement": (dict(k=21, replacement=False), ValueError, "k=21 is larger than the 20 candidates"),
+}
+
+
+@pytest.mark.parametrize("case", list(STATS_BAD))
+def test_bad_input_with_stats(problem, case):
+    U, y = problem
+    stats = gfs.GramStats.from_features(U, y)
+    args = dict(k=3)
+    change, error, message = STATS_BAD[case]
+    args.update(change)
+    with pytest.raises(error, match=None) as info:
+        gfs.select(stats, args.pop("targets", None), args.pop("k"), **args)
+    assert message in str(info.value)
+
+
+def test_bad_engine_with_features(problem):
+    U, y = problem
+    with pytest.raises(ValueError, match="unknown engine 'fast'"):
+        gfs.select(U, y, 3, engine="fast")
+    with pytest.raises(ValueError, match="the Gram engine has no backend 'naive'"):
+        gfs.select(U, y, 3, engine="gram", backend="naive")

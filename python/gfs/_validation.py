@@ -33,6 +33,13 @@ def check_dtype(x: torch.Tensor, name: str) -> None:
 
 
 def check_finite(x: torch.Tensor, name: str) -> None:
+    if x.numel() == 0:
+        return
+    # fast path: NaN and Inf propagate through a sum (one reduction, ~25x cheaper than isfinite);
+    # a non-finite sum (or a float32 overflow of a finite one) falls through to the exact scan
+    total = x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    if bool(torch.isfinite(total)):
+        return
     flat = x.reshape(-1)
     for i in range(0, flat.numel(), _CHECK_CHUNK):
         if not bool(torch.isfinite(flat[i : i + _CHECK_CHUNK]).all()):

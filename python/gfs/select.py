@@ -9,39 +9,66 @@ import gfs_kernels
 from gfs_kernels.base import accumulation_dtype
 
 from . import _validation as check
-from .engines import stream
+from .engines import cost, gram, stream
 from .selection import Selection
+from .stats import GramStats
+
+ENGINES = ("auto", "stream", "gram")
 
 
-def select(features, targets, k, *, replacement=True, step="uniform", eps=None, backend="auto") -> Selection:
+def select(features, targets=None, k=None, *, replacement=True, step="uniform", eps=None, backend="auto",
+           engine="auto") -> Selection:
     """Greedy forward selection: grow a subnetwork one candidate at a time.
 
-    Starting from z = 0, step t picks the candidate whose addition lowers the loss most,
-    j* = argmin_j ||y - (t z + u_j) / (t + 1)||^2, and sets z = (t z + u_j*) / (t + 1)
-    (Ye et al., ICML 2020). Ties go to the lowest index.
+    Starting from the empty subnetwork, each step adds the candidate that lowers the loss
+    ||y - z||^2 / M most under the step rule (Ye et al., ICML 2020; NeurIPS 2020). Ties go to the
+    lowest index.
 
     Parameters
     ----------
-    features : Tensor or ndarray, shape (N, M) or (N, *S)
-        Row j is candidate j's output u_j over the calibration data. float32, float64, float16
-        or bfloat16; accumulation is in float32 (float64 for float64).
+    features : Tensor, ndarray or GramStats
+        Either the candidates' outputs, shape (N, M) or (N, *S), row j = u_j (float32, float64,
+        float16 or bfloat16; accumulation in float32, float64 for float64), or sufficient
+        statistics `gfs.GramStats` (then `targets` must be None: the target is in the statistics,
+        and the Gram engine runs).
     targets : Tensor or ndarray, shape (M,) or (*S)
-        The target y, e.g. the dense network's output (local imitation).
+        The target y, e.g. the dense network's output (local imitation). Required with features.
     k : int
-        Number of steps (the cap when eps is given).
+        Number of steps (the cap when eps is given). Required.
     replacement : bool
-        Allow a candidate to be picked again (its weight grows). False forbids it; k <= N then.
+        Allow a candidate to be picked again. False forbids it; k <= N then.
     step : {"uniform", "line_search", "refit"}
-        The step rule (DESIGN section 1). Only "uniform" is available yet.
+        The step rule; z is the subnetwork's output, w its weights (always summing to 1):
+
+        - "uniform": z_{t+1} = (t z_t + u_j) / (t + 1), j the best such addition; w = counts / t.
+        - "line_search": z <- z + gamma (u_j - z) with (j, gamma) the joint minimiser of the loss,
+          gamma in [0, 1] in closed form (step 0: the single best candidate, gamma = 1);
+          w <- (1 - gamma) w + gamma e_j. The loss never increases.
+        - "refit": fully corrective. After each addition the chosen set's weights are re-fit by
+          *affine* least squares: min ||y - sum_{j in S} w_j u_j||^2 subject to sum w_j = 1 (the
+          weights keep summing to 1 like the other rules, but may be negative), solved through
+          an incrementally updated Cholesky factor. A step adds the candidate whose addition
+          lowers this refit loss most (step 0: the single best candidate), like orthogonal least
+          squares. A candidate whose direction is degenerate (a duplicate, or already spanned)
+          lowers nothing; if it is picked anyway (nothing else helps) the fit is unchanged.
+          replacement=True lets such no-change steps repeat a candidate.
     eps : float, optional
         Stop once loss <= dense_loss + eps (the papers' stopping rule).
     backend : str
-        "auto" (the fastest usable), or a name from gfs.backends().
+        "auto", or a backend name: for the streaming engine one of gfs.backends(); for the Gram
+        engine "cpu" (native loop), "triton" (GPU, uniform rule) or "torch".
+        A named backend with engine="auto" runs the streaming engine.
+    engine : {"auto", "stream", "gram"}
+        "stream" passes over the features once per step; "gram" builds G = U U^T, b = U y once
+        (gfs.GramStats) and then needs O(N) per step. "auto" chooses by an explicit cost model of
+        (N, M, k, dtype, step, free memory), see gfs.engines.cost; the choice and its estimates
+        are in Selection.reason.
 
     Returns
     -------
     Selection
-        indices, support, weights, losses, gaps, dense_loss, backend, timings, ...
+        indices, support, weights, losses, gaps (Frank-Wolfe gap per step), dense_loss, backend,
+        engine, reason, timings; notes["gammas"] holds the step sizes.
 
     Examples
     --------
@@ -50,16 +77,45 @@ def select(features, targets, k, *, replacement=True, step="uniform", eps=None, 
     >>> sel = gfs.select(U, y, k=10)
     >>> sel.indices.shape, float(sel.weights.sum())
     (torch.Size([10]), 1.0)
+    >>> stats = gfs.GramStats.from_features(U, y)
+    >>> gfs.select(stats, k=10, step="line_search").engine
+    'gram'
     """
     t0 = time.perf_counter()
+    if k is None:
+        raise TypeError("k is missing: pass the number of selection steps, e.g. gfs.select(features, targets, k=64)")
     eps = check.check_options(step, eps, replacement)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, one of {['auto', *gfs_kernels.names()]}")
-    if backend != "auto":
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {list(ENGINES)}")
+    replacement = bool(replacement)
+
+    if isinstance(features, GramStats):
+        return _select_from_stats(features, targets, k, replacement, step, eps, backend, engine, t0)
+
+    if backend != "auto" and engine != "gram":
         chosen = gfs_kernels.get(backend)  # ValueError naming the known backends
     U, y = check.features_and_targets(features, targets)
-    N = U.shape[0]
-    k = check.check_k(k, N, bool(replacement))
+    N, M = U.shape
+    k = check.check_k(k, N, replacement)
+    if engine == "auto":
+        if backend != "auto":
+            engine, engine_reason = "stream", f"streaming engine: backend {backend!r} requested (engine='gram' runs the Gram engine)"
+        else:
+            engine, engine_reason = cost.choose(N, M, k, U.dtype, step, U.device)
+    else:
+        engine_reason = f"{engine} engine requested"
+
+    if engine == "gram":
+        t1 = time.perf_counter()
+        stats = GramStats(N, device=U.device).update(U, y, _trusted=True)  # U, y validated above
+        t2 = time.perf_counter()
+        sel = _select_from_stats(stats, None, k, replacement, step, eps, backend, "gram", t0,
+                                 engine_reason=engine_reason, trusted=True)
+        sel.timings = {"validate": t1 - t0, "stats": t2 - t1, **{n: v for n, v in sel.timings.items() if n != "validate"}}
+        return sel
+
     if backend == "auto":
         chosen, reason = gfs_kernels.choose(U.device, U.dtype)
     else:
@@ -74,25 +130,90 @@ def select(features, targets, k, *, replacement=True, step="uniform", eps=None, 
     stop_loss = -1.0 if eps is None else dense + eps
     t2 = time.perf_counter()
 
-    result = stream.run(chosen, U, y, k, step=step, replacement=bool(replacement), stop_loss=stop_loss)
+    result = stream.run(chosen, U, y, k, step=step, replacement=replacement, stop_loss=stop_loss)
     indices = result.indices.cpu()
     t3 = time.perf_counter()
+    notes = dict(result.notes)
+    weights = notes.pop("weights", None)
+    weights = stream.uniform_weights(indices, N) if weights is None else weights.cpu()
+    if "gammas" not in notes:
+        notes["gammas"] = 1.0 / torch.arange(1, indices.numel() + 1, dtype=torch.float64)
 
     return Selection(
         indices=indices,
         support=torch.unique(indices),
-        weights=stream.uniform_weights(indices, N),
+        weights=weights,
         losses=result.losses.cpu(),
         gaps=result.gaps.cpu(),
         dense_loss=dense,
         backend=chosen.name,
         engine="stream",
         step=step,
-        replacement=bool(replacement),
-        reason=reason,
+        replacement=replacement,
+        reason=f"{engine_reason}; backend: {reason}",
         seconds=t3 - t0,
         timings={"validate": t1 - t0, "dense": t2 - t1, "select": t3 - t2},
-        notes=dict(result.notes),
+        notes=notes,
+    )
+
+
+def _select_from_stats(stats: GramStats, targets, k, replacement, step, eps, backend, engine, t0,
+                       engine_reason=None, trusted=False) -> Selection:
+    if targets is not None:
+        raise ValueError(
+            "targets must be None when features is a GramStats: the target is already in the statistics "
+            "(b and yy); pass gfs.select(stats, k=...)"
+        )
+    if engine == "stream":
+        raise ValueError(
+            "engine='stream' needs the features matrix, and a GramStats holds only statistics; "
+            "use engine='gram' (or 'auto'), or pass the features and targets"
+        )
+    if not isinstance(backend, str):
+        raise TypeError("backend must be a string")
+    if not trusted:  # (statistics just built from checked features are consistent by construction)
+        stats.validate("stats")
+    N = stats.n
+    k = check.check_k(k, N, replacement)
+    if engine_reason is None:
+        engine_reason = ("Gram engine: statistics given (the only engine that needs no features)"
+                         if engine == "auto" else "gram engine requested")
+    name, reason = gram.choose(stats.device, step, backend)
+    t1 = time.perf_counter()
+    dense = stats.dense_loss
+    stop_loss = -1.0 if eps is None else dense + eps
+    t2 = time.perf_counter()
+    tol = gram.tolerance(stats.precision)
+    res = gram.run(stats.G, stats.b, stats.yy, stats.count, k, step=step, replacement=replacement,
+                   stop_loss=stop_loss, tol=tol, backend=name)
+    indices = res.indices.cpu()
+    losses = res.losses.cpu()
+    t3 = time.perf_counter()
+    floor = -stats.rtol * (stats.yy + float(torch.diagonal(stats.G).max())) / stats.count
+    if float(losses.min()) < floor:
+        t = int(torch.argmin(losses))
+        raise ValueError(
+            f"stats are not positive semi-definite: the loss after step {t} would be {float(losses[t]):.6g} < 0; "
+            f"the statistics are corrupted (a damaged file, or statistics of other candidates merged in); rebuild them"
+        )
+    losses = losses.clamp_min(0.0)
+    notes = dict(res.notes)
+    notes["gammas"] = res.gammas.cpu()
+    return Selection(
+        indices=indices,
+        support=torch.unique(indices),
+        weights=res.weights.cpu(),
+        losses=losses,
+        gaps=res.gaps.cpu(),
+        dense_loss=dense,
+        backend=name,
+        engine="gram",
+        step=step,
+        replacement=replacement,
+        reason=f"{engine_reason}; backend: {reason}",
+        seconds=t3 - t0,
+        timings={"validate": t1 - t0, "dense": t2 - t1, "select": t3 - t2},
+        notes=notes,
     )
 
 

@@ -17,8 +17,9 @@ class Selection:
     support : LongTensor
         The distinct candidates chosen, sorted.
     weights : Tensor (N,), float64
-        The subnetwork is sum_j weights[j] * u_j; the weights sum to 1 (counts / steps for the
-        uniform rule).
+        The subnetwork is sum_j weights[j] * u_j; the weights sum to 1: counts / steps for the
+        uniform rule, convex weights for line_search, affine least-squares weights (any sign)
+        for refit.
     losses : Tensor (k,), float64
         ||y - z||^2 / M after each step.
     gaps : Tensor (k,), float64
@@ -29,13 +30,17 @@ class Selection:
     backend, engine, step, replacement
         How it ran: the backend's name, "stream" or "gram", the step rule, with/without repeats.
     reason : str
-        Why this backend/engine ran (the "auto" choice, or "requested").
+        Why this engine and backend ran: the "auto" choices (with the cost model's estimates),
+        or "requested".
     seconds : float
         Wall time of the whole call.
     timings : dict
-        Seconds per phase ("validate", "dense", "select").
+        Seconds per phase ("validate", "dense", "select"; plus "stats", building G, when the
+        Gram engine ran from features).
     notes : dict
-        Backend facts worth knowing (e.g. streamed from host memory).
+        Backend facts worth knowing; "gammas": the step size of each step (uniform 1/(t+1),
+        line_search the chosen gamma, refit 1 where the pick entered the fit, 0 where it changed
+        nothing).
     """
 
     indices: torch.Tensor

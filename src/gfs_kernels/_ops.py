@@ -47,6 +47,13 @@ if load_error is None:
         f64 = dict(dtype=torch.float64, device=U.device)
         return U.new_empty(s, dtype=torch.int64), U.new_empty(s, **f64), U.new_empty(s, **f64)
 
+    @torch.library.register_fake("gfs::gram_greedy")
+    def _gram_greedy_fake(G, b, yy, count, k, step, replacement, stop_loss, tol):
+        s = torch.library.get_ctx().new_dynamic_size(min=1, max=k)
+        f64 = dict(dtype=torch.float64, device=G.device)
+        return (G.new_empty(s, dtype=torch.int64), G.new_empty(s, **f64), G.new_empty(s, **f64),
+                G.new_empty(s, **f64), G.new_empty(G.shape[0], **f64))
+
 
 class OpBackend(Backend):
     """A backend whose primitives are the torch.ops.gfs operators: the dispatcher runs the
@@ -61,3 +68,10 @@ class OpBackend(Backend):
 
     def greedy_uniform(self, U, y, k, replacement, stop_loss):
         return GreedyResult(*torch.ops.gfs.greedy_uniform(U, y, k, replacement, stop_loss))
+
+
+def has_gram_kernel(device_type: str = "CPU") -> bool:
+    """True when the extension has the native Gram loop (gfs::gram_greedy) for this device."""
+    if load_error is not None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("gfs::gram_greedy", device_type)

@@ -20,5 +20,5 @@ class CpuBackend(_ops.OpBackend):
         if _ops.load_error:
             return _ops.load_error
         if not torch._C._dispatch_has_kernel_for_dispatch_key("gfs::greedy_uniform", "CPU"):
-            return "the extension has no CPU kernels (csrc/cpu was not compiled)"
+            return "the extension was built without the C++ streaming kernels (csrc/cpu/greedy_cpu.cpp)"
         return None

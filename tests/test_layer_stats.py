@@ -1,0 +1,133 @@
+"""Layer statistics without forming N x M (gfs.stats.linear_stats / conv2d_stats / layer_stats),
+each equal to the statistics of the materialised contributions, U U^T."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gfs
+from gfs import stats as S
+
+
+def _close(a: gfs.GramStats, b: gfs.GramStats, rtol=1e-10):
+    scale = float(torch.diagonal(b.G).max())
+    torch.testing.assert_close(a.G, b.G, rtol=rtol, atol=rtol * scale)
+    torch.testing.assert_close(a.b, b.b, rtol=rtol, atol=rtol * scale)
+    torch.testing.assert_close(a.u_sum, b.u_sum, rtol=rtol, atol=rtol * scale)
+    assert a.yy == pytest.approx(b.yy, rel=rtol) and a.count == b.count
+    assert a.y_sum == pytest.approx(b.y_sum, rel=1e-8, abs=1e-8 * (1 + abs(b.y_sum)))
+
+
+def _g(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("with_target", [False, True])
+def test_linear_equals_materialised(with_target):
+    g = _g(0)
+    x = torch.randn(4, 5, 7, generator=g, dtype=torch.float64)  # (batch, tokens, C_in)
+    W = torch.randn(3, 7, generator=g, dtype=torch.float64)
+    bias = torch.randn(3, generator=g, dtype=torch.float64)
+    target = torch.randn(4, 5, 3, generator=g, dtype=torch.float64) if with_target else None
+    got = S.linear_stats(x, W, target, bias)
+    U = S.linear_contributions(x, W)
+    assert U.shape == (7, 4, 5, 3)
+    dense = F.linear(x, W)
+    torch.testing.assert_close(U.mean(0), dense)  # the dense layer is the uniform average
+    y = (target - bias) if with_target else dense
+    _close(got, gfs.GramStats.from_features(U.reshape(7, -1), y.reshape(-1)))
+
+
+CONVS = [
+    dict(k=1, stride=1, padding=0, dilation=1),
+    dict(k=1, stride=2, padding=1, dilation=1),
+    dict(k=3, stride=1, padding=1, dilation=1),
+    dict(k=3, stride=2, padding=2, dilation=2),
+    dict(k=(2, 3), stride=(1, 2), padding=(0, 1), dilation=1),
+]
+
+
+@pytest.mark.parametrize("conv", CONVS, ids=lambda c: "k{k}-s{stride}-p{padding}-d{dilation}".format(**c))
+@pytest.mark.parametrize("method", ["offsets", "materialise"])
+@pytest.mark.parametrize("with_target", [False, True])
+def test_conv2d_equals_materialised(conv, method, with_target):
+    g = _g(1)
+    k = conv["k"] if isinstance(conv["k"], tuple) else (conv["k"], conv["k"])
+    x = torch.randn(3, 5, 9, 8, generator=g, dtype=torch.float64)
+    W = torch.randn(4, 5, *k, generator=g, dtype=torch.float64)
+    bias = torch.randn(4, generator=g, dtype=torch.float64)
+    kw = dict(stride=conv["stride"], padding=conv["padding"], dilation=conv["dilation"])
+    dense = F.conv2d(x, W, **kw)
+    noise = 0.5 * torch.randn(dense.shape, generator=g, dtype=torch.float64)
+    target = dense + bias[:, None, None] + noise if with_target else None
+    got = S.conv2d_stats(x, W, target, bias, method=method, **kw)
+    U = S.conv2d_contributions(x, W, **kw)
+    torch.testing.assert_close(U.mean(0), dense)
+    y = (target - bias[:, None, None]) if with_target else dense
+    _close(got, gfs.GramStats.from_features(U.reshape(5, -1), y.reshape(-1)))
+
+
+def test_accumulating_batches_and_modules():
+    g = _g(2)
+    conv = torch.nn.Conv2d(6, 8, 3, stride=2, padding=1).double()
+    xs = [torch.randn(2, 6, 10, 10, generator=g, dtype=torch.float64) for _ in range(3)]
+    stats = gfs.GramStats(6)
+    for x in xs:
+        with torch.no_grad():
+            assert S.layer_stats(conv, x, conv(x), out=stats) is stats
+    x = torch.cat(xs)
+    U = S.conv2d_contributions(x, conv.weight.detach(), stride=2, padding=1)
+    y = (conv(x) - conv.bias[:, None, None]).detach()
+    _close(stats, gfs.GramStats.from_features(U.reshape(6, -1), y.reshape(-1)))
+    lin = torch.nn.Linear(6, 3).double()
+    xl = torch.randn(20, 6, generator=g, dtype=torch.float64)
+    _close(S.layer_stats(lin, xl), S.linear_stats(xl, lin.weight.detach()))
+
+
+def test_selection_on_layer_stats_folds_into_a_pruned_layer():
+    """Weights w from the statistics give the pruned layer W'[:, j] = N w_j W[:, j] (bias kept),
+    whose loss against the target is the selection's loss."""
+    g = _g(3)
+    conv = torch.nn.Conv2d(10, 6, 3, padding=1).double()
+    x = torch.randn(4, 10, 7, 7, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        target = conv(x)
+        stats = S.layer_stats(conv, x, target)
+        for step in ("uniform", "line_search", "refit"):
+            sel = gfs.select(stats, k=5, step=step)
+            pruned = conv.weight * (10 * sel.weights)[None, :, None, None]
+            out = F.conv2d(x, pruned, conv.bias, padding=1)
+            assert float(((out - target) ** 2).mean()) == pytest.approx(sel.loss, rel=1e-9, abs=1e-12)
+        dense = float(((F.conv2d(x, conv.weight, padding=1) + conv.bias[:, None, None] - target) ** 2).mean())
+        assert stats.dense_loss == pytest.approx(dense, abs=1e-12)
+
+
+def test_auto_method_follows_the_cost_model():
+    g = _g(4)
+    x = torch.randn(2, 4, 6, 6, generator=g, dtype=torch.float64)
+    few_outputs = torch.randn(1, 4, 3, 3, generator=g, dtype=torch.float64)  # C_out = 1 < K = 9
+    many_outputs = torch.randn(64, 4, 3, 3, generator=g, dtype=torch.float64)
+    for W in (few_outputs, many_outputs):
+        auto = S.conv2d_stats(x, W, padding=1)
+        for method in ("offsets", "materialise"):
+            _close(auto, S.conv2d_stats(x, W, padding=1, method=method))
+
+
+BAD = {
+    "linear width": (lambda: S.linear_stats(torch.zeros(5, 4), torch.zeros(3, 6)), ValueError, "x must be (..., 6)"),
+    "linear weight dims": (lambda: S.linear_stats(torch.zeros(5, 4), torch.zeros(3, 4, 1)), ValueError, "weight must have shape (C_out, C_in)"),
+    "conv channels": (lambda: S.conv2d_stats(torch.zeros(1, 3, 5, 5), torch.zeros(2, 4, 3, 3)), ValueError, "x must be (B, 4, H, W)"),
+    "target shape": (lambda: S.linear_stats(torch.zeros(5, 4), torch.zeros(3, 4), torch.zeros(5, 2)), ValueError, "target has shape (5, 2)"),
+    "nan input": (lambda: S.linear_stats(torch.full((5, 4), float("nan")), torch.zeros(3, 4)), ValueError, "x contains NaN or Inf"),
+    "wrong out": (lambda: S.linear_stats(torch.zeros(5, 4), torch.zeros(3, 4), out=gfs.GramStats(3)), ValueError, "out must be GramStats of n=4"),
+    "method": (lambda: S.conv2d_stats(torch.zeros(1, 4, 5, 5), torch.zeros(2, 4, 3, 3), method="fft"), ValueError, "unknown method 'fft'"),
+    "groups": (lambda: S.layer_stats(torch.nn.Conv2d(4, 4, 3, groups=2), torch.zeros(1, 4, 5, 5)), ValueError, "groups=1"),
+    "module": (lambda: S.layer_stats(torch.nn.ReLU(), torch.zeros(1, 4)), TypeError, "nn.Linear or nn.Conv2d"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_layer_inputs(case):
+    fn, error, message = BAD[case]
+    with pytest.raises(error) as info:
+        fn()
+    assert message in str(info.value)
