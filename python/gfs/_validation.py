@@ -51,34 +51,35 @@ def check_finite(x: torch.Tensor, name: str) -> None:
             )
 
 
-def features_and_targets(features, targets) -> tuple[torch.Tensor, torch.Tensor]:
-    """Checked (U, y): U a contiguous (N, M) view or copy of features, y of targets (M,)."""
-    U = as_tensor(features, "features")
+def features_and_targets(features, targets, name: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+    """Checked (U, y): U a contiguous (N, M) view or copy of features, y of targets (M,); errors
+    call the features argument `name`."""
+    U = as_tensor(features, name)
     if targets is None:
         raise ValueError("targets is missing: pass the target output y (shape (M,) or features.shape[1:])")
     y = as_tensor(targets, "targets")
-    check_dtype(U, "features")
+    check_dtype(U, name)
     check_dtype(y, "targets")
     if U.dim() < 2:
         raise ValueError(
-            f"features must have shape (N, M) or (N, *S) with one row per candidate; got shape {tuple(U.shape)}"
+            f"{name} must have shape (N, M) or (N, *S) with one row per candidate; got shape {tuple(U.shape)}"
             " (for a single candidate use features[None])"
         )
     N, M = U.shape[0], int(np.prod(U.shape[1:]))
     if N == 0 or M == 0:
-        raise ValueError(f"features is empty (shape {tuple(U.shape)}); it needs at least one candidate and one entry")
+        raise ValueError(f"{name} is empty (shape {tuple(U.shape)}); it needs at least one candidate and one entry")
     if tuple(y.shape) != tuple(U.shape[1:]) and tuple(y.shape) != (M,):
         raise ValueError(
-            f"targets has shape {tuple(y.shape)} but features has shape {tuple(U.shape)}; "
+            f"targets has shape {tuple(y.shape)} but {name} has shape {tuple(U.shape)}; "
             f"targets must have shape {tuple(U.shape[1:])} or ({M},)"
         )
     if U.device != y.device:
         raise ValueError(
-            f"features is on {U.device} but targets is on {y.device}; move both to one device (e.g. targets.to(features.device))"
+            f"{name} is on {U.device} but targets is on {y.device}; move both to one device (e.g. targets.to({name}.device))"
         )
     U = U.reshape(N, M).contiguous()
     y = y.reshape(M)
-    check_finite(U, "features")
+    check_finite(U, name)
     check_finite(y, "targets")
     return U, y
 
