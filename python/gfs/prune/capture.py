@@ -2,7 +2,9 @@
 
 The calibration data are read once and kept as a list of input tensors: local imitation compares
 the original and the pruned network on the *same* batches layer after layer, so a shuffling
-DataLoader must not be re-iterated.
+DataLoader must not be re-iterated. (Integer labels, when batches are (x, y), are kept for
+criterion "loss".) GraphRunner.run_tail runs the graph from a checkpoint's live values to the
+output (criterion "loss" runs it with a consumer's input rescaled).
 """
 from __future__ import annotations
 
@@ -13,11 +15,13 @@ import torch.fx as fx
 import torch.nn as nn
 
 
-def as_batches(calibration, device=None) -> list:
+def as_batches(calibration, device=None, *, with_labels=False):
     """The input tensors of ``calibration``, on ``device``.
 
     ``calibration`` is a tensor (one batch), or an iterable (e.g. a DataLoader) of batches, each a
-    tensor ``x`` or a tuple/list whose first item is ``x`` (labels are ignored).
+    tensor ``x`` or a tuple/list whose first item is ``x``. With ``with_labels=True`` the result
+    is ``(batches, labels)``: labels[i] is the second item of batch i when that is an integer
+    tensor (class labels), else None.
     """
     if isinstance(calibration, torch.Tensor):
         items = [calibration]
@@ -27,7 +31,7 @@ def as_batches(calibration, device=None) -> list:
         )
     else:
         items = list(calibration)
-    batches = []
+    batches, labels = [], []
     for i, b in enumerate(items):
         x = b[0] if isinstance(b, (tuple, list)) and len(b) > 0 else b
         if not isinstance(x, torch.Tensor):
@@ -40,9 +44,12 @@ def as_batches(calibration, device=None) -> list:
         if x.dim() == 0 or x.shape[0] == 0:
             raise ValueError(f"calibration batch {i} has shape {tuple(x.shape)}; it needs at least one sample")
         batches.append(x.to(device) if device is not None else x)
+        y = b[1] if isinstance(b, (tuple, list)) and len(b) > 1 else None
+        is_label = isinstance(y, torch.Tensor) and not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool)
+        labels.append(y.to(device) if is_label and device is not None else (y if is_label else None))
     if not batches:
         raise ValueError("calibration is empty: pass at least one batch of inputs")
-    return batches
+    return (batches, labels) if with_labels else batches
 
 
 def _clone(env: dict) -> dict:
@@ -97,6 +104,28 @@ class GraphRunner:
     def _value(self, node, env):
         return fx.node.map_arg(node.args, lambda a: env[a]), fx.node.map_arg(node.kwargs, lambda a: env[a])
 
+    def _eval(self, node, env, x):
+        """The value of ``node`` given the values it reads in ``env`` (x: the model input)."""
+        if node.op == "placeholder":
+            return x
+        args, kwargs = self._value(node, env)
+        if node.op == "call_module":
+            return self.root.get_submodule(node.target)(*args, **kwargs)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        if node.op == "get_attr":
+            return _attr(self.root, node.target)
+        raise RuntimeError(f"unexpected node {node.op}")  # pragma: no cover
+
+    def _free(self, node, env, i):
+        for a in node.all_input_nodes:
+            if self.last_use[a] <= i:
+                env.pop(a, None)
+        if self.last_use[node] <= i:
+            env.pop(node, None)
+
     @torch.no_grad()
     def run(self, start: int, stop: int, *, inputs=(), outputs=(), checkpoint_at=(), clone_start=True) -> dict:
         """Run nodes [start, stop) on every batch, from the checkpoint at ``start``.
@@ -117,34 +146,37 @@ class GraphRunner:
                 node = self.nodes[i]
                 if node.op == "output":
                     break
-                args, kwargs = self._value(node, env) if node.op != "placeholder" else ((), {})
                 if node in inputs:
-                    store.setdefault(("in", node), []).append(args[0])
-                if node.op == "placeholder":
-                    val = x
-                elif node.op == "call_module":
-                    val = self.root.get_submodule(node.target)(*args, **kwargs)
-                elif node.op == "call_function":
-                    val = node.target(*args, **kwargs)
-                elif node.op == "call_method":
-                    val = getattr(args[0], node.target)(*args[1:], **kwargs)
-                elif node.op == "get_attr":
-                    val = _attr(self.root, node.target)
-                else:  # pragma: no cover
-                    raise RuntimeError(f"unexpected node {node.op}")
+                    store.setdefault(("in", node), []).append(self._value(node, env)[0][0])
+                val = self._eval(node, env, x)
                 if node in outputs:
                     store.setdefault(("out", node), []).append(val.clone())
                 env[node] = val
-                for a in node.all_input_nodes:
-                    if self.last_use[a] <= i:
-                        env.pop(a, None)
-                if self.last_use[node] <= i:
-                    env.pop(node, None)
+                self._free(node, env, i)
             if stop < len(self.nodes) and self.nodes[stop] in inputs:  # the input of the node run stops at
                 store.setdefault(("in", self.nodes[stop]), []).append(self._value(self.nodes[stop], env)[0][0])
             if stop in want:
                 self.checkpoints.setdefault(stop, [None] * len(self.batches))[b] = _clone(env)
         return {k: torch.cat(v, 0) for k, v in store.items()}
+
+    def run_tail(self, start: int, env: dict):
+        """Run nodes [start, end) from the values in ``env`` (consumed: values are freed as the
+        run goes) and return the model's output. No gradient mode is set: the caller chooses."""
+        for i in range(start, len(self.nodes)):
+            node = self.nodes[i]
+            if node.op == "output":
+                return fx.node.map_arg(node.args[0], lambda a: env[a])
+            env[node] = self._eval(node, env, None)
+            self._free(node, env, i)
+        raise RuntimeError("the traced graph has no output node")  # pragma: no cover
+
+    def input_dependent(self) -> set:
+        """The nodes whose value depends on the model input (the others are constants)."""
+        dep = set()
+        for n in self.nodes:
+            if n.op == "placeholder" or any(a in dep for a in n.all_input_nodes):
+                dep.add(n)
+        return dep
 
 
 def _attr(root, target):
