@@ -312,6 +312,64 @@ def test_group_statistics_is_the_consumer_split_by_channel():
             assert torch.allclose(small.mean(0), ys, atol=1e-5)
 
 
+def _consumers():
+    gen = torch.Generator().manual_seed(0)
+    X = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    return [
+        (nn.Linear(6, 4).double(), X(2, 3, 6)),
+        (nn.Conv2d(6, 5, 3, stride=2, padding=1).double(), X(3, 6, 7, 7)),
+        (nn.Conv2d(6, 5, 3, padding=2, dilation=2, bias=False).double(), X(2, 6, 6, 5)),
+        (nn.Conv2d(6, 7, 1).double(), X(2, 6, 4, 4)),
+        (nn.Conv2d(6, 1, 3, padding=1).double(), X(3, 6, 5, 5)),  # few outputs: materialised (conv_method)
+    ]
+
+
+def test_gram_statistics_are_the_materialised_problem_and_select_the_same(monkeypatch):
+    """The "local" problem as layer statistics (no N x M tensor) equals the materialised
+    candidate matrix's statistics; gfs.select picks the same channels from both."""
+    from gfs.prune import criteria as crit
+
+    assert crit.conv_method(6, 1, 9) == "materialise" and crit.conv_method(64, 64, 9) == "offsets"
+    monkeypatch.setattr(crit, "PATCH_BYTES", 6 * 9 * 8 * 30)  # a few images per conv2d_stats call
+    for layer, X in _consumers():
+        with torch.no_grad():
+            target = consumer_output(X, layer) + 0.3 * torch.randn_like(consumer_output(X, layer))
+            U, y = group_statistics(X, layer, target)
+            ref = gfs.GramStats.from_features(U, y)
+            stats = crit.gram_statistics(X, layer, target)
+        assert stats.count == ref.count == target.numel()
+        assert torch.allclose(stats.G, ref.G, rtol=1e-10, atol=1e-10 * float(ref.G.abs().max()))
+        assert torch.allclose(stats.b, ref.b, rtol=1e-10, atol=1e-10 * float(ref.b.abs().max()))
+        assert abs(stats.yy - ref.yy) <= 1e-10 * ref.yy
+        for step in ("uniform", "line_search"):
+            a = gfs.select(stats, k=4, replacement=False, step=step)
+            b = gfs.select(U, y, k=4, replacement=False, step=step)
+            assert a.indices.tolist() == b.indices.tolist(), (layer, step)
+            assert torch.allclose(a.losses, b.losses, rtol=1e-8)
+
+
+def test_local_runs_on_the_gram_statistics_exactly(monkeypatch):
+    """criterion "local" uses the layer statistics (sampled == 1 even where the materialised
+    matrix would be subsampled) and falls back to the materialised matrix for consumers the
+    statistics cannot take (padding_mode="reflect")."""
+    from gfs.prune import criteria as crit
+
+    model, x = build("cnn")
+    base = prune(model, x, ratio=0.5, progress=False)
+    monkeypatch.setattr(crit, "MAX_ELEMENTS", 1000)  # the materialised path would subsample now
+    calls = []
+    real = crit.group_statistics
+    monkeypatch.setattr(crit, "group_statistics", lambda *a, **k: calls.append(1) or real(*a, **k))
+    result = prune(model, x, ratio=0.5, progress=False)
+    assert not calls and all(r.sampled == 1.0 for r in result.report)
+    assert [r.kept.tolist() for r in result.report] == [r.kept.tolist() for r in base.report]
+    reflect = copy.deepcopy(model)
+    reflect[4].padding_mode = "reflect"
+    fallback = prune(reflect, x, ratio=0.5, progress=False)
+    assert len(calls) == 1 and fallback.report[0].sampled < 1.0  # only that consumer, subsampled
+    assert all(r.sampled == 1.0 for r in fallback.report[1:])
+
+
 def test_exported_from_gfs():
     assert gfs.prune is prune and gfs.PruneResult.__name__ == "PruneResult"
 

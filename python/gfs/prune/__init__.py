@@ -6,14 +6,16 @@
     save(result.model, "pruned.safetensors"); model = load("pruned.safetensors")
 
 Layout (one idea per file): groups (channel groups from the traced data flow), capture
-(calibration batches, activations at layers), criteria ("local", "l1", "random", and the
-group_statistics seam to gfs.select), fold (slicing / folding into new modules, params, FLOPs),
-io (save / load without pickle), api (prune, PruneResult).
+(calibration batches, activations at layers, running the graph from a layer to the output),
+criteria ("local" on the Gram layer statistics, "loss", "l1", "random"), loss (the whole
+network's loss as a function of one consumer's input-channel scales, for "loss"), fold (slicing /
+folding into new modules, params, FLOPs), resume (checkpoints of finished groups), io (save /
+load without pickle), api (prune, PruneResult).
 """
 from .api import LayerReport, PruneResult, prune
-from .criteria import CRITERIA, Decision, group_statistics
+from .criteria import CRITERIA, Decision, gram_statistics, group_statistics
 from .groups import ChannelGroup, GroupScan, UnsupportedModelError, find_groups
 from .io import UnsafeFileError, load, save
 
 __all__ = ["prune", "PruneResult", "LayerReport", "find_groups", "ChannelGroup", "GroupScan",
-           "UnsupportedModelError", "group_statistics", "Decision", "CRITERIA", "save", "load", "UnsafeFileError"]
+           "UnsupportedModelError", "group_statistics", "gram_statistics", "Decision", "CRITERIA", "save", "load", "UnsafeFileError"]

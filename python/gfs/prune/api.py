@@ -5,6 +5,7 @@ import copy
 import fnmatch
 import math
 import numbers
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -13,9 +14,10 @@ import torch
 import torch.nn as nn
 
 from .. import _validation as check
-from . import fold
+from . import fold, resume
 from .capture import GraphRunner, as_batches
-from .criteria import CRITERIA, Context, consumer_output, keep_count, remove_bias
+from .criteria import CRITERIA, Context, _channel_view, consumer_output, keep_count, remove_bias
+from .loss import NetworkLoss
 from .groups import UnsupportedModelError, _find, describe_rejected
 
 
@@ -39,12 +41,19 @@ class LayerReport:
         measured by running the pruned network on the calibration batches: float rounding for
         groups without squeeze-excitation, the effect of the recomputed gate for those with.
     sampled : float
-        Fraction of the output coordinates the criterion looked at (1.0 unless the candidate
-        matrix would exceed criteria.MAX_ELEMENTS).
+        Fraction of the output coordinates the criterion looked at: 1.0 for "local" on the Gram
+        layer statistics (exact); below 1 only for a consumer they cannot take (see
+        gfs.prune.criteria) whose materialised candidate matrix would exceed
+        criteria.MAX_ELEMENTS.
     seconds : float
         Wall time for this group: capture, criterion, fold.
     kept, scale : Tensor
         The kept channel indices and the factor each kept input column was multiplied by.
+    network_loss, network_dense_loss, top1 : float or None
+        Criterion "loss" only (else None): the whole network's calibration loss with this group
+        pruned and with it dense (the groups before it pruned in both), and the pruned network's
+        top-1 on the calibration data (accuracy, or agreement with the original's argmax
+        without labels; see gfs.prune.loss).
     """
 
     name: str
@@ -60,10 +69,15 @@ class LayerReport:
     seconds: float
     kept: torch.Tensor = field(repr=False)
     scale: torch.Tensor = field(repr=False)
+    network_loss: float | None = None
+    network_dense_loss: float | None = None
+    top1: float | None = None
+
+    _PLAIN = ("name", "producer", "consumer", "channels_before", "channels_after", "loss", "dense_loss", "gap",
+              "fold_error", "sampled", "seconds", "network_loss", "network_dense_loss", "top1")
 
     def as_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in ("name", "producer", "consumer", "channels_before", "channels_after",
-                                          "loss", "dense_loss", "gap", "fold_error", "sampled", "seconds")}
+        d = {k: getattr(self, k) for k in self._PLAIN}
         d["kept"] = self.kept.tolist()
         d["scale"] = self.scale.tolist()
         return d
@@ -81,7 +95,9 @@ class PruneResult:
     report : list of LayerReport
         One entry per pruned group, in the order they were pruned (forward order).
     selections : dict
-        {group name: gfs.Selection} for criterion "local".
+        {group name: gfs.Selection} for criteria "local" and "loss" (for "loss": engine
+        "network", ``losses`` the whole network's loss after each step, ``gaps`` NaN,
+        ``notes["top1"]`` the top-1 after each step).
     groups : list of ChannelGroup
         The groups pruned.
     skipped : dict
@@ -110,13 +126,18 @@ class PruneResult:
         save(self.model, path, **kwargs)
 
     def summary(self) -> str:
-        """A plain-text table: per group the channels, losses, fold error and seconds; then totals."""
-        head = f"{'layer':<28} {'consumer':<28} {'channels':>11} {'loss':>10} {'dense':>10} {'fold err':>9} {'s':>6}"
+        """A plain-text table: per group the channels, losses, fold error and seconds; then totals.
+        The losses are the consumer-output errors (``loss``, ``dense_loss``), or for criterion
+        "loss" the whole network's (``network_loss``, ``network_dense_loss``)."""
+        net = self.criterion == "loss"
+        a, b = ("net loss", "net dense") if net else ("loss", "dense")
+        head = f"{'layer':<28} {'consumer':<28} {'channels':>11} {a:>10} {b:>10} {'fold err':>9} {'s':>6}"
         lines = [head, "-" * len(head)]
         for r in self.report:
+            lo, de = (r.network_loss, r.network_dense_loss) if net else (r.loss, r.dense_loss)
             lines.append(
                 f"{_clip(r.name, 28):<28} {_clip(r.consumer, 28):<28} {f'{r.channels_before}->{r.channels_after}':>11} "
-                f"{r.loss:>10.4g} {r.dense_loss:>10.4g} {r.fold_error:>9.2g} {r.seconds:>6.2f}"
+                f"{lo:>10.4g} {de:>10.4g} {r.fold_error:>9.2g} {r.seconds:>6.2f}"
             )
         pb, pa = self.params
         fb, fa = self.flops
@@ -203,8 +224,104 @@ def _device(model):
 
 # ---- the driver ------------------------------------------------------------------------------
 
+_LOSS_BATCH = 16  # candidates per forward pass of criterion "loss" (loss_batch=None)
+
+
+def _positive_int(value, name, what):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int ({what}) or None, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1 ({what}), got {value}")
+    return int(value)
+
+
+def _check_loss_options(criterion, step, loss_candidates, loss_batch, shortlist, tolerance) -> dict:
+    given = [n for n, v in (("loss_candidates", loss_candidates), ("loss_batch", loss_batch),
+                            ("shortlist", shortlist), ("tolerance", tolerance)) if v is not None]
+    if criterion != "loss":
+        if given:
+            raise ValueError(f"{given[0]}= applies to criterion 'loss' (whole-network loss) only, not {criterion!r}")
+        return {}
+    if step != "uniform":
+        raise ValueError(f"step={step!r} applies to criterion 'local'; criterion 'loss' adds channels with the "
+                         f"uniform step (each kept channel scaled by N / kept)")
+    opts = dict(loss_candidates=_positive_int(loss_candidates, "loss_candidates", "candidates scored per step"),
+                loss_batch=_positive_int(loss_batch, "loss_batch", "candidates per forward pass") or _LOSS_BATCH,
+                shortlist=_positive_int(shortlist, "shortlist", "candidates evaluated exactly per step"))
+    if tolerance is not None:
+        if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) or not math.isfinite(tolerance):
+            raise TypeError(f"tolerance must be a number in [0, 1) (relative top-1 drop allowed) or None, got {tolerance!r}")
+        if not 0 <= tolerance < 1:
+            raise ValueError(f"tolerance must be in [0, 1) (relative top-1 drop allowed), got {tolerance}")
+        tolerance = float(tolerance)
+    opts["tolerance"] = tolerance
+    return opts
+
+
+def _check_checkpoint(checkpoint):
+    if checkpoint is None:
+        return None
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        raise TypeError(f"checkpoint must be a file path (str or os.PathLike) or None, got {type(checkpoint).__name__}")
+    path = os.fspath(checkpoint)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"checkpoint: the folder {folder!r} does not exist; create it or pass another path")
+    if os.path.isdir(path):
+        raise ValueError(f"checkpoint: {path!r} is a folder; pass a file path, e.g. {os.path.join(path, 'prune.ckpt')!r}")
+    return path
+
+
+class _Progress:
+    """rich progress bars on stderr (transient: they leave no lines behind): one over the groups,
+    one over the greedy steps of a group (criterion "loss"). Does nothing when disabled, or when
+    stderr is not a terminal (or a notebook)."""
+
+    def __init__(self, enabled: bool, groups: int, steps: bool):
+        self.bar = None
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        console = Console(stderr=True)
+        if not (console.is_terminal or console.is_jupyter):  # a log file: no bar (it would only add a blank line)
+            return
+        self.bar = Progress(TextColumn(r"\[gfs.prune] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), console=console, transient=True)
+        self.groups = self.bar.add_task("groups", total=groups)
+        self.steps = self.bar.add_task("channels", total=1, visible=False) if steps else None
+
+    def __enter__(self):
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+
+    def group(self, g, budget):
+        if self.bar is None:
+            return
+        self.bar.update(self.groups, description=f"{g.producer} -> {g.consumer}")
+        if self.steps is not None:
+            self.bar.reset(self.steps, total=budget, visible=True, description=f"{g.name}: channels")
+
+    def step(self):
+        if self.bar is not None and self.steps is not None:
+            self.bar.advance(self.steps)
+
+    def group_done(self):
+        if self.bar is not None:
+            self.bar.advance(self.groups)
+
+
 def prune(model: nn.Module, calibration, *, keep=None, ratio=None, criterion="local", step="uniform",
-          replacement=False, eps=None, layers=None, progress=True, seed=0, backend="auto") -> PruneResult:
+          replacement=False, eps=None, layers=None, progress=True, seed=0, backend="auto",
+          loss_candidates=None, loss_batch=None, shortlist=None, tolerance=None, checkpoint=None) -> PruneResult:
     """Prune the channels of ``model`` group by group; return a new, physically smaller model.
 
     Channel groups (producer -> per-channel layers -> consumer) are found automatically from the
@@ -219,27 +336,59 @@ def prune(model: nn.Module, calibration, *, keep=None, ratio=None, criterion="lo
         Traceable by torch.fx. Never modified (it is deep-copied; forward passes run on copies in
         eval mode, so BatchNorm statistics are untouched).
     calibration : Tensor, DataLoader or iterable of batches
-        Inputs x, or (x, y) batches (y ignored). Read once and kept in memory.
+        Inputs x, or (x, y) batches. Read once and kept in memory. y is used by criterion "loss"
+        only, when it holds integer class labels (cross-entropy); otherwise it is ignored.
     keep : int, optional
         Channels kept per group (exactly one of keep / ratio).
     ratio : float in (0, 1], optional
         Fraction of each group's channels kept, rounded half up, at least 1.
-    criterion : {"local", "l1", "random"}
-        "local": greedy forward selection imitating each consumer's original output (the kept
-        columns are re-weighted by the selection's weights). "l1": largest L1-norm producer
-        filters. "random": a random subset (seeded by ``seed``). The last two keep weights as
-        they are.
+    criterion : {"local", "loss", "l1", "random"}
+        "local": greedy forward selection imitating each consumer's original output, on the Gram
+        engine's layer statistics (exact; the kept columns are re-weighted by the selection's
+        weights). "loss": greedy forward selection on the whole network's calibration loss
+        (cross-entropy with integer labels, else the squared error to the original network's
+        outputs); each kept channel is scaled by N / kept (the uniform average of the chosen
+        channels). "l1": largest L1-norm producer filters. "random": a random subset (seeded by
+        ``seed``). The last two keep weights as they are. See gfs.prune.criteria.
     step, replacement, eps, backend
         Passed to gfs.select ("local" only; replacement / eps with another criterion is an
-        error). With replacement a channel can be picked several times and its column weighs more; ``keep`` then counts distinct channels. With eps a group may
-        keep fewer than ``keep`` channels (the papers' stopping rule).
+        error, and "loss" takes only step="uniform"). With replacement a channel can be picked
+        several times and its column weighs more; ``keep`` then counts distinct channels. With
+        eps a group may keep fewer than ``keep`` channels (the papers' stopping rule).
     layers : str or list of str, optional
         Prune only these groups: names of the layer whose output channels go, or glob patterns
         ("layer*.conv1"). Default: every group found.
     progress : bool
-        One line per group on stderr.
+        rich progress bars on stderr (over the groups, and over the channels of a group for
+        "loss"; they vanish when done; none when stderr is not a terminal), a line before and a
+        summary line after.
     seed : int
-        Seeds "random" and the subsampling of large candidate matrices.
+        Seeds "random", the candidate subsets of "loss" (``loss_candidates``) and the
+        subsampling of large materialised candidate matrices.
+    loss_candidates : int, optional
+        Criterion "loss": at each step score only this many of the channels not chosen yet,
+        drawn uniformly at random (without replacement, from the generator seeded by ``seed``).
+        Default: all of them.
+    loss_batch : int, optional
+        Criterion "loss": candidates evaluated per forward pass, stacked along the batch
+        dimension (default 16; memory grows with it).
+    shortlist : int, optional
+        Criterion "loss": rank the candidates by the first-order (Taylor) prediction of their
+        loss change, from the gradient of the loss w.r.t. the consumer's input-channel scales at
+        the current subnetwork (one backward pass per step), and evaluate only the ``shortlist``
+        best exactly. Default: evaluate every candidate.
+    tolerance : float in [0, 1), optional
+        Criterion "loss": stop adding channels to a group once the pruned network's top-1 on the
+        calibration data is >= (1 - tolerance) x the original network's (accuracy with integer
+        labels, else agreement with the original's argmax, the original scoring 1). keep / ratio
+        stays the cap.
+    checkpoint : str or os.PathLike, optional
+        Resumable pruning: after each finished group the decisions so far are written to this
+        file (atomically), and once more at the end. If the file exists and was written by a run
+        with the same model, calibration data and settings, its groups are replayed (folded
+        without re-selection) and pruning continues from there: the result is the same model as
+        an uninterrupted run's. A file from another run is refused (ValueError). The file is
+        kept when pruning ends; see gfs.prune.resume.
 
     Returns
     -------
@@ -263,11 +412,13 @@ def prune(model: nn.Module, calibration, *, keep=None, ratio=None, criterion="lo
     eps = check.check_options(step, eps, replacement)
     if criterion != "local" and (replacement or eps is not None):
         raise ValueError(f"replacement= and eps= apply to criterion 'local' (greedy selection) only, not {criterion!r}")
+    loss_opts = _check_loss_options(criterion, step, loss_candidates, loss_batch, shortlist, tolerance)
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int, got {seed!r}")
+    checkpoint = _check_checkpoint(checkpoint)
     name = type(model).__name__
     crit = CRITERIA[criterion]()
-    batches = as_batches(calibration, _device(model))
+    batches, labels = as_batches(calibration, _device(model), with_labels=True)
     example = batches[0][: min(2, batches[0].shape[0])]
 
     reference = copy.deepcopy(model).eval()  # the original network: targets
@@ -282,40 +433,86 @@ def prune(model: nn.Module, calibration, *, keep=None, ratio=None, criterion="lo
         budgets[g.name] = k
     skipped = {n: r for n, r in scan.rejected.items()}
     skipped.update({g.name: "not in layers=" for g in scan.groups if g not in groups})
-    say = (lambda s: print(f"[gfs.prune] {s}", file=sys.stderr, flush=True)) if progress else (lambda s: None)
-    say(f"{name}: {len(groups)} channel groups to prune with criterion {criterion!r}, {len(skipped)} layers left "
-        f"whole, {sum(b.shape[0] for b in batches)} calibration samples")
 
     pruned = copy.deepcopy(model).eval()
     generator = torch.Generator().manual_seed(int(seed))
     node_of = {n.target: n for n in scan.graph.nodes if n.op == "call_module"}
     runner = GraphRunner(scan.graph, pruned, batches)  # the network pruned so far
     original = GraphRunner(scan.graph, reference, batches)  # the original, run once, front to back
+    network = None
+    if crit.needs_network:
+        with torch.no_grad():
+            outputs = [reference(x) for x in batches]
+        network = NetworkLoss(runner, outputs, labels, batch=loss_opts["loss_batch"])
+        if loss_opts["tolerance"] is not None and not network.classifier:
+            raise ValueError("tolerance= needs a classifier (an output of shape (batch, classes)): the stop "
+                             "compares the pruned network's top-1 with the original's")
+    fingerprint, done = None, []
+    if checkpoint is not None:
+        fingerprint = _fingerprint(reference, batches, labels if crit.needs_network else None, groups, budgets,
+                                   dict(criterion=criterion, keep=keep, ratio=ratio, step=step,
+                                        replacement=bool(replacement), eps=eps, seed=int(seed), backend=backend,
+                                        **loss_opts))
+        found = resume.read(checkpoint, fingerprint)
+        if found is not None:
+            done, state = found
+            generator.set_state(state)
+    say = (lambda s: print(f"[gfs.prune] {s}", file=sys.stderr, flush=True)) if progress else (lambda s: None)
+    say(f"{name}: {len(groups)} channel groups to prune with criterion {criterion!r}, {len(skipped)} layers left "
+        f"whole, {sum(b.shape[0] for b in batches)} calibration samples"
+        + (f"; resuming after {len(done)} groups from {checkpoint}" if done else ""))
+
     at = 0
     producers = [runner.pos[node_of[g.producer]] for g in groups]
-    report, selections = [], {}
+    report, selections, finished = [], {}, []
     pending = None  # (consumer node, expected output, report index): checked on the next pass
-    with torch.no_grad():
+    bar = _Progress(bool(progress), len(groups), crit.needs_network)
+    with torch.no_grad(), bar:
         for i, g in enumerate(groups):
             t0 = time.perf_counter()
             consumer = node_of[g.consumer]
-            se_fc1 = [node_of[m.name] for m in g.members if m.kind == "se"]
             pc = runner.pos[consumer]
+            layer = pruned.get_submodule(g.consumer)
+            bar.group(g, budgets[g.name])
+            if i < len(done):  # finished before: replay the fold (no capture, no selection)
+                d = done[i]
+                if math.isnan(d["row"]["fold_error"]):  # its fold is checked on the next pass
+                    got = runner.run(runner.start_for(producers[i]), pc, inputs=[consumer],
+                                     checkpoint_at=producers[i:])
+                    pending = (consumer, _expected(got[("in", consumer)], layer, d["keep"], d["scale"], g), i)
+                    del got
+                fold.apply(pruned, g, d["keep"], d["scale"], d["se_means"])
+                runner.invalidate_after(producers[i])
+                runner.keep_only(producers[i + 1:] or producers[i:])  # (the last: for its fold check)
+                report.append(LayerReport(**d["row"], kept=d["keep"], scale=d["scale"]))
+                if d["selection"] is not None:
+                    selections[g.name] = d["selection"]
+                finished.append(d)
+                bar.group_done()
+                continue
+            se_fc1 = [node_of[m.name] for m in g.members if m.kind == "se"]
             got = runner.run(runner.start_for(producers[i]), pc, inputs=[consumer, *se_fc1],
-                             outputs=[pending[0]] if pending else (), checkpoint_at=producers[i:])
+                             outputs=[pending[0]] if pending else (),
+                             checkpoint_at=producers[i:] + ([pc] if network is not None else []))
             if pending:
                 _check_fold(runner, pending, got, report)
+                if finished:
+                    finished[-1]["row"]["fold_error"] = report[pending[2]].fold_error
             ref = original.run(at, pc + 1, outputs=[consumer], checkpoint_at=[pc + 1], clone_start=False)
             original.keep_only([pc + 1])
             at = pc + 1
-            layer = pruned.get_submodule(g.consumer)
             X = got[("in", consumer)]
-            y_full = ref[("out", consumer)]
-            target = remove_bias(y_full, layer)
+            target = remove_bias(ref[("out", consumer)], layer)
+            tail = None
+            if network is not None:
+                tail = network.at(consumer, 1 if isinstance(layer, nn.Conv2d) else -1)
             ctx = Context(group=g, X=X, layer=layer, target=target, producer=pruned.get_submodule(g.producer),
                           keep=budgets[g.name], step=step, replacement=bool(replacement), eps=eps, backend=backend,
-                          generator=generator)
+                          generator=generator, network=tail, loss_candidates=loss_opts.get("loss_candidates"),
+                          shortlist=loss_opts.get("shortlist"), tolerance=loss_opts.get("tolerance"),
+                          on_step=bar.step)
             decision = crit.decide(ctx)
+            del tail
             s = torch.zeros(g.channels, dtype=torch.float64)
             s[decision.keep] = decision.scale
             sub = consumer_output(X, layer, s.to(X.device))
@@ -323,30 +520,41 @@ def prune(model: nn.Module, calibration, *, keep=None, ratio=None, criterion="lo
             loss = float(((target.double() - sub.double()) ** 2).mean())
             dense_loss = float(((target.double() - dense.double()) ** 2).mean())
             se_means = {n.target: got[("in", n)].double().mean(dim=(0, 2, 3)) for n in se_fc1}
-            expected = sub + (y_full - target)  # + bias
-            del got, ref, X, y_full, target, dense
+            expected = _with_bias(sub, layer)
+            del got, ref, X, target, dense
             fold.apply(pruned, g, decision.keep, decision.scale, se_means)
             runner.invalidate_after(producers[i])
-            runner.keep_only(producers[i + 1:])
+            runner.keep_only(producers[i + 1:] or producers[i:])  # (the last: for its fold check)
             sel = decision.selection
             if sel is not None:
                 selections[g.name] = sel
+            net_loss = net_dense = top1 = None
+            if sel is not None and sel.engine == "network":
+                net_loss, net_dense, top1 = sel.loss, sel.dense_loss, float(sel.notes["top1"][-1])
             report.append(LayerReport(
                 name=g.name, producer=g.producer, consumer=g.consumer, channels_before=g.channels,
                 channels_after=int(decision.keep.numel()), loss=loss, dense_loss=dense_loss,
-                gap=float(sel.gaps[-1]) if sel is not None else None, fold_error=float("nan"),
-                sampled=decision.sampled, seconds=0.0, kept=decision.keep.clone(), scale=decision.scale.clone(),
+                gap=float(sel.gaps[-1]) if sel is not None and criterion == "local" else None,
+                fold_error=float("nan"), sampled=decision.sampled, seconds=0.0, kept=decision.keep.clone(),
+                scale=decision.scale.clone(), network_loss=net_loss, network_dense_loss=net_dense, top1=top1,
             ))
             pending = (consumer, expected, i)
             report[-1].seconds = time.perf_counter() - t0
-            r = report[-1]
-            say(f"{i + 1}/{len(groups)} {g.producer} -> {g.consumer}: {r.channels_before} -> {r.channels_after} "
-                f"channels, loss {r.loss:.4g} (dense {r.dense_loss:.4g}), {r.seconds:.2f} s")
+            if checkpoint is not None:
+                r = report[-1]
+                finished.append(dict(keep=r.kept, scale=r.scale, se_means=se_means, selection=sel,
+                                     row={k: getattr(r, k) for k in LayerReport._PLAIN}))
+                resume.write(checkpoint, fingerprint, finished, generator)
+            bar.group_done()
         if pending:
             t0 = time.perf_counter()
             _check_fold(runner, pending, {}, report)
             report[pending[2]].seconds += time.perf_counter() - t0
-        del runner, original
+            if checkpoint is not None and finished:
+                finished[-1]["row"]["fold_error"] = report[pending[2]].fold_error
+                finished[-1]["row"]["seconds"] = report[pending[2]].seconds
+                resume.write(checkpoint, fingerprint, finished, generator)
+        del runner, original, network
 
         one = batches[0][:1]
         params = (fold.count_parameters(reference), fold.count_parameters(pruned))
@@ -356,9 +564,31 @@ def prune(model: nn.Module, calibration, *, keep=None, ratio=None, criterion="lo
         m.training = flags.get(n, model.training)
     result = PruneResult(model=pruned, report=report, selections=selections, groups=groups, skipped=skipped,
                          params=params, flops=flops, criterion=criterion, seconds=time.perf_counter() - t_start)
-    say(f"done: parameters {params[0]:,} -> {params[1]:,}, FLOPs {flops[0]:,} -> {flops[1]:,}, "
+    say(f"done: {len(report)} groups, parameters {params[0]:,} -> {params[1]:,}, FLOPs {flops[0]:,} -> {flops[1]:,}, "
         f"{result.seconds:.1f} s")
     return result
+
+
+def _with_bias(out, layer):
+    return out if layer.bias is None else out + _channel_view(layer, layer.bias.to(out.dtype))
+
+
+def _expected(X, layer, keep, scale, g):
+    """The selected subnetwork's consumer output (+ bias): what the folded consumer must give."""
+    s = torch.zeros(g.channels, dtype=torch.float64)
+    s[keep] = scale
+    return _with_bias(consumer_output(X, layer, s.to(X.device)), layer)
+
+
+def _fingerprint(model, batches, labels, groups, budgets, settings) -> dict:
+    """What a checkpoint must match to be resumed (see gfs.prune.resume)."""
+    return {
+        "model": type(model).__name__,
+        "weights": resume.digest(sorted(model.state_dict().items())),
+        "calibration": resume.digest(list(batches) + (list(labels) if labels is not None else [])),
+        "groups": [[g.name, g.producer, g.consumer, g.channels, budgets[g.name]] for g in groups],
+        **{k: v for k, v in settings.items()},
+    }
 
 
 def _check_fold(runner, pending, got, report):

@@ -9,27 +9,46 @@ The pruned consumer then computes ``consumer(X * s)`` with ``s_j = scale_j`` on 
   ``u_j = N * consumer(X_j only)`` (no bias), so the dense output is the uniform average
   ``mean_j u_j``. The target is the *original* network's consumer output (minus bias) on the same
   batch. gfs.select picks the subnetwork ``sum_j w_j u_j``; the scales are ``N * w_j``.
+  The problem goes to gfs.select as the Gram engine's layer statistics
+  (:func:`gfs.stats.layer_stats`: G = U U^T, b = U y from the consumer's input patches, no
+  N x M tensor), exact on every output. Consumers layer_stats cannot take (a Conv2d with
+  padding_mode other than "zeros", or string padding) fall back to :func:`group_statistics`, the
+  materialised candidate matrix, which subsamples output positions beyond MAX_ELEMENTS (the
+  report's ``sampled`` then says which fraction was used).
+- ``"loss"`` (the ICML 2020 procedure, Ye, Gong, Nie, Zhu, Liu, Liu: "Good subnetworks provably
+  exist"): greedy forward selection on the *whole network's* loss. Channels are added one at a
+  time; at step t (t channels chosen) every candidate j not chosen yet (or ``loss_candidates``
+  of them drawn at random) is scored by the network's loss on the calibration batches with the
+  consumer's input channels scaled by ``s = N * counts / (t + 1)``: ``N / (t + 1)`` on the chosen
+  channels and j, 0 elsewhere. That is the papers' parameterisation, the subnetwork as the
+  uniform average over the chosen channels, exactly the scales "local" uses with the uniform
+  step. The loss is cross-entropy against the labels when the calibration batches are ``(x, y)``
+  with integer y, else the mean squared error to the original network's outputs
+  (:mod:`gfs.prune.loss`). Options: a first-order shortlist (``shortlist=T``: the gradient of
+  the loss w.r.t. s at the current subnetwork predicts each candidate's loss change,
+  ``dL ~ g_j N / (t + 1)`` plus a term common to all; only the T best predicted are evaluated),
+  and a top-1 tolerance stop (``tolerance``: stop once the pruned network's top-1 on the
+  calibration data is >= (1 - tolerance) times the original network's). Ties go to the lowest
+  index.
 - ``"l1"``: the ``keep`` producer filters with the largest L1 norm (Li et al., 2017); kept
   channels keep their weights (scale 1).
 - ``"random"``: a uniformly random subset (seeded); scale 1.
-
-The seam for the Gram engine: :func:`group_statistics` turns (X, layer, target) into what
-:func:`gfs.select` takes. Today it materialises the N x M candidate matrix; a GramStats-based
-version (G = N^2 (W^T W) * (X^T X) for Linear / 1x1 convolutions, offsets for k x k) can replace it
-without touching the criteria, as long as gfs.select accepts what it returns.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..engines import gram as gram_engine
 from ..select import select
 from ..selection import Selection
+from ..stats import GramStats, conv2d_stats, linear_stats
 
 # Largest candidate matrix materialised (elements, float32): 2^26 = 256 MiB. Beyond it, output
 # positions are subsampled uniformly at random (seeded), and the report says so ("sampled").
@@ -134,7 +153,7 @@ def _targets_at(target, layer, positions):
     return target[b, :, rest // Wo, rest % Wo].reshape(-1)  # (m, Cout), like the candidates
 
 
-def group_statistics(X: torch.Tensor, layer: nn.Module, target: torch.Tensor, *, max_elements: int = MAX_ELEMENTS,
+def group_statistics(X: torch.Tensor, layer: nn.Module, target: torch.Tensor, *, max_elements: int | None = None,
                      generator: torch.Generator | None = None):
     """What gfs.select needs for one group's local imitation problem: ``(features, targets)``.
 
@@ -155,11 +174,12 @@ def group_statistics(X: torch.Tensor, layer: nn.Module, target: torch.Tensor, *,
         that the dense output is ``features.mean(0)``.
     targets : Tensor (M,)
 
-    When N x M exceeds ``max_elements``, only ``max_elements // (N * Cout)`` output positions
+    When N x M exceeds ``max_elements`` (default MAX_ELEMENTS), only ``max_elements // (N * Cout)`` output positions
     (an image and a pixel, or a row for Linear), drawn uniformly without replacement with
     ``generator``, are used, with all output channels of each: M is then smaller than
     ``target.numel()`` (ordered position-major), and only those outputs are computed.
     """
+    max_elements = MAX_ELEMENTS if max_elements is None else max_elements
     dtype = torch.float64 if X.dtype == torch.float64 else torch.float32
     N = X.shape[1] if isinstance(layer, nn.Conv2d) else X.shape[-1]
     Cout = layer.weight.shape[0]
@@ -181,6 +201,76 @@ def sample_positions(total: int, m: int, generator=None) -> torch.Tensor:
     return torch.randperm(total, generator=generator)[:m].sort().values
 
 
+def gram_unsupported(layer: nn.Module) -> str | None:
+    """Why the Gram layer statistics cannot take this consumer, or None when they can."""
+    if isinstance(layer, nn.Linear):
+        return None
+    if isinstance(layer, nn.Conv2d):
+        if layer.groups != 1:
+            return f"groups={layer.groups}"
+        if not isinstance(layer.padding, tuple):
+            return f"padding={layer.padding!r}"
+        if layer.padding_mode != "zeros":
+            return f"padding_mode={layer.padding_mode!r}"
+        return None
+    return f"{type(layer).__name__} is not a Linear or Conv2d"
+
+
+def gram_statistics(X: torch.Tensor, layer: nn.Module, target: torch.Tensor) -> GramStats:
+    """The local imitation problem of one group as GramStats (G = U U^T, b = U y, ||y||^2, M),
+    the same problem as :func:`group_statistics` (u_j = N * channel j's share of the consumer
+    output, no bias; y = ``target``, the original consumer output *minus* bias) on every output,
+    built from the consumer's input by gfs.stats.linear_stats / conv2d_stats without forming the
+    N x M candidate matrix. Float32 inputs are multiplied in float32 and summed in float64.
+
+    A Conv2d goes through conv2d_stats' "offsets" identity (GEMMs on the input patches) unless
+    materialising is cheaper by :func:`conv_method`'s rule; images are taken in chunks whose
+    patch matrix stays under PATCH_BYTES."""
+    why = gram_unsupported(layer)
+    if why is not None:
+        raise ValueError(f"the Gram layer statistics cannot take this consumer ({why}); use group_statistics")
+    W = layer.weight.detach().to(X.dtype)
+    target = target.to(X.dtype)
+    if isinstance(layer, nn.Linear):
+        return linear_stats(X, W, target, None)  # target is already bias-free: bias=None
+    C_out, C, kh, kw = W.shape
+    Ho, Wo = target.shape[2:]
+    method = conv_method(C, C_out, kh * kw)
+    per = max(1, PATCH_BYTES // max(1, Ho * Wo * C * kh * kw * X.element_size()))
+    stats = GramStats(C, device=X.device)
+    for i in range(0, X.shape[0], per):
+        conv2d_stats(X[i : i + per], W, target[i : i + per], None, stride=layer.stride, padding=layer.padding,
+                     dilation=layer.dilation, method=method, out=stats)
+    return stats
+
+
+PATCH_BYTES = 256 << 20  # input patches (positions x C*K) per conv2d_stats call
+MATERIALISE_SLOWDOWN = 8  # grouped convolution vs GEMM throughput, per flop (measured, see below)
+
+
+def conv_method(C: int, C_out: int, K: int) -> str:
+    """conv2d_stats' method for a C -> C_out conv with K kernel offsets: "offsets" (about
+    (C K)^2 / 2 multiply-adds per output position, GEMMs) unless "materialise" (about
+    C C_out (K + C / 2), a grouped convolution then a Gram) is cheaper even counted
+    MATERIALISE_SLOWDOWN times: on a 2-core Xeon, ResNet-50's 3x3 consumers at 224 with 64 images
+    took 0.8-2.5 s with offsets and 8-18 s materialised, where the flop counts are about equal."""
+    offsets = (C * K) ** 2 / 2 + C * K * C_out
+    materialise = C * C_out * (K + C / 2)
+    return "offsets" if offsets <= MATERIALISE_SLOWDOWN * materialise else "materialise"
+
+
+def local_problem(X, layer, target, *, method="auto", generator=None, max_elements=None):
+    """``(features, targets, sampled)`` for gfs.select: GramStats and None (``method="gram"``),
+    or the materialised ``(U, y)`` (``"materialise"``; subsampled beyond ``max_elements``).
+    ``"auto"``: the Gram statistics when the consumer allows them (exact), else materialised."""
+    if method not in ("auto", "gram", "materialise"):
+        raise ValueError(f"unknown method {method!r}; choose 'auto', 'gram' or 'materialise'")
+    if method == "gram" or (method == "auto" and gram_unsupported(layer) is None):
+        return gram_statistics(X, layer, target), None, 1.0
+    U, y = group_statistics(X, layer, target, max_elements=max_elements, generator=generator)
+    return U, y, y.numel() / target.numel()
+
+
 # ---- criteria --------------------------------------------------------------------------------
 
 @dataclass
@@ -198,11 +288,19 @@ class Context:
     eps: float | None = None
     backend: str = "auto"
     generator: torch.Generator | None = None
+    # criterion "loss": the whole network's loss as a function of the consumer's input scales
+    # (a gfs.prune.loss.ConsumerTail), and its options
+    network: object = None
+    loss_candidates: int | None = None
+    shortlist: int | None = None
+    tolerance: float | None = None
+    on_step: object = None  # called after each greedy step ("loss"): progress
 
 
 class Criterion:
     name = ""
     needs_data = True
+    needs_network = False  # True: the Context carries ``network`` (the whole network's loss)
 
     def decide(self, ctx: Context) -> Decision:  # pragma: no cover - interface
         raise NotImplementedError
@@ -213,14 +311,72 @@ class LocalImitation(Criterion):
 
     name = "local"
 
+    method = "auto"  # see local_problem
+
     def decide(self, ctx):
-        U, y = group_statistics(ctx.X, ctx.layer, ctx.target, generator=ctx.generator)
-        N = U.shape[0]
-        sel = select_channels(U, y, ctx.keep, step=ctx.step, replacement=ctx.replacement, eps=ctx.eps,
+        method = self.method
+        if method == "auto" and ctx.backend not in ("auto", *gram_engine.availability(ctx.X.device, ctx.step)):
+            method = "materialise"  # a streaming-only backend was asked for: it needs the features
+        features, y, sampled = local_problem(ctx.X, ctx.layer, ctx.target, method=method, generator=ctx.generator)
+        N = ctx.group.channels
+        sel = select_channels(features, y, ctx.keep, step=ctx.step, replacement=ctx.replacement, eps=ctx.eps,
                               backend=ctx.backend)
         keep = sel.support.clone()
         scale = N * sel.weights[keep]
-        return Decision(keep=keep, scale=scale, selection=sel, sampled=y.numel() / ctx.target.numel())
+        return Decision(keep=keep, scale=scale, selection=sel, sampled=sampled)
+
+
+class WholeNetworkLoss(Criterion):
+    """Greedy forward selection on the whole network's calibration loss (see the module notes)."""
+
+    name = "loss"
+    needs_network = True
+
+    def decide(self, ctx):
+        t0 = time.perf_counter()
+        net, N, gen = ctx.network, ctx.group.channels, ctx.generator
+        chosen, remaining = [], list(range(N))
+        losses, top1, evaluated = [], [], 0
+        dense_loss, dense_top1 = (float(v[0]) for v in net.evaluate(torch.ones(1, N, dtype=torch.float64)))
+        for t in range(ctx.keep):
+            cand = remaining
+            if ctx.loss_candidates is not None and len(cand) > ctx.loss_candidates:
+                pick = torch.randperm(len(cand), generator=gen)[: ctx.loss_candidates].sort().values
+                cand = [cand[i] for i in pick.tolist()]
+            if ctx.shortlist is not None and len(cand) > ctx.shortlist:
+                current = torch.zeros(N, dtype=torch.float64)
+                if chosen:
+                    current[chosen] = N / len(chosen)
+                g = net.gradient(current)  # predicted change of adding j: g_j N / (t + 1) + common
+                cand = sorted(sorted(cand, key=lambda j: (float(g[j]), j))[: ctx.shortlist])
+            S = torch.zeros(len(cand), N, dtype=torch.float64)
+            if chosen:
+                S[:, chosen] = N / (t + 1)
+            S[torch.arange(len(cand)), torch.tensor(cand)] = N / (t + 1)
+            loss, hits = net.evaluate(S)
+            evaluated += len(cand)
+            best = int(torch.argmin(loss))  # first minimum: ties to the lowest index (cand is sorted)
+            chosen.append(cand[best])
+            remaining.remove(cand[best])
+            losses.append(float(loss[best]))
+            top1.append(float(hits[best]))
+            if ctx.on_step is not None:
+                ctx.on_step()
+            if ctx.tolerance is not None and top1[-1] >= (1 - ctx.tolerance) * net.original_top1:
+                break
+        keep = torch.tensor(sorted(chosen), dtype=torch.long)
+        k = len(chosen)
+        idx = torch.tensor(chosen, dtype=torch.long)
+        sel = Selection(
+            indices=idx, support=keep.clone(), weights=torch.bincount(idx, minlength=N).double() / k,
+            losses=torch.tensor(losses, dtype=torch.float64), gaps=torch.full((k,), float("nan"), dtype=torch.float64),
+            dense_loss=dense_loss, backend="torch", engine="network", step="uniform", replacement=False,
+            reason=f"whole-network {net.kind} loss on the calibration batches; {evaluated} candidates evaluated",
+            seconds=time.perf_counter() - t0,
+            notes={"top1": torch.tensor(top1, dtype=torch.float64), "dense_top1": dense_top1,
+                   "original_top1": net.original_top1, "kind": net.kind, "evaluated": evaluated},
+        )
+        return Decision(keep=keep, scale=torch.full((k,), N / k, dtype=torch.float64), selection=sel)
 
 
 class L1Norm(Criterion):
@@ -249,11 +405,12 @@ class RandomSubset(Criterion):
         return Decision(keep=keep, scale=torch.ones(len(keep), dtype=torch.float64))
 
 
-CRITERIA = {c.name: c for c in (LocalImitation, L1Norm, RandomSubset)}
+CRITERIA = {c.name: c for c in (LocalImitation, WholeNetworkLoss, L1Norm, RandomSubset)}
 
 
 def select_channels(U, y, keep: int, *, step="uniform", replacement=False, eps=None, backend="auto") -> Selection:
-    """gfs.select until ``keep`` distinct channels are chosen.
+    """gfs.select until ``keep`` distinct channels are chosen (U, y: features and targets, or
+    GramStats and None).
 
     Without replacement that is ``keep`` steps. With replacement a channel may be picked again
     (its weight grows), so the greedy sequence is run longer (doubling, at most 8 x keep steps)
@@ -269,7 +426,7 @@ def select_channels(U, y, keep: int, *, step="uniform", replacement=False, eps=N
         if sel.support.numel() >= keep or sel.k < steps or steps >= cap:
             break
         steps = min(cap, 2 * steps)
-    return _prefix_with_distinct(sel, keep, U.shape[0])
+    return _prefix_with_distinct(sel, keep, U.n if isinstance(U, GramStats) else U.shape[0])
 
 
 def _prefix_with_distinct(sel: Selection, keep: int, n: int) -> Selection:
