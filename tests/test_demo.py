@@ -1,4 +1,5 @@
-"""`gfs demo` end to end (quick sizes), and the MNIST IDX reader on small files made here."""
+"""`gfs demo` end to end (quick sizes: the two-layer part and the CNN part), and the MNIST IDX reader on small
+files made here."""
 from __future__ import annotations
 
 import gzip
@@ -132,6 +133,33 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert rows[-1]["gfs"]["train_acc"] > rows[-1]["random"]["train_acc"]
     assert res["timing"]["same_picks"]
     assert res["timing"]["naive_steps_timed"] <= res["timing"]["k"]
+
+    # the CNN part: ResNet-18 and MobileNetV2 trained, half their internal channels pruned, fine-tuned
+    assert "Pruning torchvision CNNs with gfs 'local'" in printed and "speed-up" in printed
+    cnn = {r["model"]: r for r in res["cnn"]}
+    assert set(cnn) == {"resnet18", "mobilenet_v2"}
+    assert cnn["resnet18"]["channels"] == [1920, 960] and cnn["mobilenet_v2"]["channels"] == [7136, 3568]
+    for r in cnn.values():
+        assert r["params"][1] < 0.7 * r["params"][0] and r["flops_per_image"][1] < 0.7 * r["flops_per_image"][0]
+        assert set(r["accuracy"]) == {"dense", "pruned", "finetuned"}
+        assert r["seconds_per_batch"]["pruned"] > 0 and r["speedup"] > 0
+        assert len(r["train_history"]) == 1 and len(r["finetune_history"]) == 1
+
+
+def test_demo_parts_can_be_skipped(tmp_path, capsys):
+    from gfs.cli import main
+
+    out = tmp_path / "cnn-only"
+    assert main(["demo", "--quick", "--no-two-layer", "--cnn-models", "resnet18", "--cnn-epochs", "0",
+                 "--cnn-finetune-epochs", "0", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert "rows" not in res and [r["model"] for r in res["cnn"]] == ["resnet18"]
+    assert not (out / "accuracy_vs_k.png").exists() and (out / "summary.txt").stat().st_size > 0
+    capsys.readouterr()
+    assert main(["demo", "--no-two-layer", "--no-cnn"]) == 2
+    assert "nothing to run" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["demo", "--cnn-models", "vgg16"])
 
 
 def test_cli_rejects_unknown_backend(capsys):

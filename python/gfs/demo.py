@@ -13,6 +13,14 @@ and the pruned network is x -> sum_j w_j a_j relu(w_j . x + c_j): no retraining.
 The demo reports, for several k, the imitation loss and the accuracy of the pruned network,
 against the dense network and against random subsets of the same size; times the selection on
 the chosen backend against the "naive" backend; and saves a figure and a JSON of the numbers.
+
+Then the CNN part (:func:`run_cnn_part`): torchvision ResNet-18 and MobileNetV2 (weights=None)
+are trained from scratch on the same digits as 32x32 RGB images, half of their internal channels
+(the hidden channels of every residual block) are pruned by ``gfs.prune(criterion="local")``,
+and the pruned networks are fine-tuned briefly; it reports accuracy dense / pruned / fine-tuned,
+parameters, FLOPs and the measured wall time per batch of the pruned against the dense model.
+Either part can be switched off (``two_layer=False`` / ``cnn=False``; the CLI's --no-two-layer
+and --no-cnn).
 """
 from __future__ import annotations
 
@@ -26,7 +34,7 @@ import torch
 
 from .select import select
 
-__all__ = ["DemoConfig", "run_demo", "TwoLayerNet"]
+__all__ = ["DemoConfig", "run_demo", "run_cnn_part", "TwoLayerNet"]
 
 
 @dataclass
@@ -52,12 +60,28 @@ class DemoConfig:
     mnist: str | None = None  # folder of MNIST IDX files; None: scikit-learn's digits
     out: str = "runs/demo"
     quick: bool = False
+    two_layer: bool = True  # the two-layer part (above)
+    # the CNN part: torchvision models on the digits images (upsampled to RGB), gfs "local"
+    cnn: bool = True
+    cnn_models: tuple[str, ...] = ("resnet18", "mobilenet_v2")
+    cnn_image_size: int = 32
+    cnn_train_epochs: int = 8  # from scratch, gfs.prune.cli.TRAIN_RECIPE
+    cnn_finetune_epochs: int = 2
+    cnn_finetune_lr: float = 0.01
+    cnn_ratio: float = 0.5  # fraction of the internal channels kept
+    cnn_calib: int = 256  # calibration images
+    cnn_batch: int = 64
+    cnn_train_samples: int | None = None  # None: all 1438 training images
+    cnn_test_samples: int | None = None
+    cnn_timing_batch: int = 64
+    cnn_timing_rounds: int = 5
 
     @classmethod
     def quick_config(cls, **overrides) -> "DemoConfig":
-        """Tiny sizes for tests and a first look (well under 20 s on 2 cores)."""
+        """Tiny sizes for tests and a first look (well under 30 s on 2 cores)."""
         base = dict(hidden=64, ks=(4, 8, 16, 32), steps=120, random_seeds=5, naive_steps=8, calib=2000,
-                    quick=True)
+                    quick=True, cnn_image_size=16, cnn_train_epochs=1, cnn_finetune_epochs=1, cnn_calib=32,
+                    cnn_batch=32, cnn_train_samples=160, cnn_test_samples=64, cnn_timing_batch=16, cnn_timing_rounds=1)
         base.update(overrides)
         return cls(**base)
 
@@ -154,7 +178,7 @@ def _make_console():
 
     console = Console(record=True)
     if not console.is_terminal:  # pipes and test captures: wide enough for the table
-        console = Console(record=True, width=110)
+        console = Console(record=True, width=120)
     return console
 
 
@@ -178,13 +202,45 @@ def run_demo(cfg: DemoConfig | None = None, console=None, **overrides) -> dict:
 
 
 def _run(cfg: DemoConfig, console) -> dict:
+    console = console or _make_console()
+    t_start = time.perf_counter()
+    phases = {}  # seconds spent in each part of the demo
+    result = {"config": {**asdict(cfg), "ks": list(cfg.ks), "cnn_models": list(cfg.cnn_models)},
+              "torch_threads": torch.get_num_threads()}
+    if not (cfg.two_layer or cfg.cnn):
+        raise ValueError("nothing to run: both the two-layer part and the CNN part are switched off")
+    if cfg.two_layer:
+        result.update(_run_two_layer(cfg, console, phases))
+        result["config"]["steps"] = result.pop("steps")
+    if cfg.cnn:
+        t0 = time.perf_counter()
+        result["cnn"] = run_cnn_part(cfg, console)
+        phases["cnn"] = time.perf_counter() - t0
+
+    # files ---------------------------------------------------------------------------------------
+    os.makedirs(cfg.out, exist_ok=True)
+    result["files"] = {"json": os.path.join(cfg.out, "results.json"), "summary": os.path.join(cfg.out, "summary.txt")}
+    if cfg.two_layer:
+        png = result["files"]["png"] = os.path.join(cfg.out, "accuracy_vs_k.png")
+        t0 = time.perf_counter()
+        _plot(result, png)
+        phases["plot"] = time.perf_counter() - t0
+    result["seconds_total"] = time.perf_counter() - t_start
+    result["seconds_by_phase"] = phases
+    with open(result["files"]["json"], "w") as f:
+        json.dump(result, f, indent=1)
+    console.print(f"wrote {', '.join(result['files'].values())}  (total {result['seconds_total']:.1f} s: "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()) + ")")
+    console.save_text(result["files"]["summary"])
+    return result
+
+
+def _run_two_layer(cfg: DemoConfig, console, phases: dict) -> dict:
+    """The two-layer part: train, prune for every k, random subsets, timing. Returns its results."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    console = console or _make_console()
     t_start = time.perf_counter()
-
-    phases = {}  # seconds spent in each part of the demo
 
     # 1. data ----------------------------------------------------------------------------------
     ds = _load_data(cfg)
@@ -330,36 +386,110 @@ def _run(cfg: DemoConfig, console) -> dict:
     timing = _time_backends(U, y, *timed, cfg, console)
     phases["timing"] = time.perf_counter() - t0
 
-    total = time.perf_counter() - t_start
-    result = {
-        "config": {**asdict(cfg), "ks": list(cfg.ks), "steps": steps},
+    return {
+        "steps": steps,
         "dataset": {"name": ds.name, "n_train": len(x_tr), "n_test": len(x_te), "n_candidates_points": len(x_cal),
                     "dim": ds.dim, "classes": ds.classes},
         "dense": dense,
         "rows": rows,
         "backend": backend_used,
         "timing": timing,
-        "seconds_total": total,
-        "seconds_by_phase": phases,
-        "torch_threads": torch.get_num_threads(),
+        "seconds_two_layer": time.perf_counter() - t_start,
     }
 
-    # 6. files ------------------------------------------------------------------------------------
-    os.makedirs(cfg.out, exist_ok=True)
-    png = os.path.join(cfg.out, "accuracy_vs_k.png")
+
+# -- the CNN part: torchvision ResNet-18 / MobileNetV2 on the embedded image data ---------------
+
+
+def run_cnn_part(cfg: DemoConfig, console) -> list:
+    """Train each of cfg.cnn_models on the embedded digits images (upsampled to RGB), prune
+    cfg.cnn_ratio of its internal channels with gfs "local", fine-tune briefly, and measure
+    accuracy dense / pruned / fine-tuned, parameters, FLOPs and the wall time per batch of the
+    pruned against the dense model. Returns one dict per model."""
+    from rich.table import Table
+
+    from .data import load_image_data
+    from .prune import prune
+    from .prune.cli import TRAIN_RECIPE, build_model, internal_layers
+    from .prune.finetune import evaluate, finetune
+
     t0 = time.perf_counter()
-    _plot(result, png)
-    phases["plot"] = time.perf_counter() - t0
-    result["seconds_total"] = time.perf_counter() - t_start
-    result["files"] = {"json": os.path.join(cfg.out, "results.json"), "png": png,
-                       "summary": os.path.join(cfg.out, "summary.txt")}
-    with open(result["files"]["json"], "w") as f:
-        json.dump(result, f, indent=1)
-    console.print(f"wrote {result['files']['json']}, {png}, {result['files']['summary']}  "
-                  f"(total {result['seconds_total']:.1f} s: "
-                  + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()) + ")")
-    console.save_text(result["files"]["summary"])
-    return result
+    data = load_image_data("digits", image_size=cfg.cnn_image_size, seed=0)  # the split is fixed
+    if cfg.cnn_train_samples or cfg.cnn_test_samples:
+        data = data.subset(cfg.cnn_train_samples, cfg.cnn_test_samples, seed=0)
+    train, test = data.loaders(cfg.cnn_batch, seed=cfg.seed)
+    calib = data.calibration(cfg.cnn_calib, cfg.cnn_batch, seed=cfg.seed)
+    timing_batch = torch.cat([x for x, _ in data.loaders(cfg.cnn_timing_batch, seed=cfg.seed)[1]])[: cfg.cnn_timing_batch]
+    console.print(
+        f"\n[bold]CNNs[/bold]: {data.describe()}; train {_plural(cfg.cnn_train_epochs, 'epoch')} from scratch (SGD, lr "
+        f"{TRAIN_RECIPE['lr']}, cosine, seed {cfg.seed}), prune {1 - cfg.cnn_ratio:.0%} of the internal channels with "
+        f"gfs 'local' on {sum(len(x) for x, _ in calib)} calibration images, fine-tune "
+        f"{_plural(cfg.cnn_finetune_epochs, 'epoch')} (lr {cfg.cnn_finetune_lr}); {_plural(torch.get_num_threads(), 'torch thread')}")
+    out = []
+    for name in cfg.cnn_models:
+        t_model = time.perf_counter()
+        model = build_model(name, data.classes, seed=cfg.seed)
+        trained = finetune(model, train, cfg.cnn_train_epochs, seed=cfg.seed, inplace=True, progress=True,
+                           description=f"{name}: training", console=console, **TRAIN_RECIPE)
+        dense_eval = evaluate(model, test)
+        t1 = time.perf_counter()
+        result = prune(model, calib, ratio=cfg.cnn_ratio, criterion="local", layers=internal_layers(name),
+                       progress=False, seed=cfg.seed)
+        prune_seconds = time.perf_counter() - t1
+        pruned_eval = evaluate(result.model, test)
+        tuned = finetune(result.model, train, cfg.cnn_finetune_epochs, lr=cfg.cnn_finetune_lr, seed=cfg.seed,
+                         progress=True, description=f"{name}: fine-tuning", console=console)
+        tuned_eval = evaluate(tuned.model, test)
+        t_dense, t_pruned = _time_pair(model, tuned.model, timing_batch, cfg.cnn_timing_rounds)
+        (pb, pa), (fb, fa) = result.params, result.flops
+        out.append({
+            "model": name,
+            "groups": len(result.report),
+            "channels": [sum(r.channels_before for r in result.report), sum(r.channels_after for r in result.report)],
+            "params": [pb, pa],
+            "flops_per_image": [fb, fa],
+            "accuracy": {"dense": dense_eval["accuracy"], "pruned": pruned_eval["accuracy"],
+                         "finetuned": tuned_eval["accuracy"]},
+            "seconds_per_batch": {"dense": t_dense, "pruned": t_pruned, "batch": len(timing_batch)},
+            "speedup": t_dense / t_pruned,
+            "train_history": trained.history,
+            "finetune_history": tuned.history,
+            "seconds": {"train": trained.seconds, "prune": prune_seconds, "finetune": tuned.seconds,
+                        "total": time.perf_counter() - t_model},
+        })
+        r = out[-1]
+        console.print(
+            f"{name}: dense {dense_eval['accuracy']:.1%} -> pruned {pruned_eval['accuracy']:.1%} -> fine-tuned "
+            f"{tuned_eval['accuracy']:.1%}; {r['channels'][0]} -> {r['channels'][1]} internal channels; "
+            f"{t_dense * 1e3:.1f} -> {t_pruned * 1e3:.1f} ms per batch of {len(timing_batch)} (x{r['speedup']:.2f})")
+
+    table = Table(title=f"Pruning torchvision CNNs with gfs 'local' ({1 - cfg.cnn_ratio:.0%} of the internal "
+                        f"channels removed), {data.name}",
+                  caption=f"FLOPs per image; ms: wall time per batch of {len(timing_batch)} in eval mode (best of "
+                          f"{cfg.cnn_timing_rounds} interleaved rounds), {_plural(torch.get_num_threads(), 'thread')}")
+    for col in ("model", "internal channels", "params", "FLOPs", "acc dense", "pruned", "fine-tuned",
+                "ms / batch", "speed-up"):
+        table.add_column(col, justify="left" if col == "model" else "right", no_wrap=col in ("model", "speed-up"))
+    for r in out:
+        (pb, pa), (fb, fa), a, t = r["params"], r["flops_per_image"], r["accuracy"], r["seconds_per_batch"]
+        table.add_row(r["model"], f"{r['channels'][0]} → {r['channels'][1]}", f"{pb / 1e6:.2f}M → {pa / 1e6:.2f}M",
+                      f"{fb / 1e6:.1f}M → {fa / 1e6:.1f}M", f"{a['dense']:.1%}", f"{a['pruned']:.1%}",
+                      f"{a['finetuned']:.1%}", f"{t['dense'] * 1e3:.1f} → {t['pruned'] * 1e3:.1f}", f"x{r['speedup']:.2f}")
+    console.print(table)
+    console.print(f"CNN part: {time.perf_counter() - t0:.1f} s")
+    return out
+
+
+def _time_pair(a, b, batch, rounds: int) -> tuple[float, float]:
+    """Wall time per batch of models a and b (eval mode): the best over ``rounds`` interleaved
+    rounds of 3 runs each, so that a change in the machine's load hits both alike."""
+    from .prune.finetune import time_forward
+
+    ta = tb = float("inf")
+    for _ in range(max(1, rounds)):
+        ta = min(ta, time_forward(a, batch, repeats=3, warmup=1))
+        tb = min(tb, time_forward(b, batch, repeats=3, warmup=1))
+    return ta, tb
 
 
 def _time_backends(U, y, fast, fast_wall: float, cfg: DemoConfig, console) -> dict:
