@@ -320,7 +320,7 @@ def _consumers():
         (nn.Conv2d(6, 5, 3, stride=2, padding=1).double(), X(3, 6, 7, 7)),
         (nn.Conv2d(6, 5, 3, padding=2, dilation=2, bias=False).double(), X(2, 6, 6, 5)),
         (nn.Conv2d(6, 7, 1).double(), X(2, 6, 4, 4)),
-        (nn.Conv2d(6, 1, 3, padding=1).double(), X(3, 6, 5, 5)),  # few outputs: materialised (conv_method)
+        (nn.Conv2d(6, 1, 3, padding=1).double(), X(3, 6, 5, 5)),  # few outputs: materialised (stats.conv2d_method)
     ]
 
 
@@ -329,8 +329,10 @@ def test_gram_statistics_are_the_materialised_problem_and_select_the_same(monkey
     candidate matrix's statistics; gfs.select picks the same channels from both."""
     from gfs.prune import criteria as crit
 
-    assert crit.conv_method(6, 1, 9) == "materialise" and crit.conv_method(64, 64, 9) == "offsets"
-    monkeypatch.setattr(crit, "PATCH_BYTES", 6 * 9 * 8 * 30)  # a few images per conv2d_stats call
+    from gfs import stats as S
+
+    assert S.conv2d_method(6, 1, 9, 75) == "materialise" and S.conv2d_method(64, 64, 9, 3136) == "offsets"
+    monkeypatch.setattr(S, "_LAYER_CHUNK_BYTES", 6 * 9 * 8 * 30)  # a few images per offsets pass
     for layer, X in _consumers():
         with torch.no_grad():
             target = consumer_output(X, layer) + 0.3 * torch.randn_like(consumer_output(X, layer))

@@ -223,9 +223,8 @@ def gram_statistics(X: torch.Tensor, layer: nn.Module, target: torch.Tensor) -> 
     built from the consumer's input by gfs.stats.linear_stats / conv2d_stats without forming the
     N x M candidate matrix. Float32 inputs are multiplied in float32 and summed in float64.
 
-    A Conv2d goes through conv2d_stats' "offsets" identity (GEMMs on the input patches) unless
-    materialising is cheaper by :func:`conv_method`'s rule; images are taken in chunks whose
-    patch matrix stays under PATCH_BYTES."""
+    A Conv2d goes through conv2d_stats with method="auto" (its cost rule picks the "offsets"
+    identity or chunked materialisation; either is exact)."""
     why = gram_unsupported(layer)
     if why is not None:
         raise ValueError(f"the Gram layer statistics cannot take this consumer ({why}); use group_statistics")
@@ -233,30 +232,7 @@ def gram_statistics(X: torch.Tensor, layer: nn.Module, target: torch.Tensor) -> 
     target = target.to(X.dtype)
     if isinstance(layer, nn.Linear):
         return linear_stats(X, W, target, None)  # target is already bias-free: bias=None
-    C_out, C, kh, kw = W.shape
-    Ho, Wo = target.shape[2:]
-    method = conv_method(C, C_out, kh * kw)
-    per = max(1, PATCH_BYTES // max(1, Ho * Wo * C * kh * kw * X.element_size()))
-    stats = GramStats(C, device=X.device)
-    for i in range(0, X.shape[0], per):
-        conv2d_stats(X[i : i + per], W, target[i : i + per], None, stride=layer.stride, padding=layer.padding,
-                     dilation=layer.dilation, method=method, out=stats)
-    return stats
-
-
-PATCH_BYTES = 256 << 20  # input patches (positions x C*K) per conv2d_stats call
-MATERIALISE_SLOWDOWN = 8  # grouped convolution vs GEMM throughput, per flop (measured, see below)
-
-
-def conv_method(C: int, C_out: int, K: int) -> str:
-    """conv2d_stats' method for a C -> C_out conv with K kernel offsets: "offsets" (about
-    (C K)^2 / 2 multiply-adds per output position, GEMMs) unless "materialise" (about
-    C C_out (K + C / 2), a grouped convolution then a Gram) is cheaper even counted
-    MATERIALISE_SLOWDOWN times: on a 2-core Xeon, ResNet-50's 3x3 consumers at 224 with 64 images
-    took 0.8-2.5 s with offsets and 8-18 s materialised, where the flop counts are about equal."""
-    offsets = (C * K) ** 2 / 2 + C * K * C_out
-    materialise = C * C_out * (K + C / 2)
-    return "offsets" if offsets <= MATERIALISE_SLOWDOWN * materialise else "materialise"
+    return conv2d_stats(X, W, target, None, stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
 
 
 def local_problem(X, layer, target, *, method="auto", generator=None, max_elements=None):
