@@ -139,7 +139,10 @@ def run(args) -> dict:
     data = load_image_data("digits", image_size=args.image_size, seed=0)
     if args.train_samples:
         data = data.subset(args.train_samples, args.test_samples, seed=0)
-    train, test = data.loaders(64, seed=args.seed)
+    # a fresh loader seeded alike for every training phase: each model trains, and every row
+    # fine-tunes, on the same batch order whatever ran before (and as in `gfs demo`)
+    train = lambda: data.loaders(64, seed=args.seed)[0]  # noqa: E731
+    test = data.loaders(64, seed=args.seed)[1]
     calib = data.calibration(args.calib, 64, seed=args.seed)
     small = rebatch(calib, args.loss_calib, 64)
     results["data"] = data.describe()
@@ -149,7 +152,7 @@ def run(args) -> dict:
     for name in args.models:
         t0 = time.perf_counter()
         model = build_model(name, data.classes, seed=args.seed)
-        trained = finetune(model, train, args.epochs, seed=args.seed, inplace=True, progress=args.progress,
+        trained = finetune(model, train(), args.epochs, seed=args.seed, inplace=True, progress=args.progress,
                            description=f"{name}: training", **TRAIN_RECIPE)
         dense = evaluate(model, test)
         entry = {"dense_accuracy": dense["accuracy"], "dense_loss": dense["loss"], "train_seconds": trained.seconds,
@@ -175,11 +178,11 @@ def run(args) -> dict:
                         progress=args.progress, seed=args.seed, **opts)
             seconds = time.perf_counter() - t1
             pruned = evaluate(res.model, test)
-            tuned = finetune(res.model, train, args.finetune_epochs, lr=args.finetune_lr, seed=args.seed,
+            tuned = finetune(res.model, train(), args.finetune_epochs, lr=args.finetune_lr, seed=args.seed,
                              progress=args.progress, description=f"{name} {crit}: fine-tuning")
             after = evaluate(tuned.model, test)
             row = {
-                "criterion": crit, "options": opts, "calibration_images": n_cal if crit != "l1" else 0,
+                "criterion": crit, "options": opts, "calibration_images": n_cal if crit in ("local", "loss") else 0,
                 "channels": [sum(r.channels_before for r in res.report), sum(r.channels_after for r in res.report)],
                 "groups": len(res.report), "params": list(res.params), "flops_per_image": list(res.flops),
                 "accuracy_pruned": pruned["accuracy"], "loss_pruned": pruned["loss"],
@@ -267,18 +270,31 @@ def markdown(res: dict) -> str:
                      f"{e['dense_accuracy']:.1%} | - | - | - |")
         for r in e["rows"]:
             crit = r["criterion"] + (f" ({r['options']['loss_candidates']} candidates)" if r["options"] else "")
+            images = r["calibration_images"] if r["criterion"] in ("local", "loss") else "-"  # l1, random: no data
             lines.append(
-                f"| {name} | {crit} | {r['calibration_images'] or '-'} | {r['channels'][1]} | {r['params'][1]:,} | "
+                f"| {name} | {crit} | {images} | {r['channels'][1]} | {r['params'][1]:,} | "
                 f"{r['flops_per_image'][1] / 1e6:.1f}M | {r['accuracy_pruned']:.1%} | {r['accuracy_finetuned']:.1%} | "
                 f"{r['prune_seconds']:.1f} | {r['load_before']:.2f} |")
-    lines += ["", "l1 uses no calibration data. 'local' is run twice: on the default calibration set and on the "
+    lines += ["", "l1 and random use no calibration data. 'local' is run twice: on the default calibration set and on the "
                   "smaller set 'loss' gets (the same images), so that the loss row has a like-for-like comparison.",
               ""]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    args = parse(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--markdown"]:  # re-render the table of an earlier run: --markdown RESULTS.json
+        if len(argv) != 2:
+            print("usage: prune_baselines.py --markdown RESULTS.json (writes RESULTS.md beside it)", file=sys.stderr)
+            return 2
+        with open(argv[1]) as f:
+            res = json.load(f)
+        out = os.path.splitext(argv[1])[0] + ".md"
+        with open(out, "w") as f:
+            f.write(markdown(res))
+        print(f"wrote {out}")
+        return 0
+    args = parse(argv)
     t0 = time.perf_counter()
     res = run(args)
     res["seconds_total"] = time.perf_counter() - t0

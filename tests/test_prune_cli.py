@@ -63,10 +63,12 @@ def test_prune_cli_trains_prunes_finetunes_and_saves(tmp_path, capsys):
     assert len(rep["finetune_history"]) == 1 and rep["job"]["criterion"] == "local"
 
 
-def test_prune_cli_resume_after_interrupt_gives_the_same_model(tmp_path, random_weights, monkeypatch, capsys):
+def test_prune_cli_resume_after_interrupt_gives_the_same_model(tmp_path, monkeypatch, capsys):
+    """Train from scratch, prune, interrupt after two groups; --resume reuses the trained weights
+    (saved beside --out), replays the two groups, and ends with the uninterrupted run's model."""
     from gfs.prune.criteria import CRITERIA
 
-    common = ["prune", *TINY, "--weights", str(random_weights), "--finetune-epochs", "1", "--criterion", "local"]
+    common = ["prune", *TINY, "--train-epochs", "1", "--finetune-epochs", "1", "--criterion", "local"]
     whole = tmp_path / "whole.safetensors"
     assert main([*common, "--out", str(whole)]) == 0
 
@@ -93,7 +95,8 @@ def test_prune_cli_resume_after_interrupt_gives_the_same_model(tmp_path, random_
     calls.clear()
     monkeypatch.setattr(cls, "decide", lambda self, ctx: (calls.append(ctx.group.name), original(self, ctx))[1])
     assert main([*common, "--out", str(cut), "--resume"]) == 0
-    assert "resuming from" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "resuming from" in printed and "trained weights of the interrupted run" in printed
     assert len(calls) == 6  # only the 6 groups not checkpointed were selected again
 
     a, b = _tensors(whole), _tensors(cut)

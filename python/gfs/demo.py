@@ -417,7 +417,9 @@ def run_cnn_part(cfg: DemoConfig, console) -> list:
     data = load_image_data("digits", image_size=cfg.cnn_image_size, seed=0)  # the split is fixed
     if cfg.cnn_train_samples or cfg.cnn_test_samples:
         data = data.subset(cfg.cnn_train_samples, cfg.cnn_test_samples, seed=0)
-    train, test = data.loaders(cfg.cnn_batch, seed=cfg.seed)
+    # a fresh, seeded loader for every training phase: each model trains and fine-tunes on the
+    # same batch order whatever ran before it (as in benchmarks/prune_baselines.py)
+    test = data.loaders(cfg.cnn_batch, seed=cfg.seed)[1]
     calib = data.calibration(cfg.cnn_calib, cfg.cnn_batch, seed=cfg.seed)
     timing_batch = torch.cat([x for x, _ in data.loaders(cfg.cnn_timing_batch, seed=cfg.seed)[1]])[: cfg.cnn_timing_batch]
     console.print(
@@ -429,7 +431,7 @@ def run_cnn_part(cfg: DemoConfig, console) -> list:
     for name in cfg.cnn_models:
         t_model = time.perf_counter()
         model = build_model(name, data.classes, seed=cfg.seed)
-        trained = finetune(model, train, cfg.cnn_train_epochs, seed=cfg.seed, inplace=True, progress=True,
+        trained = finetune(model, data.loaders(cfg.cnn_batch, seed=cfg.seed)[0], cfg.cnn_train_epochs, seed=cfg.seed, inplace=True, progress=True,
                            description=f"{name}: training", console=console, **TRAIN_RECIPE)
         dense_eval = evaluate(model, test)
         t1 = time.perf_counter()
@@ -437,7 +439,7 @@ def run_cnn_part(cfg: DemoConfig, console) -> list:
                        progress=False, seed=cfg.seed)
         prune_seconds = time.perf_counter() - t1
         pruned_eval = evaluate(result.model, test)
-        tuned = finetune(result.model, train, cfg.cnn_finetune_epochs, lr=cfg.cnn_finetune_lr, seed=cfg.seed,
+        tuned = finetune(result.model, data.loaders(cfg.cnn_batch, seed=cfg.seed)[0], cfg.cnn_finetune_epochs, lr=cfg.cnn_finetune_lr, seed=cfg.seed,
                          progress=True, description=f"{name}: fine-tuning", console=console)
         tuned_eval = evaluate(tuned.model, test)
         t_dense, t_pruned = _time_pair(model, tuned.model, timing_batch, cfg.cnn_timing_rounds)

@@ -328,7 +328,10 @@ def _run(job: PruneJob, console, err_console) -> dict:
     data = gdata.load_image_data(job.data, image_size=job.image_size, seed=0)  # the split is fixed
     if job.train_samples or job.test_samples:
         data = data.subset(job.train_samples, job.test_samples, seed=0)
-    train_loader, test_loader = data.loaders(job.batch_size, seed=job.seed, workers=job.workers)
+    # every training phase gets a fresh loader seeded alike, so its batch order does not depend on
+    # what ran before (a resumed run skips the training from scratch, yet fine-tunes the same way)
+    loaders = lambda: data.loaders(job.batch_size, seed=job.seed, workers=job.workers)  # noqa: E731
+    train_loader, test_loader = loaders()
     console.print(f"[bold]gfs prune[/bold]: {job.model} on {data.describe()}")
     model = build_model(job.model, data.classes, seed=job.seed)
     label = f"torchvision {job.model} with {data.classes} classes"
@@ -396,7 +399,7 @@ def _run(job: PruneJob, console, err_console) -> dict:
     t0 = time.perf_counter()
     final, tuned_eval, history = result.model, None, []
     if job.finetune_epochs > 0:
-        tuned = finetune(result.model, train_loader, job.finetune_epochs, lr=job.finetune_lr, seed=job.seed,
+        tuned = finetune(result.model, loaders()[0], job.finetune_epochs, lr=job.finetune_lr, seed=job.seed,
                          progress=job.progress, description="fine-tuning", console=err_console)
         final, history = tuned.model, tuned.history
         tuned_eval = evaluate(final, test_loader)
