@@ -474,7 +474,7 @@ def run_cnn_part(cfg: DemoConfig, console) -> list:
         table.add_column(col, justify="left" if col == "model" else "right", no_wrap=col in ("model", "speed-up"))
     for r in out:
         (pb, pa), (fb, fa), a, t = r["params"], r["flops_per_image"], r["accuracy"], r["seconds_per_batch"]
-        table.add_row(r["model"], f"{r['channels'][0]} → {r['channels'][1]}", f"{pb / 1e6:.2f}M → {pa / 1e6:.2f}M",
+        table.add_row(r["model"], f"{r['channels'][0]} → {r['channels'][1]}", f"{pb / 1e6:.1f}M → {pa / 1e6:.1f}M",
                       f"{fb / 1e6:.1f}M → {fa / 1e6:.1f}M", f"{a['dense']:.1%}", f"{a['pruned']:.1%}",
                       f"{a['finetuned']:.1%}", f"{t['dense'] * 1e3:.1f} → {t['pruned'] * 1e3:.1f}", f"x{r['speedup']:.2f}")
     console.print(table)
