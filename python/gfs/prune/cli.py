@@ -450,7 +450,7 @@ def _run(job: PruneJob, console, err_console) -> dict:
     kept = f"ratio {job.ratio}" if job.ratio is not None else f"keep {job.keep}"
     console.print(_table(rows, f"{job.model}, {len(result.report)} channel groups pruned ({kept}, "
                                f"{n_cal} calibration images, seed {job.seed}); FLOPs per image"))
-    console.print(f"wrote {job.out} ({fmt}; load with gfs.prune.load) and {job.report_path}; "
+    console.print(f"wrote {job.out} ({fmt}; load with `from gfs.prune import load`) and {job.report_path}; "
                   f"total {seconds['total']:.1f} s")
     return report
 
@@ -499,7 +499,7 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
             "--data for --train-epochs (pruning an untrained network means nothing). Pruning is checkpointed after "
             "every channel group to OUT.ckpt; --resume continues an interrupted run and ends with the same result. "
             "The output is written with gfs.prune.io.save (JSON architecture + tensors, no pickle; load it with "
-            "gfs.prune.load), with a JSON report at OUT.json."),
+            "`from gfs.prune import load`), with a JSON report at OUT.json."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", required=True, choices=MODELS, help="torchvision architecture (built with weights=None)")
