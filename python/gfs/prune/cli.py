@@ -457,34 +457,23 @@ def _run(job: PruneJob, console, err_console) -> dict:
 
 # ---- argparse ---------------------------------------------------------------------------------
 
-def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}") from None
-    if not (math.isfinite(value) and 0 < value <= 1):
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1] of each group's channels kept, got {value}")
-    return value
+def _number(ok, expected: str):
+    """An argparse type: a finite float for which ok(value) holds, else an error saying `expected`."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not (math.isfinite(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+        return value
+
+    return parse
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if not (math.isfinite(value) and 0 <= value < 1):
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
-    return value
+_ratio = _number(lambda v: 0 < v <= 1, "a fraction in (0, 1] of each group's channels kept")
+_fraction = _number(lambda v: 0 <= v < 1, "a number in [0, 1)")
+_positive_float = _number(lambda v: v > 0, "a number > 0")
 
 
 def add_prune_parser(subparsers) -> argparse.ArgumentParser:
