@@ -32,11 +32,7 @@ import gfs  # noqa: E402
 import gfs_kernels  # noqa: E402
 from gfs import stats as S  # noqa: E402
 from gfs.engines import cost, gram  # noqa: E402
-
-
-def load1() -> float:
-    with open("/proc/loadavg") as f:
-        return float(f.read().split()[0])
+from _machine import cpu_model, load1  # noqa: E402  (benchmarks/_machine.py, beside this script)
 
 
 def wait_for_quiet(limit: float, max_wait: float) -> float:
@@ -60,15 +56,7 @@ def best(fn, repeat=3):
 
 
 def machine() -> tuple[str, str]:
-    model = "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    model = cpu_model()
     cores = os.cpu_count() or 1
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
     simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE"

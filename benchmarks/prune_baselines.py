@@ -34,27 +34,15 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "python"))  # run from a checkout without installing
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-
-def load1() -> float:
-    try:
-        return os.getloadavg()[0]
-    except OSError:  # pragma: no cover
-        return float("nan")
+from _machine import cpu_model, load1  # noqa: E402
 
 
 def machine() -> dict:
-    model = platform.processor() or "cpu"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
     import torch
 
-    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
             "platform": platform.platform()}
 
 

@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 import torch
 
 import gfs_kernels
+from _machine import cpu_model, load1  # benchmarks/_machine.py, beside this script
 
 try:  # the public API, where present
     import gfs
@@ -45,27 +46,11 @@ except ImportError:  # pragma: no cover
     VIA = "gfs_kernels.get(name).greedy_uniform(U, y, k, True, -1.0)"
 
 
-def loadavg() -> float:
-    with open("/proc/loadavg") as f:
-        return float(f.read().split()[0])
-
-
 def wait_for_quiet(limit: float, max_wait: float) -> float:
     t0 = time.time()
-    while loadavg() >= limit and time.time() - t0 < max_wait:
+    while load1() >= limit and time.time() - t0 < max_wait:
         time.sleep(5)
     return time.time() - t0
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown-cpu"
 
 
 def tmin(fn, reps: int, warmup: int = 1) -> float:
@@ -102,12 +87,12 @@ def main():
     args = ap.parse_args()
 
     waited = 0.0 if args.no_wait else wait_for_quiet(args.load, args.max_wait)
-    load_before = loadavg()
+    load_before = load1()
     rows, raw = [], {}
 
     def row(what, value, goal, note=""):
         ok = "" if goal is None else ("met" if goal(value) else "NOT met")
-        rows.append((what, value, ok, note, loadavg()))
+        rows.append((what, value, ok, note, load1()))
         print(f"{what:<62} {value:9.3f}  {ok:<7} {note}  (load {rows[-1][-1]:.2f})", flush=True)
 
     # -- per step vs torch.mv, N=4096, M=65536 -------------------------------------------------
@@ -164,7 +149,7 @@ def main():
         row(f"select k={k}, torch / cpu ({N}x{M})", torch_t / cpu_t, None, "")
         del U
 
-    load_after = loadavg()
+    load_after = load1()
     machine = dict(
         cpu=cpu_model(),
         cores=os.cpu_count(),
