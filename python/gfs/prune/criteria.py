@@ -391,8 +391,9 @@ def select_channels(U, y, keep: int, *, step="uniform", replacement=False, eps=N
     Without replacement that is ``keep`` steps. With replacement a channel may be picked again
     (its weight grows), so the greedy sequence is run longer (doubling, at most 8 x keep steps)
     and cut at the first step where it has ``keep`` distinct channels; the greedy rule is
-    deterministic, so that prefix is exactly what a run of that many steps returns. With ``eps``
-    the selection may stop earlier, with fewer channels.
+    deterministic, so that prefix is exactly what a run of that many steps returns, weights
+    included (see :func:`_prefix_with_distinct`). With ``eps`` the selection may stop earlier,
+    with fewer channels.
     """
     if not replacement:
         return select(U, y, keep, replacement=False, step=step, eps=eps, backend=backend)
@@ -402,10 +403,20 @@ def select_channels(U, y, keep: int, *, step="uniform", replacement=False, eps=N
         if sel.support.numel() >= keep or sel.k < steps or steps >= cap:
             break
         steps = min(cap, 2 * steps)
-    return _prefix_with_distinct(sel, keep, U.n if isinstance(U, GramStats) else U.shape[0])
+    return _prefix_with_distinct(sel, keep, U, y, eps=eps)
 
 
-def _prefix_with_distinct(sel: Selection, keep: int, n: int) -> Selection:
+def _prefix_with_distinct(sel: Selection, keep: int, U, y=None, *, eps=None) -> Selection:
+    """The first steps of ``sel`` up to the one where ``keep`` distinct candidates are chosen,
+    with the weights a run of that many steps returns (``sel`` itself when that is all of it):
+
+    - "uniform": counts / t;
+    - "line_search": the recurrence w <- (1 - gamma) w + gamma e_j over the first t steps (the
+      step sizes are in ``sel.notes["gammas"]``), as the engines compute it;
+    - "refit": the affine least-squares refit of the set chosen in those steps, which needs the
+      problem: gfs.select runs again for t steps on (U, y) with the engine and backend that ran
+      ``sel`` (the greedy rule is deterministic, so its picks are the prefix).
+    """
     seen, t = set(), sel.k
     for i, j in enumerate(sel.indices.tolist()):
         seen.add(j)
@@ -414,10 +425,26 @@ def _prefix_with_distinct(sel: Selection, keep: int, n: int) -> Selection:
             break
     if t == sel.k:
         return sel
+    n = U.n if isinstance(U, GramStats) else U.shape[0]
     idx = sel.indices[:t]
-    counts = torch.bincount(idx, minlength=n).double()
-    return dataclasses.replace(sel, indices=idx, support=torch.unique(idx), weights=counts / t,
-                               losses=sel.losses[:t], gaps=sel.gaps[:t])
+    gammas = sel.notes["gammas"][:t]
+    if sel.step == "uniform":
+        weights = torch.bincount(idx, minlength=n).double() / t
+    elif sel.step == "line_search":
+        weights = gram_engine.line_search_weights(idx.tolist(), gammas.tolist(), n, sel.weights.device)
+    elif sel.step == "refit":
+        again = select(U, y, t, replacement=True, step="refit", eps=eps, backend=sel.backend, engine=sel.engine)
+        if not torch.equal(again.indices, idx):  # pragma: no cover - the greedy rule is deterministic
+            raise RuntimeError(f"refit: a run of {t} steps picked {again.indices.tolist()}, not the prefix "
+                               f"{idx.tolist()} of the longer run; please report this")
+        weights = again.weights
+    else:
+        raise ValueError(f"unknown step {sel.step!r}")
+    notes = dict(sel.notes)
+    notes["gammas"] = gammas
+    notes["prefix"] = f"the first {t} of {sel.k} greedy steps (the first with {keep} distinct candidates)"
+    return dataclasses.replace(sel, indices=idx, support=torch.unique(idx), weights=weights,
+                               losses=sel.losses[:t], gaps=sel.gaps[:t], notes=notes)
 
 
 def keep_count(n: int, keep, ratio) -> int:
