@@ -1,5 +1,7 @@
 """Layer statistics without forming N x M (gfs.stats.linear_stats / conv2d_stats / layer_stats),
 each equal to the statistics of the materialised contributions, U U^T."""
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -101,15 +103,50 @@ def test_selection_on_layer_stats_folds_into_a_pruned_layer():
         assert stats.dense_loss == pytest.approx(dense, abs=1e-12)
 
 
-def test_auto_method_follows_the_cost_model():
+def _picks(monkeypatch):
+    """Record which method conv2d_stats ran: "materialise" builds the contributions, "offsets"
+    goes through the patch statistics."""
+    ran = []
+    contributions, patch_stats = S.conv2d_contributions, S._patch_stats
+    monkeypatch.setattr(S, "conv2d_contributions", lambda *a, **k: ran.append("materialise") or contributions(*a, **k))
+    monkeypatch.setattr(S, "_patch_stats", lambda *a, **k: ran.append("offsets") or patch_stats(*a, **k))
+    return ran
+
+
+@pytest.mark.parametrize("with_target", [False, True])
+def test_auto_method_follows_the_cost_model(monkeypatch, with_target):
+    """method="auto" runs what conv2d_method decides for the layer's (C, C_out, K, positions):
+    few outputs (C_out = 1 < K = 9) materialise, many (C_out = 64) take the offsets identity; and
+    it follows the rule when the rule says otherwise. Either way the statistics are exact."""
     g = _g(4)
-    x = torch.randn(2, 4, 6, 6, generator=g, dtype=torch.float64)
-    few_outputs = torch.randn(1, 4, 3, 3, generator=g, dtype=torch.float64)  # C_out = 1 < K = 9
-    many_outputs = torch.randn(64, 4, 3, 3, generator=g, dtype=torch.float64)
-    for W in (few_outputs, many_outputs):
-        auto = S.conv2d_stats(x, W, padding=1)
+    x = torch.randn(2, 4, 6, 6, generator=g, dtype=torch.float64)  # padding 1: 2 x 6 x 6 positions
+    ran = _picks(monkeypatch)
+    rule_of_stats = S.conv2d_method
+    for C_out, expected in ((1, "materialise"), (64, "offsets")):
+        W = torch.randn(C_out, 4, 3, 3, generator=g, dtype=torch.float64)
+        target = torch.randn(2, C_out, 6, 6, generator=g, dtype=torch.float64) if with_target else None
+        assert S.conv2d_method(4, C_out, 9, 2 * 6 * 6, with_target) == expected  # the rule's own decision
+        ran.clear()
+        auto = S.conv2d_stats(x, W, target, padding=1)
+        assert set(ran) == {expected}, (C_out, ran)
         for method in ("offsets", "materialise"):
-            _close(auto, S.conv2d_stats(x, W, padding=1, method=method))
+            _close(auto, S.conv2d_stats(x, W, target, padding=1, method=method))
+        for forced in ("offsets", "materialise"):  # the rule decides, whatever it says
+            seen = []
+
+            def rule(*a, forced=forced, seen=seen, **k):
+                seen.append(dict(inspect.signature(rule_of_stats).bind(*a, **k).arguments))
+                return forced
+
+            monkeypatch.setattr(S, "conv2d_method", rule)
+            ran.clear()
+            S.conv2d_stats(x, W, target, padding=1)
+            assert set(ran) == {forced}, (forced, ran)
+            asked = dict(C=4, C_out=C_out, K=9, positions=72, has_target=with_target)
+            assert seen == [asked], seen
+            S.conv2d_stats(x, W, target, padding=1, method="offsets" if forced == "materialise" else "materialise")
+            assert len(seen) == 1  # an explicit method does not ask the rule
+        monkeypatch.setattr(S, "conv2d_method", rule_of_stats)
 
 
 BAD = {
