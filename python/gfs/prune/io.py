@@ -18,11 +18,18 @@ in the allow-list (never imported by the name in the file), sets the plain attri
 the tensors, and so gets back the same class, hyper-parameters and forward code as the saved
 model, e.g. a torchvision ResNet with narrower convolutions. Hooks are not saved. Extra trusted
 classes can be allowed with ``allowed=`` on both save and load.
+
+Every refusal of ``load`` is an :class:`UnsafeFileError` saying what is wrong: a name outside the
+allow-list, a pickle holding anything but tensors and strings, an architecture nested deeper than
+MAX_DEPTH, or attributes that disagree with the tensors (a Conv2d whose ``out_channels`` is not
+its weight's first dimension, ...: checked at load for the torch.nn layers, so an edited or
+damaged file never gives a model that fails only at its first forward pass).
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import zipfile
 
 import torch
@@ -30,6 +37,11 @@ import torch.nn as nn
 
 FORMAT = "gfs-module/1"
 _KEY = "gfs_architecture"
+
+# Deepest nesting of modules, and of values in an attribute, that save writes and load reads.
+# torchvision models nest about 5 modules deep; a forward pass through 128 nested modules already
+# needs some 400 Python frames. Deeper files are refused before anything recurses that far.
+MAX_DEPTH = 128
 
 _TORCH_CLASSES = [
     nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.Identity, nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d,
@@ -50,6 +62,10 @@ def _torchvision_classes():
         return []
     return [resnet.ResNet, resnet.BasicBlock, resnet.Bottleneck, mobilenetv2.MobileNetV2, mobilenetv2.InvertedResidual,
             mobilenetv3.MobileNetV3, mobilenetv3.InvertedResidual, misc.Conv2dNormActivation, misc.SqueezeExcitation]
+
+
+def _clip(where: str, n: int = 80) -> str:
+    return where if len(where) <= n else "..." + where[-(n - 3):]
 
 
 def _name(cls) -> str:
@@ -78,15 +94,18 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in (
 
 # ---- plain values <-> JSON ----------------------------------------------------------------------
 
-def _encode(v, where, classes):
+def _encode(v, where, classes, depth=0):
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
+    if depth >= MAX_DEPTH and isinstance(v, (tuple, list, dict)):
+        raise TypeError(f"cannot save {where}: its value is nested more than {MAX_DEPTH} levels deep")
+    d = depth + 1
     if isinstance(v, tuple):
-        return {"tuple": [_encode(x, where, classes) for x in v]}
+        return {"tuple": [_encode(x, where, classes, d) for x in v]}
     if isinstance(v, list):
-        return {"list": [_encode(x, where, classes) for x in v]}
+        return {"list": [_encode(x, where, classes, d) for x in v]}
     if isinstance(v, dict):
-        return {"dict": [[_encode(k, where, classes), _encode(x, where, classes)] for k, x in v.items()]}
+        return {"dict": [[_encode(k, where, classes, d), _encode(x, where, classes, d)] for k, x in v.items()]}
     if isinstance(v, torch.dtype):
         return {"dtype": str(v).removeprefix("torch.")}
     if isinstance(v, type) and _name(v) in classes:
@@ -95,17 +114,21 @@ def _encode(v, where, classes):
                     f"dtypes, allow-listed classes); gfs.prune.io saves architectures as plain descriptions")
 
 
-def _decode(v, where, classes):
+def _decode(v, where, classes, depth=0):
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
+    if depth >= MAX_DEPTH:
+        raise UnsafeFileError(f"{_clip(where)}: the value is nested too deeply (more than {MAX_DEPTH} levels); "
+                              f"gfs.prune.io.save writes no such value")
+    d = depth + 1
     if isinstance(v, dict) and len(v) == 1:
         (tag, x), = v.items()
         if tag == "tuple" and isinstance(x, list):
-            return tuple(_decode(e, where, classes) for e in x)
+            return tuple(_decode(e, where, classes, d) for e in x)
         if tag == "list" and isinstance(x, list):
-            return [_decode(e, where, classes) for e in x]
+            return [_decode(e, where, classes, d) for e in x]
         if tag == "dict" and isinstance(x, list) and all(isinstance(p, list) and len(p) == 2 for p in x):
-            return {_decode(k, where, classes): _decode(e, where, classes) for k, e in x}
+            return {_decode(k, where, classes, d): _decode(e, where, classes, d) for k, e in x}
         if tag == "dtype" and x in _DTYPES:
             return _DTYPES[x]
         if tag == "class" and isinstance(x, str):
@@ -122,8 +145,11 @@ def describe(model: nn.Module, allowed=()) -> tuple[dict, dict]:
     classes = allowed_classes(allowed)
     tensors, seen = {}, {}
 
-    def walk(m, path):
+    def walk(m, path, depth=0):
         where = path or "the root module"
+        if depth > MAX_DEPTH:
+            raise TypeError(f"cannot save {where}: it is nested more than {MAX_DEPTH} modules deep "
+                            f"(gfs.prune.io.MAX_DEPTH)")
         tname = _name(type(m))
         if tname not in classes:
             raise TypeError(
@@ -154,7 +180,8 @@ def describe(model: nn.Module, allowed=()) -> tuple[dict, dict]:
             else:
                 tensors[full] = b.detach()
                 buffers[k] = {"persistent": k not in m._non_persistent_buffers_set}
-        children = {k: (None if c is None else walk(c, f"{path}.{k}" if path else k)) for k, c in m._modules.items()}
+        children = {k: (None if c is None else walk(c, f"{path}.{k}" if path else k, depth + 1))
+                    for k, c in m._modules.items()}
         return {"type": tname, "attrs": attrs, "params": params, "buffers": buffers, "children": children}
 
     return {"format": FORMAT, "root": walk(model, "")}, tensors
@@ -167,9 +194,14 @@ def rebuild(arch: dict, tensors: dict, allowed=()) -> nn.Module:
         raise UnsafeFileError(f"not a {FORMAT} architecture description")
     params_by_name = {}
 
-    def build(d, path):
+    def build(d, path, depth):
         where = path or "the root module"
+        if depth > MAX_DEPTH:
+            raise UnsafeFileError(f"the architecture is nested too deeply (module {_clip(where)} is more than {MAX_DEPTH} "
+                                  f"modules deep); gfs.prune.io.save writes no such model")
         if not isinstance(d, dict) or set(d) != {"type", "attrs", "params", "buffers", "children"}:
+            raise UnsafeFileError(f"{where}: malformed module description")
+        if not all(isinstance(d[t], dict) for t in ("attrs", "params", "buffers", "children")):
             raise UnsafeFileError(f"{where}: malformed module description")
         cls = classes.get(d["type"]) if isinstance(d["type"], str) else None
         if cls is None:
@@ -185,25 +217,137 @@ def rebuild(arch: dict, tensors: dict, allowed=()) -> nn.Module:
             object.__setattr__(m, k, _decode(v, f"{where}.{k}", classes))
         for k, spec in d["params"].items():
             full = f"{path}.{k}" if path else k
+            if spec is not None and not isinstance(spec, dict):
+                raise UnsafeFileError(f"{full}: malformed parameter description")
             if spec is None:
                 m.register_parameter(k, None)
-            elif isinstance(spec, dict) and "tied" in spec:
+            elif "tied" in spec:
                 if spec["tied"] not in params_by_name:
                     raise UnsafeFileError(f"{full} is tied to unknown parameter {spec['tied']!r}")
                 m.register_parameter(k, params_by_name[spec["tied"]])
             else:
-                p = nn.Parameter(_tensor(tensors, full), requires_grad=bool(spec.get("requires_grad", True)))
+                t = _tensor(tensors, full)
+                grad = bool(spec.get("requires_grad", True)) and (t.is_floating_point() or t.is_complex())
+                p = nn.Parameter(t, requires_grad=grad)
                 params_by_name[full] = p
                 m.register_parameter(k, p)
         for k, spec in d["buffers"].items():
             full = f"{path}.{k}" if path else k
+            if spec is not None and not isinstance(spec, dict):
+                raise UnsafeFileError(f"{full}: malformed buffer description")
             m.register_buffer(k, None if spec is None else _tensor(tensors, full),
                               persistent=True if spec is None else bool(spec.get("persistent", True)))
+        check_shapes(m, path)
         for k, c in d["children"].items():
-            m.add_module(k, None if c is None else build(c, f"{path}.{k}" if path else k))
+            m.add_module(k, None if c is None else build(c, f"{path}.{k}" if path else k, depth + 1))
         return m
 
-    return build(arch["root"], "")
+    return build(arch["root"], "", 0)
+
+
+
+# ---- attributes against tensors -----------------------------------------------------------------
+
+def _shape_error(where, attr, value, tensor, shape, expected, meaning):
+    return UnsafeFileError(
+        f"{where}.{attr} is {value} but {tensor} has shape {tuple(shape)}, where the {meaning} would have {expected}: "
+        f"the file's attributes disagree with its tensors (it was damaged or edited), so the model would fail "
+        f"at its first forward pass")
+
+
+def _attr(m, where, name, kind="int"):
+    """Attribute ``name`` of ``m``, checked: a positive int ("int"), a tuple of positive ints
+    ("ints"), or a tuple of ints ("shape")."""
+    if name not in vars(m):
+        raise UnsafeFileError(f"{where}.{name} is missing from the file; a {type(m).__name__} needs it")
+    v = vars(m)[name]
+    ok = {
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+        "ints": lambda v: isinstance(v, tuple) and all(isinstance(e, int) and not isinstance(e, bool) and e > 0 for e in v),
+        "shape": lambda v: isinstance(v, tuple) and all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in v),
+    }[kind]
+    if not ok(v):
+        what = {"int": "a positive int", "ints": "a tuple of positive ints", "shape": "a tuple of ints"}[kind]
+        raise UnsafeFileError(f"{where}.{name} is {v!r}; a {type(m).__name__} needs {what}")
+    return v
+
+
+def _expect(m, where, tensor_name, dims, meaning):
+    """Tensor ``tensor_name`` of m (if present) must have one size per entry of ``dims``, each
+    ``(attribute, its value, expected size)``; the message names the first attribute that
+    disagrees."""
+    t = getattr(m, tensor_name, None)
+    if t is None:
+        return
+    full = f"{where}.{tensor_name}" if where else tensor_name
+    shape = tuple(t.shape)
+    expected = tuple(size for _, _, size in dims)
+    if shape == expected:
+        return
+    for i, (attr, value, size) in enumerate(dims):
+        if i >= len(shape) or shape[i] != size:
+            raise _shape_error(where or "the root module", attr, value, full, shape, f"shape {expected}", meaning)
+    attr, value, _ = dims[-1] if dims else ("", None, None)
+    raise _shape_error(where or "the root module", attr, value, full, shape, f"shape {expected}", meaning)
+
+
+def check_shapes(m: nn.Module, path: str = "") -> None:
+    """UnsafeFileError when a torch.nn layer's attributes disagree with its tensors (see load)."""
+    where = path or "the root module"
+    name = type(m).__name__
+    if isinstance(m, nn.modules.conv._ConvNd):
+        cin, cout, groups = (_attr(m, where, a) for a in ("in_channels", "out_channels", "groups"))
+        k = _attr(m, where, "kernel_size", "ints")
+        for a in ("stride", "dilation"):
+            if len(_attr(m, where, a, "ints")) != len(k):
+                raise UnsafeFileError(f"{where}.{a} is {getattr(m, a)!r}; a {name} with kernel_size {k} needs "
+                                      f"{len(k)} of them")
+        for a, c in (("in_channels", cin), ("out_channels", cout)):
+            if c % groups:
+                raise UnsafeFileError(f"{where}.groups is {groups} but {a} is {c}, not a multiple of it")
+        if not isinstance(vars(m).get("transposed"), bool):
+            raise UnsafeFileError(f"{where}.transposed is {vars(m).get('transposed')!r}; a {name} needs True or False")
+        per_group = lambda a, c: (a, c) if groups == 1 else (f"{a} / groups", f"{c} / {groups}")  # noqa: E731
+        if m.transposed:
+            dims = [("in_channels", cin, cin), (*per_group("out_channels", cout), cout // groups)]
+            meaning = f"{name} weight (in_channels, out_channels / groups, *kernel_size)"
+        else:
+            dims = [("out_channels", cout, cout), (*per_group("in_channels", cin), cin // groups)]
+            meaning = f"{name} weight (out_channels, in_channels / groups, *kernel_size)"
+        dims += [("kernel_size", k, size) for size in k]
+        _expect(m, path, "weight", dims, meaning)
+        _expect(m, path, "bias", [("out_channels", cout, cout)], f"{name} bias (out_channels,)")
+    elif isinstance(m, nn.Linear):
+        cin, cout = _attr(m, where, "in_features"), _attr(m, where, "out_features")
+        _expect(m, path, "weight", [("out_features", cout, cout), ("in_features", cin, cin)],
+                "Linear weight (out_features, in_features)")
+        _expect(m, path, "bias", [("out_features", cout, cout)], "Linear bias (out_features,)")
+    elif isinstance(m, nn.Bilinear):
+        a, b, c = (_attr(m, where, x) for x in ("in1_features", "in2_features", "out_features"))
+        _expect(m, path, "weight", [("out_features", c, c), ("in1_features", a, a), ("in2_features", b, b)],
+                "Bilinear weight (out_features, in1_features, in2_features)")
+        _expect(m, path, "bias", [("out_features", c, c)], "Bilinear bias (out_features,)")
+    elif isinstance(m, nn.modules.batchnorm._NormBase):  # BatchNorm*d, InstanceNorm*d
+        n = _attr(m, where, "num_features")
+        for t in ("weight", "bias", "running_mean", "running_var"):
+            _expect(m, path, t, [("num_features", n, n)], f"{name} {t} (num_features,)")
+    elif isinstance(m, nn.LayerNorm):
+        shape = _attr(m, where, "normalized_shape", "shape")
+        for t in ("weight", "bias"):
+            _expect(m, path, t, [("normalized_shape", shape, s) for s in shape], f"LayerNorm {t} (*normalized_shape)")
+    elif isinstance(m, nn.GroupNorm):
+        groups, n = _attr(m, where, "num_groups"), _attr(m, where, "num_channels")
+        if n % groups:
+            raise UnsafeFileError(f"{where}.num_groups is {groups} but num_channels is {n}, not a multiple of it")
+        for t in ("weight", "bias"):
+            _expect(m, path, t, [("num_channels", n, n)], f"GroupNorm {t} (num_channels,)")
+    elif isinstance(m, nn.Embedding):
+        n, d = _attr(m, where, "num_embeddings"), _attr(m, where, "embedding_dim")
+        _expect(m, path, "weight", [("num_embeddings", n, n), ("embedding_dim", d, d)],
+                "Embedding weight (num_embeddings, embedding_dim)")
+    elif isinstance(m, nn.PReLU):
+        n = _attr(m, where, "num_parameters")
+        _expect(m, path, "weight", [("num_parameters", n, n)], "PReLU weight (num_parameters,)")
 
 
 def _tensor(tensors, name):
@@ -256,10 +400,21 @@ def load(path, *, map_location="cpu", allowed=()) -> nn.Module:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such file: {path}")
     if zipfile.is_zipfile(path):  # torch.save
-        blob = torch.load(path, map_location=map_location, weights_only=True)
+        try:
+            blob = torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            detail = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), "")
+            raise UnsafeFileError(
+                f"{path}: torch.load(weights_only=True) refused to unpickle it: it holds objects other than tensors "
+                f"and strings, which could run code when unpickled{f' ({detail})' if detail else ''}; gfs.prune.io.save "
+                f"never writes such a file") from None
+        except Exception as e:  # noqa: BLE001 - a zip file that torch cannot read at all
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise UnsafeFileError(f"{path} is a zip file but not a torch.save file gfs.prune.io.save wrote "
+                                  f"({type(e).__name__}: {first})") from None
         if not isinstance(blob, dict) or blob.get("format") != FORMAT or not isinstance(blob.get(_KEY), str):
             raise UnsafeFileError(f"{path} is a torch.save file but not one written by gfs.prune.io.save")
-        text, tensors = blob[_KEY], blob["tensors"]
+        text, tensors = blob[_KEY], blob.get("tensors")
     else:
         if not _have_safetensors():
             raise ImportError(f"{path} is not a torch.save zip file; reading .safetensors files needs the "
@@ -277,8 +432,19 @@ def load(path, *, map_location="cpu", allowed=()) -> nn.Module:
         if meta.get("format") != FORMAT or _KEY not in meta:
             raise UnsafeFileError(f"{path} is a safetensors file without a gfs architecture description")
         text = meta[_KEY]
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in tensors.items()):
+        raise UnsafeFileError(f"{path}: its tensors are not a dict of names to tensors")
     try:
         arch = json.loads(text)
     except json.JSONDecodeError as e:
         raise UnsafeFileError(f"{path}: the architecture is not valid JSON ({e})") from None
-    return rebuild(arch, tensors, allowed)
+    except RecursionError:
+        raise UnsafeFileError(f"{path}: the architecture JSON is nested too deeply to parse; gfs.prune.io.save "
+                              f"writes nothing nested deeper than {MAX_DEPTH} levels") from None
+    try:
+        return rebuild(arch, tensors, allowed)
+    except UnsafeFileError as e:
+        raise UnsafeFileError(f"{path}: {e}") from None
+    except RecursionError:  # (MAX_DEPTH is checked first; this guards a lowered recursion limit)
+        raise UnsafeFileError(f"{path}: the architecture is nested too deeply to rebuild") from None
