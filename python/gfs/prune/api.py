@@ -216,6 +216,14 @@ def _few(names, n=8):
     return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
 
 
+def _float_dtype(model):
+    """The dtype of the model's first floating-point parameter or buffer (None: it has none)."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
 def _device(model):
     for t in list(model.parameters()) + list(model.buffers()):
         return t.device
@@ -338,6 +346,10 @@ def prune(model: nn.Module, calibration, *, keep=None, ratio=None, criterion="lo
     calibration : Tensor, DataLoader or iterable of batches
         Inputs x, or (x, y) batches. Read once and kept in memory. y is used by criterion "loss"
         only, when it holds integer class labels (cross-entropy); otherwise it is ignored.
+        Floating-point inputs must be finite (a NaN or Inf is a ValueError naming the batch), and
+        those of another dtype than the model's (its first floating-point parameter's) are
+        converted to the model's dtype, e.g. float64 data for a float32 model: the result is that
+        of the converted values. The caller's tensors are not modified.
     keep : int, optional
         Channels kept per group (exactly one of keep / ratio).
     ratio : float in (0, 1], optional
@@ -418,7 +430,7 @@ def prune(model: nn.Module, calibration, *, keep=None, ratio=None, criterion="lo
     checkpoint = _check_checkpoint(checkpoint)
     name = type(model).__name__
     crit = CRITERIA[criterion]()
-    batches, labels = as_batches(calibration, _device(model), with_labels=True)
+    batches, labels = as_batches(calibration, _device(model), with_labels=True, dtype=_float_dtype(model))
     example = batches[0][: min(2, batches[0].shape[0])]
 
     reference = copy.deepcopy(model).eval()  # the original network: targets
@@ -503,6 +515,9 @@ def prune(model: nn.Module, calibration, *, keep=None, ratio=None, criterion="lo
             at = pc + 1
             X = got[("in", consumer)]
             target = remove_bias(ref[("out", consumer)], layer)
+            if crit.needs_data:
+                _check_finite(X, f"the input of its consumer {g.consumer!r} (the network pruned so far)", g)
+                _check_finite(target, f"the original network's output of {g.consumer!r}", g)
             tail = None
             if network is not None:
                 tail = network.at(consumer, 1 if isinstance(layer, nn.Conv2d) else -1)
@@ -511,7 +526,10 @@ def prune(model: nn.Module, calibration, *, keep=None, ratio=None, criterion="lo
                           generator=generator, network=tail, loss_candidates=loss_opts.get("loss_candidates"),
                           shortlist=loss_opts.get("shortlist"), tolerance=loss_opts.get("tolerance"),
                           on_step=bar.step)
-            decision = crit.decide(ctx)
+            try:
+                decision = crit.decide(ctx)
+            except ValueError as exc:  # say which group (the message is the selection's or the statistics')
+                raise ValueError(f"group {g.name!r} (consumer {g.consumer!r}), criterion {criterion!r}: {exc}") from exc
             del tail
             s = torch.zeros(g.channels, dtype=torch.float64)
             s[decision.keep] = decision.scale
@@ -567,6 +585,19 @@ def prune(model: nn.Module, calibration, *, keep=None, ratio=None, criterion="lo
     say(f"done: {len(report)} groups, parameters {params[0]:,} -> {params[1]:,}, FLOPs {flops[0]:,} -> {flops[1]:,}, "
         f"{result.seconds:.1f} s")
     return result
+
+
+def _check_finite(t, what, g):
+    """ValueError when an activation computed from the (finite) calibration data is not finite."""
+    if not (t.is_floating_point() or t.is_complex()):
+        return
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        first = tuple(int(v) for v in (~finite).nonzero()[0])
+        raise ValueError(
+            f"group {g.name!r}: {what} on the calibration batches contains NaN or Inf (first at index {first}); "
+            f"the calibration data are finite, so the model overflows or divides by zero on them: check its "
+            f"weights, or pass inputs of the scale it was trained on")
 
 
 def _with_bias(out, layer):

@@ -15,15 +15,21 @@ import torch.fx as fx
 import torch.nn as nn
 
 
-def as_batches(calibration, device=None, *, with_labels=False):
+def as_batches(calibration, device=None, *, with_labels=False, dtype=None):
     """The input tensors of ``calibration``, on ``device``.
 
     ``calibration`` is a tensor (one batch), or an iterable (e.g. a DataLoader) of batches, each a
     tensor ``x`` or a tuple/list whose first item is ``x``. With ``with_labels=True`` the result
     is ``(batches, labels)``: labels[i] is the second item of batch i when that is an integer
     tensor (class labels), else None.
+
+    ``dtype`` (the model's floating-point dtype): floating-point batches of another dtype are
+    converted to it (copies: the caller's tensors are never modified), so float64 or float16 data
+    calibrate a float32 model as its float32 values would. Floating-point batches must be finite:
+    a NaN or Inf is a ValueError naming the batch and the first such index.
     """
-    if isinstance(calibration, torch.Tensor):
+    single = isinstance(calibration, torch.Tensor)
+    if single:
         items = [calibration]
     elif isinstance(calibration, (str, bytes)) or not isinstance(calibration, Iterable):
         raise TypeError(
@@ -33,6 +39,8 @@ def as_batches(calibration, device=None, *, with_labels=False):
         items = list(calibration)
     batches, labels = [], []
     for i, b in enumerate(items):
+        what = ("calibration (the tensor passed to gfs.prune)" if single
+                else f"calibration batch {i} (of the calibration data passed to gfs.prune)")
         x = b[0] if isinstance(b, (tuple, list)) and len(b) > 0 else b
         if not isinstance(x, torch.Tensor):
             raise TypeError(
@@ -43,6 +51,14 @@ def as_batches(calibration, device=None, *, with_labels=False):
             raise TypeError(f"calibration batch {i} has dtype {x.dtype}; pass the model's inputs")
         if x.dim() == 0 or x.shape[0] == 0:
             raise ValueError(f"calibration batch {i} has shape {tuple(x.shape)}; it needs at least one sample")
+        if x.is_floating_point() or x.is_complex():
+            finite = torch.isfinite(x)
+            if not bool(finite.all()):
+                first = tuple(int(v) for v in (~finite).nonzero()[0])
+                raise ValueError(f"{what} contains NaN or Inf (first at index {first}); remove or impute those "
+                                 f"samples before pruning")
+        if dtype is not None and x.is_floating_point() and x.dtype != dtype:
+            x = x.to(dtype)  # a new tensor
         batches.append(x.to(device) if device is not None else x)
         y = b[1] if isinstance(b, (tuple, list)) and len(b) > 1 else None
         is_label = isinstance(y, torch.Tensor) and not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool)

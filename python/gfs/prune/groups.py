@@ -55,8 +55,11 @@ Use ``layers=`` in :func:`gfs.prune` to restrict pruning to some of the groups.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import operator
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -210,15 +213,37 @@ def _trace(twin: nn.Module, example: torch.Tensor, name: str):
             f"cannot trace {name} with torch.fx ({type(e).__name__}: {e}); gfs.prune finds channel groups from "
             f"the traced data flow, so models with data-dependent control flow are not supported"
         ) from None
-    with torch.no_grad():
-        try:
-            ShapeProp(gm).propagate(example)
-        except Exception as e:  # noqa: BLE001
-            raise UnsupportedModelError(
-                f"running {name} on the calibration batch failed during shape propagation "
-                f"({type(e).__name__}: {e}); check that calibration batches are valid inputs of the model"
-            ) from None
+    prop = _ShapeProp(gm)
+    printed = io.StringIO()  # ShapeProp prints a traceback of a failing node to stderr: keep it out
+    try:
+        with torch.no_grad(), contextlib.redirect_stderr(printed):
+            prop.propagate(example)
+    except Exception as e:  # noqa: BLE001
+        cause = e
+        while cause.__cause__ is not None:  # ShapeProp wraps the module's own error
+            cause = cause.__cause__
+        node, at = prop.current, ""
+        if node is not None and node.op == "call_module":
+            at = f" at module {node.target!r} ({type(gm.get_submodule(node.target)).__name__})"
+        elif node is not None:
+            at = f" at {node.op} {getattr(node.target, '__name__', node.target)}"
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        raise UnsupportedModelError(
+            f"running {name} on the calibration batch (shape {tuple(example.shape)}, dtype {example.dtype}) failed"
+            f"{at}: {type(cause).__name__}: {first}; check that the calibration batches are valid inputs of the model"
+        ) from None
+    sys.stderr.write(printed.getvalue())  # anything else printed (warnings) is passed on
     return gm
+
+
+class _ShapeProp(ShapeProp):
+    """ShapeProp that remembers the node it is running (for the error message)."""
+
+    current = None
+
+    def run_node(self, n):
+        self.current = n
+        return super().run_node(n)
 
 
 def find_groups(model: nn.Module, example: torch.Tensor) -> GroupScan:
