@@ -22,6 +22,11 @@ TINY = ["--model", "resnet18", "--image-size", "16", "--train-samples", "192", "
         "--calib-size", "48", "--batch-size", "32", "--no-progress"]
 
 
+def _flat(text):
+    """Text without whitespace: rich wraps long lines (paths) at the console width."""
+    return "".join(text.split())
+
+
 def _tensors(path):
     from safetensors.torch import load_file
 
@@ -107,6 +112,68 @@ def test_prune_cli_resume_after_interrupt_gives_the_same_model(tmp_path, monkeyp
     rb = json.loads((tmp_path / "cut.safetensors.json").read_text())
     assert [r["kept"] for r in ra["layers"]] == [r["kept"] for r in rb["layers"]]
     assert ra["accuracy"] == rb["accuracy"]
+
+
+def test_prune_cli_resume_reuses_dense_weights_only_of_the_same_training(tmp_path, capsys):
+    """OUT.dense.safetensors records what its training depended on; --resume reuses it only when
+    this command would train the same weights, else trains afresh (saying why), or refuses when an
+    interrupted run's checkpoint belongs to the other weights."""
+    from safetensors.torch import save_file
+
+    common = ["prune", *TINY, "--train-epochs", "1", "--finetune-epochs", "0"]
+    out = tmp_path / "p.safetensors"
+    dense = str(out) + ".dense.safetensors"
+    assert main([*common, "--out", str(out)]) == 0  # a completed run: no checkpoint left, its dense weights kept
+    capsys.readouterr()
+    first = _tensors(dense)
+
+    assert main([*common, "--out", str(out), "--resume", "--seed", "1"]) == 0  # another seed: not those weights
+    printed = _flat(capsys.readouterr().out)
+    assert _flat(f"{dense} was trained with other settings (different: seed)") in printed and _flat("training afresh") in printed
+    assert _flat("training resnet18 from scratch") in printed and _flat("of the interrupted run") not in printed
+    fresh = tmp_path / "fresh.safetensors"
+    assert main([*common, "--out", str(fresh), "--seed", "1"]) == 0
+    capsys.readouterr()
+    reseeded, expected = _tensors(dense), _tensors(str(fresh) + ".dense.safetensors")
+    assert any(not torch.equal(first[k], reseeded[k]) for k in first)
+    assert all(torch.equal(reseeded[k], expected[k]) for k in expected)  # what --seed 1 trains
+
+    assert main([*common, "--out", str(out), "--resume", "--seed", "1"]) == 0  # the same training: reused
+    printed = _flat(capsys.readouterr().out)
+    assert _flat("training resnet18 from scratch") not in printed
+    assert _flat(f"trained weights of an earlier run with the same training settings, {dense}") in printed
+
+    for flags, differ in ((["--train-epochs", "2"], "train_epochs"), (["--train-lr", "0.01"], "train_lr"),
+                          (["--batch-size", "16"], "batch_size"), (["--image-size", "12"], "image_size"),
+                          (["--train-samples", "160"], "train_images, train_samples")):
+        (tmp_path / "p.safetensors.ckpt").write_bytes(b"an interrupted run")  # its checkpoint: refused up front
+        assert main([*common, "--out", str(out), "--resume", "--seed", "1", *flags]) == 2  # (the last flag wins)
+        err = _flat(capsys.readouterr().err)
+        assert _flat(f"--resume: {dense} was trained with other settings than this command (different: {differ})") in err
+        assert "delete" in err and "p.safetensors.ckpt" in err
+    os.remove(tmp_path / "p.safetensors.ckpt")
+
+    save_file(_tensors(dense), dense)  # a file without the record (an older gfs): not reused
+    assert main([*common, "--out", str(out), "--resume", "--seed", "1"]) == 0
+    printed = _flat(capsys.readouterr().out)
+    assert _flat("carries no record of its training") in printed and _flat("training resnet18 from scratch") in printed
+
+
+def test_prune_cli_nan_in_the_calibration_images_names_data(tmp_path, random_weights, monkeypatch, capsys):
+    from gfs.data import ImageData
+
+    real = ImageData.calibration
+
+    def with_nan(self, *args, **kwargs):
+        batches = real(self, *args, **kwargs)
+        batches[0][0][0, 0, 0, 0] = float("nan")
+        return batches
+
+    monkeypatch.setattr(ImageData, "calibration", with_nan)
+    assert main(["prune", *TINY, "--weights", str(random_weights), "--finetune-epochs", "0",
+                 "--out", str(tmp_path / "n.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "--data digits: the calibration images: calibration batch 0" in err and "NaN" in err
 
 
 def test_prune_cli_baseline_criteria_and_keep(tmp_path, random_weights):

@@ -7,11 +7,16 @@ Steps: load the data (``--data``, see gfs.data.load_image_data); build the torch
 with ``weights=None`` and as many classes as the data have; load ``--weights`` (a state dict,
 safetensors or ``torch.save``, read with ``weights_only=True``), or, without a weights file,
 train it from scratch for ``--train-epochs`` (pruning an untrained network means nothing; the
-trained weights are written next to the output so the next run can pass them as ``--weights``);
-prune with :func:`gfs.prune` on a fixed, seeded calibration subset of the training images
-(checkpointed after every group to OUT.ckpt, so ``--resume`` continues an interrupted run with the
-same result); fine-tune for ``--finetune-epochs``; save the model with gfs.prune.io.save (JSON
+trained weights are written to OUT.dense.safetensors so the next run can pass them as
+``--weights``, with a record of what their training depended on: model, data, seed, epochs,
+learning rate, batch size, see :func:`training_fingerprint`); prune with :func:`gfs.prune` on a
+fixed, seeded calibration subset of the training images (checkpointed after every group to
+OUT.ckpt, so ``--resume`` continues an interrupted run with the same result); fine-tune for ``--finetune-epochs``; save the model with gfs.prune.io.save (JSON
 architecture + tensors, no pickle) and a JSON report beside it; print a summary table.
+
+``--resume`` reuses OUT.dense.safetensors only when its record matches this command's training
+(the same weights would be trained again); otherwise it trains afresh and says why, or, when
+OUT.ckpt exists (an interrupted run of those other weights), refuses with what differs.
 
 The building blocks (:func:`build_model`, :func:`internal_layers`, :func:`load_weights`,
 :func:`run`) are used by `gfs demo` and benchmarks/prune_baselines.py too.
@@ -126,11 +131,41 @@ def load_weights(model, path: str, *, what: str = "--weights", label: str | None
     return model
 
 
-def save_weights(model, path: str) -> None:
-    """The model's state dict as a safetensors file (what --weights reads back)."""
+_TRAINING_KEY = "gfs_training"  # safetensors metadata of OUT.dense.safetensors: what its training depended on
+
+
+def save_weights(model, path: str, *, training: dict | None = None) -> None:
+    """The model's state dict as a safetensors file (what --weights reads back). ``training``:
+    the fingerprint of the training that produced the weights (see :func:`training_fingerprint`),
+    kept in the file's metadata so that ``--resume`` reuses the file only for the same training."""
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}, path)
+    meta = None if training is None else {_TRAINING_KEY: json.dumps(training, sort_keys=True)}
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}, path, metadata=meta)
+
+
+def training_fingerprint(job: "PruneJob", data) -> dict:
+    """Everything the dense weights trained by `gfs prune` (without --weights) depend on: the
+    model, the training images (data spec, image size, subset, count, classes), the seed, the
+    epochs, the learning rate, the batch size and the recipe. Two runs with the same fingerprint
+    train the same weights."""
+    return {"model": job.model, "data": job.data, "image_size": data.image_size, "classes": data.classes,
+            "train_samples": job.train_samples, "train_images": len(data.train), "seed": job.seed,
+            "train_epochs": job.train_epochs, "train_lr": job.train_lr, "batch_size": job.batch_size,
+            "recipe": dict(TRAIN_RECIPE)}
+
+
+def stored_training(path: str) -> dict | None:
+    """The training fingerprint kept in a dense weights file by :func:`save_weights`, or None
+    (no such record, or not a safetensors file)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            text = (f.metadata() or {}).get(_TRAINING_KEY)
+        return json.loads(text) if text else None
+    except Exception:  # noqa: BLE001 - unreadable: no record
+        return None
 
 
 def _plural(n: int, word: str) -> str:
@@ -339,12 +374,29 @@ def _run(job: PruneJob, console, err_console) -> dict:
     seconds["data"] = time.perf_counter() - t0
     dense_source = None
     t0 = time.perf_counter()
+    training = training_fingerprint(job, data)
+    reuse = False
+    if not job.weights and job.resume and os.path.isfile(job.dense_path):
+        # reuse the dense weights of an earlier run only if this command would train the same ones
+        stored = stored_training(job.dense_path)
+        reuse = stored == json.loads(json.dumps(training, sort_keys=True))
+        if not reuse:
+            why = ("it carries no record of its training (written by another tool or an older gfs)" if stored is None
+                   else f"different: {', '.join(sorted(k for k in set(stored) | set(training) if stored.get(k) != training.get(k)))}")
+            if os.path.isfile(checkpoint):
+                raise CliError(
+                    f"--resume: {job.dense_path} was trained with other settings than this command ({why}), so "
+                    f"{checkpoint} belongs to a run of other dense weights; run the interrupted command again with "
+                    f"its own flags to continue it, or delete {checkpoint} (and {job.dense_path}) to start afresh")
+            console.print(f"--resume: {job.dense_path} was trained with other settings ({why}); not reusing it: "
+                          + ("training afresh" if job.train_epochs > 0 else "--train-epochs 0"))
     if job.weights:
         load_weights(model, job.weights, label=label)
         dense_source = f"weights from {job.weights}"
-    elif job.resume and os.path.isfile(job.dense_path):
+    elif reuse:
         load_weights(model, job.dense_path, what="the trained weights", label=label)
-        dense_source = f"trained weights of the interrupted run, {job.dense_path}"
+        dense_source = (f"trained weights of the interrupted run, {job.dense_path}" if os.path.isfile(checkpoint)
+                        else f"trained weights of an earlier run with the same training settings, {job.dense_path}")
     elif job.train_epochs > 0:
         console.print(f"no --weights: training {job.model} from scratch for {_plural(job.train_epochs, 'epoch')} on {data.name} "
                       f"(lr {job.train_lr}, seed {job.seed}) before pruning; pruning an untrained network means "
@@ -352,7 +404,7 @@ def _run(job: PruneJob, console, err_console) -> dict:
         trained = finetune(model, train_loader, job.train_epochs, lr=job.train_lr, warmup=TRAIN_RECIPE["warmup"],
                            seed=job.seed,
                            inplace=True, progress=job.progress, description="training", console=err_console)
-        save_weights(model, job.dense_path)
+        save_weights(model, job.dense_path, training=training)
         dense_source = (f"trained here for {_plural(job.train_epochs, 'epoch')} ({trained.seconds:.0f} s; saved to "
                         f"{job.dense_path})")
     else:
@@ -391,6 +443,10 @@ def _run(job: PruneJob, console, err_console) -> dict:
     except ValueError as exc:
         if "checkpoint" in str(exc):
             raise CliError(f"--resume: {exc}") from None
+        if str(exc).startswith("calibration"):
+            raise CliError(f"--data {job.data}: the calibration images: {exc}") from None
+        if str(exc).startswith("group "):
+            raise CliError(f"pruning failed: {exc}") from None
         raise CliError(f"gfs.prune refused the settings: {exc}") from None
     seconds["prune"] = time.perf_counter() - t0
     pruned_eval = evaluate(result.model, test_loader)
@@ -529,7 +585,8 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
                    help="--criterion loss: stop a group once top-1 is within T (relative) of the dense network's")
     p.add_argument("--train-samples", type=_positive_int, metavar="N", help="use at most N training images (quick runs)")
     p.add_argument("--test-samples", type=_positive_int, metavar="N", help="use at most N test images (quick runs)")
-    p.add_argument("--resume", action="store_true", help="continue the interrupted run whose checkpoint is OUT.ckpt")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run whose checkpoint is OUT.ckpt "
+                   "(the dense weights OUT.dense.safetensors are reused when they were trained with the same settings)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, batch order, calibration subset "
                    "and the random criteria")
     p.add_argument("--threads", type=_positive_int, metavar="T", help="torch CPU threads (default: torch's choice)")
