@@ -116,7 +116,7 @@ def line_search_candidates(U, y, z, first):
         gam = np.ones(N)
     else:
         dd = (D * D).sum(1)
-        rd = D @ (y - z)
+        rd = (D * (y - z)[None, :]).sum(1)  # row-wise (not gemv): identical rows, identical values
         gam = np.where(dd > 0, np.clip(rd / np.where(dd > 0, dd, 1.0), 0.0, 1.0), 0.0)
     cand = z[None, :] + gam[:, None] * D
     return ((y[None, :] - cand) ** 2).sum(1) / M, gam

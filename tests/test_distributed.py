@@ -33,6 +33,10 @@ def _problems():
         "eps_stop": (U, U.mean(0), [6, 7], 12, True, 1e-3),
         "one_row_each_m1": (torch.tensor([[2.0], [0.5]]), torch.tensor([1.0]), [1, 1], 3, True, None),
         "float32": (U.float(), y.float(), [7, 6], 6, True, None),
+        # a column of a matrix: non-contiguous targets (issue 11)
+        "strided_targets": (U, torch.stack([y, -y], 1)[:, 0], [7, 6], 5, True, None),
+        # squares overflow float32 unless the ranks agree on one exact power-of-two rescale
+        "float32_near_overflow": (U.float() * 2.0**66, y.float() * 2.0**66, [7, 6], 6, True, None),
     }
 
 

@@ -82,7 +82,7 @@ BAD = {
     "int numpy targets": (lambda U, y: dict(targets=np.zeros((3, 5), dtype=np.int64)), TypeError, "targets has dtype int64"),
     "list features": (lambda U, y: dict(features=U.tolist()), TypeError, "features must be a torch.Tensor"),
     "missing targets": (lambda U, y: dict(targets=None), ValueError, "targets is missing"),
-    "devices differ": (lambda U, y: dict(targets=torch.empty(3, 5, device="meta")), ValueError, "features is on cpu but targets is on meta"),
+    "targets without data": (lambda U, y: dict(targets=torch.empty(3, 5, device="meta")), ValueError, "targets is on the meta device"),
     "k zero": (lambda U, y: dict(k=0), ValueError, "k must be >= 1"),
     "k negative": (lambda U, y: dict(k=-2), ValueError, "k must be >= 1"),
     "k float": (lambda U, y: dict(k=2.0), TypeError, "k must be an int"),

@@ -124,7 +124,7 @@ BAD_UPDATE = {
     "nan batch": (lambda U, y: (U.index_fill(1, torch.tensor([3]), float("nan")), y), ValueError, "features_batch contains NaN or Inf"),
     "inf target": (lambda U, y: (U, y.index_fill(0, torch.tensor([0]), float("inf"))), ValueError, "targets_batch contains NaN or Inf"),
     "int batch": (lambda U, y: (U.to(torch.int64), y), TypeError, "features_batch has dtype torch.int64"),
-    "other device": (lambda U, y: (U.to("meta"), y.to("meta")), ValueError, "features_batch is on meta but these GramStats live on cpu"),
+    "no data": (lambda U, y: (U.to("meta"), y.to("meta")), ValueError, "features_batch is on the meta device"),
 }
 
 

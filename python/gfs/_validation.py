@@ -5,7 +5,9 @@ read only), reshaped views or contiguous copies are made only when needed.
 """
 from __future__ import annotations
 
+import math
 import numbers
+import os
 
 import numpy as np
 import torch
@@ -16,11 +18,16 @@ _CHECK_CHUNK = 1 << 24  # elements per finiteness check, bounds the temporary
 
 
 def as_tensor(x, name: str) -> torch.Tensor:
+    """A tensor with data on a real device, detached from autograd (selection needs no gradients)."""
     if isinstance(x, torch.Tensor):
-        return x
+        if x.device.type == "meta":
+            raise ValueError(f"{name} is on the meta device (a shape without data); pass a tensor that holds its values")
+        return x.detach()
     if isinstance(x, np.ndarray):
         if x.dtype.kind != "f":
             raise TypeError(f"{name} has dtype {x.dtype}; pass floating-point data (e.g. {name}.astype('float32'))")
+        if not x.dtype.isnative:  # e.g. big-endian data read from a file: a native-order copy
+            x = x.astype(x.dtype.newbyteorder("="))
         return torch.from_numpy(x)
     raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
 
@@ -32,14 +39,16 @@ def check_dtype(x: torch.Tensor, name: str) -> None:
         )
 
 
-def check_finite(x: torch.Tensor, name: str) -> None:
+def check_finite(x: torch.Tensor, name: str) -> float:
+    """Raise unless every entry is finite; return max |x| (0.0 when empty)."""
     if x.numel() == 0:
-        return
-    # fast path: NaN and Inf propagate through a sum (one reduction, ~25x cheaper than isfinite);
-    # a non-finite sum (or a float32 overflow of a finite one) falls through to the exact scan
-    total = x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-    if bool(torch.isfinite(total)):
-        return
+        return 0.0
+    # fast path: NaN and Inf propagate through min and max (one reduction, as cheap as a sum and
+    # ~25x cheaper than isfinite); a non-finite result falls through to the exact scan
+    lo, hi = torch.aminmax(x.reshape(-1))
+    amax = max(-float(lo), float(hi))
+    if math.isfinite(amax):
+        return amax
     flat = x.reshape(-1)
     for i in range(0, flat.numel(), _CHECK_CHUNK):
         if not bool(torch.isfinite(flat[i : i + _CHECK_CHUNK]).all()):
@@ -51,9 +60,9 @@ def check_finite(x: torch.Tensor, name: str) -> None:
             )
 
 
-def features_and_targets(features, targets, name: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
-    """Checked (U, y): U a contiguous (N, M) view or copy of features, y of targets (M,); errors
-    call the features argument `name`."""
+def features_and_targets(features, targets, name: str = "features") -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Checked (U, y, amax): U a contiguous (N, M) view or copy of features, y of targets (M,),
+    amax = max(|U|, |y|); errors call the features argument `name`."""
     U = as_tensor(features, name)
     if targets is None:
         raise ValueError("targets is missing: pass the target output y (shape (M,) or features.shape[1:])")
@@ -71,17 +80,27 @@ def features_and_targets(features, targets, name: str = "features") -> tuple[tor
     if tuple(y.shape) != tuple(U.shape[1:]) and tuple(y.shape) != (M,):
         raise ValueError(
             f"targets has shape {tuple(y.shape)} but {name} has shape {tuple(U.shape)}; "
-            f"targets must have shape {tuple(U.shape[1:])} or ({M},)"
+            f"targets must have shape {shapes(U.shape[1:], M)}"
         )
     if U.device != y.device:
         raise ValueError(
             f"{name} is on {U.device} but targets is on {y.device}; move both to one device (e.g. targets.to({name}.device))"
         )
     U = U.reshape(N, M).contiguous()
-    y = y.reshape(M)
-    check_finite(U, name)
-    check_finite(y, "targets")
-    return U, y
+    y = y.reshape(M).contiguous()
+    amax = max(check_finite(U, name), check_finite(y, "targets"))
+    return U, y, amax
+
+
+def shapes(S, m: int) -> str:
+    """'(S) or (m,)' for an error message, or just '(m,)' when they are the same."""
+    S, flat = tuple(S), (m,)
+    return f"{flat}" if S == flat else f"{S} or {flat}"
+
+
+# Bytes of result per selection step: the pick (int64), the loss, the gap and the step size
+# (float64 each), with the same again for the engines' own per-step state.
+BYTES_PER_STEP = 64
 
 
 def check_k(k, n: int, replacement: bool) -> int:
@@ -95,7 +114,59 @@ def check_k(k, n: int, replacement: bool) -> int:
             f"k={k} is larger than the {n} candidates, and replacement=False forbids picking one twice; "
             f"use k <= {n} or replacement=True"
         )
+    need, free = k * BYTES_PER_STEP, available_memory()
+    if need > free:
+        raise ValueError(
+            f"k={k} steps would need {need / 2**30:.3g} GiB for the result ({BYTES_PER_STEP} bytes a step) but "
+            f"{free / 2**30:.3g} GiB of memory are available; pass a smaller k (eps= stops early at a loss)"
+        )
     return k
+
+
+def available_memory() -> int:
+    """Bytes of memory available to this process: MemAvailable where /proc/meminfo exists, else
+    the free physical pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62  # unknown: do not refuse
+
+
+def rescale_exponent(amax: float, dtype: torch.dtype, m: int, step: str = "uniform") -> int:
+    """0 when entries of magnitude <= amax can be selected on as they are: their products summed
+    over m terms in `dtype`'s accumulation dtype (float64 for float64, else float32), and the
+    float64 products of those sums that line_search and refit form (fourth powers of the data),
+    neither overflow nor underflow. Otherwise the exponent e of amax (amax = f 2^e, 0.5 <= f < 1):
+    multiplying U and y by 2^-e brings them to [0.5, 1), an exact rescale that leaves every
+    argmin unchanged (losses scale by 4^-e). So finite input never gives a silently wrong
+    selection (DESIGN section 3)."""
+    if amax == 0.0:
+        return 0
+    e = math.frexp(amax)[1]
+    bits = int(m).bit_length()
+    acc = np.finfo(np.float64 if dtype == torch.float64 else np.float32)
+    for fi, power in ((acc, 2), (np.finfo(np.float64), 2 if step == "uniform" else 4)):
+        # headroom for the sums of m terms and the step factor t of the GPU loops' q = (t+1) y - t z;
+        # below, the powers keep a full mantissa above the smallest normal number
+        hi = (fi.maxexp - 40 - power // 2 * bits) // power
+        lo = (fi.minexp + 2 * (fi.nmant + 1)) // power
+        if e > hi or e < lo:
+            return e
+    return 0
+
+
+def scaled(x: torch.Tensor, e: int) -> torch.Tensor:
+    """x * 2^-e (a new tensor, in x's dtype), in two exact power-of-two steps so that no factor
+    overflows the dtype."""
+    a = -e // 2
+    return (x * 2.0**a).mul_(2.0 ** (-e - a))
 
 
 def check_options(step, eps, replacement) -> float | None:

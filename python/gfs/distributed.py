@@ -16,6 +16,7 @@ Data-parallel statistics (the other way to use several processes) are
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -27,8 +28,11 @@ from gfs_kernels.base import accumulation_dtype
 from . import _validation as check
 from .engines import stream
 from .selection import Selection
+from .stats import _unscale as unscale
 
 __all__ = ["select_sharded"]
+
+_NO_EXPONENT = -(1 << 20)  # the exponent gathered for an all-zero shard (or an invalid one)
 
 
 def select_sharded(shard, targets, k, *, replacement=True, eps=None, backend="auto", group=None) -> Selection:
@@ -70,27 +74,32 @@ def select_sharded(shard, targets, k, *, replacement=True, eps=None, backend="au
     error = None
     try:
         eps = check.check_options("uniform", eps, replacement)
-        U, y = check.features_and_targets(shard, targets, "shard")
+        U, y, amax = check.features_and_targets(shard, targets, "shard")
         chosen = gfs_kernels.get(backend) if backend != "auto" else None
         if chosen is not None and chosen.supports(U.device, U.dtype):
             raise ValueError(f"backend {backend!r} cannot run here: {chosen.supports(U.device, U.dtype)}")
-        shape = (U.shape[0], U.shape[1])
+        shape = (U.shape[0], U.shape[1], math.frexp(amax)[1] if amax > 0 else _NO_EXPONENT)
     except (TypeError, ValueError) as exc:
-        error, shape = exc, (0, -1)
-    sizes = _all_gather_ints(shape, comm, group, world)  # (world, 2): rows and M of every rank
+        error, shape = exc, (0, -1, _NO_EXPONENT)
+    sizes = _all_gather_ints(shape, comm, group, world)  # (world, 3): rows, M, exponent of max |x|
     failed = [r for r in range(world) if sizes[r][1] < 0]
     if failed:
         if error is not None:
             raise error
         raise ValueError(f"select_sharded: the input on rank(s) {failed} is invalid (see the error raised there)")
-    Ms = {m for _, m in sizes}
+    Ms = {m for _, m, _ in sizes}
     if len(Ms) != 1:
-        raise ValueError(f"shard: every rank needs the same M (entries per candidate); got {[m for _, m in sizes]} by rank")
-    rows = [n for n, _ in sizes]
+        raise ValueError(f"shard: every rank needs the same M (entries per candidate); got {[m for _, m, _ in sizes]} by rank")
+    rows = [n for n, _, _ in sizes]
     N, M = sum(rows), U.shape[1]
     offset = sum(rows[:rank])
     k = check.check_k(k, N, bool(replacement))
 
+    # one exact power-of-two rescale for all ranks where the magnitudes need it (as gfs.select)
+    top = max(x for _, _, x in sizes)
+    scale = check.rescale_exponent(math.ldexp(0.5, top), U.dtype, M) if top > _NO_EXPONENT else 0
+    if scale:
+        U, y = check.scaled(U, scale), check.scaled(y.to(accumulation_dtype(U.dtype)), scale)
     y_acc = y.to(accumulation_dtype(U.dtype))
     y0 = y.double().to(comm).clone()
     dist.broadcast(y0, _global(0, group), group=group)
@@ -108,18 +117,20 @@ def select_sharded(shard, targets, k, *, replacement=True, eps=None, backend="au
     total = U.sum(0, dtype=y_acc.dtype).double().to(comm)
     dist.all_reduce(total, group=group)
     dense = float(((y.double().to(comm) - total / N) ** 2).mean())
-    stop_loss = -1.0 if eps is None else dense + eps
+    stop_loss = -1.0 if eps is None else dense + math.ldexp(eps, -2 * scale)
     t2 = time.perf_counter()
 
     picks, losses, gaps = _loop(chosen, U, y_acc, k, bool(replacement), stop_loss, offset, rows, comm, group)
     t3 = time.perf_counter()
     indices = torch.tensor(picks, dtype=torch.int64)
+    losses, gaps = unscale(torch.tensor(losses, dtype=torch.float64), 2 * scale), unscale(torch.tensor(gaps, dtype=torch.float64), 2 * scale)
+    dense = float(unscale(torch.tensor(dense, dtype=torch.float64), 2 * scale))
     return Selection(
         indices=indices,
         support=torch.unique(indices),
         weights=stream.uniform_weights(indices, N),
-        losses=torch.tensor(losses, dtype=torch.float64),
-        gaps=torch.tensor(gaps, dtype=torch.float64),
+        losses=losses,
+        gaps=gaps,
         dense_loss=dense,
         backend=chosen.name,
         engine="stream",

@@ -1,6 +1,7 @@
 """gfs.select: greedy forward selection of candidates, the one entry point."""
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -12,6 +13,7 @@ from . import _validation as check
 from .engines import cost, gram, stream
 from .selection import Selection
 from .stats import GramStats
+from .stats import _unscale as unscale
 
 ENGINES = ("auto", "stream", "gram")
 
@@ -96,7 +98,7 @@ def select(features, targets=None, k=None, *, replacement=True, step="uniform", 
 
     if backend != "auto" and engine != "gram":
         chosen = gfs_kernels.get(backend)  # ValueError naming the known backends
-    U, y = check.features_and_targets(features, targets)
+    U, y, amax = check.features_and_targets(features, targets)
     N, M = U.shape
     k = check.check_k(k, N, replacement)
     if engine == "auto":
@@ -109,31 +111,46 @@ def select(features, targets=None, k=None, *, replacement=True, step="uniform", 
 
     if engine == "gram":
         t1 = time.perf_counter()
-        stats = GramStats(N, device=U.device).update(U, y, _trusted=True)  # U, y validated above
+        stats = GramStats(N, device=U.device).update(U, y, _amax=amax)  # U, y validated above
         t2 = time.perf_counter()
         sel = _select_from_stats(stats, None, k, replacement, step, eps, backend, "gram", t0,
                                  engine_reason=engine_reason, trusted=True)
         sel.timings = {"validate": t1 - t0, "stats": t2 - t1, **{n: v for n, v in sel.timings.items() if n != "validate"}}
         return sel
 
+    device = None  # where the backend runs, when not where U is (a GPU backend given host memory)
     if backend == "auto":
         chosen, reason = gfs_kernels.choose(U.device, U.dtype)
     else:
         why_not = chosen.supports(U.device, U.dtype)
+        if why_not and U.device.type == "cpu" and "cuda" in chosen.device_types and torch.cuda.is_available():
+            device = torch.device("cuda", torch.cuda.current_device())
+            why_not = chosen.supports(device, U.dtype)
         if why_not:
             raise ValueError(f"backend {backend!r} cannot run here: {why_not}; use backend='auto' or another of {gfs_kernels.names()}")
         reason = "requested"
     y = y.to(accumulation_dtype(U.dtype))
+    # magnitudes the accumulation dtype cannot square and sum: an exact power-of-two rescale
+    # (the argmin is unchanged; losses and gaps are reported in the caller's units)
+    e = check.rescale_exponent(amax, U.dtype, M, step)
+    if e:
+        U, y = check.scaled(U, e), check.scaled(y, e)
     t1 = time.perf_counter()
 
     dense = stream.dense_loss(U, y)
-    stop_loss = -1.0 if eps is None else dense + eps
+    stop_loss = -1.0 if eps is None else dense + float(unscale(torch.tensor(eps, dtype=torch.float64), -2 * e))
     t2 = time.perf_counter()
 
-    result = stream.run(chosen, U, y, k, step=step, replacement=replacement, stop_loss=stop_loss)
+    result = stream.run(chosen, U, y, k, step=step, replacement=replacement, stop_loss=stop_loss, device=device)
+    if "host_stream" in result.notes:
+        reason += f"; {result.notes['host_stream']}"
     indices = result.indices.cpu()
     t3 = time.perf_counter()
     notes = dict(result.notes)
+    if e:
+        notes["rescaled"] = f"features and targets multiplied by 2^{-e} (exact) for {accumulation_dtype(U.dtype)} sums"
+        dense = float(unscale(torch.tensor(dense, dtype=torch.float64), 2 * e))
+        result.losses, result.gaps = unscale(result.losses, 2 * e), unscale(result.gaps, 2 * e)
     weights = notes.pop("weights", None)
     weights = stream.uniform_weights(indices, N) if weights is None else weights.cpu()
     if "gammas" not in notes:
@@ -181,13 +198,20 @@ def _select_from_stats(stats: GramStats, targets, k, replacement, step, eps, bac
     name, reason = gram.choose(stats.device, step, backend)
     t1 = time.perf_counter()
     dense = stats.dense_loss
-    stop_loss = -1.0 if eps is None else dense + eps
+    G, b, yy = stats.G, stats.b, stats.yy
+    # line_search and refit form products of these sums (fourth powers of the data): statistics
+    # far from 1 are multiplied by a power of two for the loop (exact; losses reported unscaled)
+    e = _stats_exponent(G, yy) if step != "uniform" else 0
+    if e:
+        G, b, yy = unscale(G, -e), unscale(b, -e), math.ldexp(yy, -e)
+    stop_loss = -1.0 if eps is None else math.ldexp(dense + eps, -e)
     t2 = time.perf_counter()
     tol = gram.tolerance(stats.precision)
-    res = gram.run(stats.G, stats.b, stats.yy, stats.count, k, step=step, replacement=replacement,
+    res = gram.run(G, b, yy, stats.count, k, step=step, replacement=replacement,
                    stop_loss=stop_loss, tol=tol, backend=name)
     indices = res.indices.cpu()
-    losses = res.losses.cpu()
+    losses = unscale(res.losses.cpu(), e)
+    res.gaps = unscale(res.gaps, e)
     t3 = time.perf_counter()
     floor = -stats.rtol * (stats.yy + float(torch.diagonal(stats.G).max())) / stats.count
     if float(losses.min()) < floor:
@@ -215,6 +239,14 @@ def _select_from_stats(stats: GramStats, targets, k, replacement, step, eps, bac
         timings={"validate": t1 - t0, "dense": t2 - t1, "select": t3 - t2},
         notes=notes,
     )
+
+
+def _stats_exponent(G: torch.Tensor, yy: float) -> int:
+    """0 when squares of the statistics' entries are comfortably float64 numbers, else the
+    exponent e of their magnitude (dividing by 2^e brings them near 1)."""
+    g = max(float(torch.diagonal(G).max()), yy)
+    e = math.frexp(g)[1] if g > 0 else 0
+    return e if not -450 < e < 450 else 0
 
 
 def backends(device="cpu", dtype=torch.float32) -> dict[str, str | None]:

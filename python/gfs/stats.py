@@ -16,7 +16,14 @@ float64 G, so rounding does not grow with the number of batches (per entry, abou
 sqrt(G_ii G_jj) for float32). The product is computed on one block triangle only (G is symmetric).
 `compute_dtype=torch.float64` forces float64 products. b and the sums of u_j are computed the
 same way (chunk products in the product dtype, summed in float64); ||y||^2 and the sum of y in
-float64. G is kept exactly symmetric.
+float64. G is kept exactly symmetric. A batch whose magnitude would overflow or underflow the
+product dtype is multiplied by a power of two first and its products by the inverse square
+(exact), so finite data of any float32 magnitude give finite, accurate statistics.
+
+Identical candidates get identical statistics. BLAS rounds the products of two identical rows
+differently by their position, which would let a later copy of a duplicated candidate win a tie
+the lowest index should win; so the rows that are identical in every batch are tracked (an
+exact comparison, O(N m) per batch) and their rows of G, b and u_sum are made equal.
 
 The dense network (the uniform average of the u_j) needs no data either: its loss is
 (||y||^2 - 2 mean(b) + mean(G)) / count.
@@ -96,6 +103,11 @@ class GramStats:
         self.chunk = chunk
         # the least precise product dtype that went into G (sets rounding tolerances)
         self.precision: torch.dtype = torch.float64
+        # rep[j]: the lowest index of a candidate identical to j in every batch so far (zeros
+        # before the first batch: all alike); valid while _rep_count == count (statistics added
+        # by other means, e.g. layer statistics, make it unknown)
+        self._rep = torch.zeros(n, dtype=torch.int64)
+        self._rep_count = 0
 
     # -- building ---------------------------------------------------------------------------
     @property
@@ -105,8 +117,38 @@ class GramStats:
     @property
     def G(self) -> torch.Tensor:
         """(N, N) float64, exactly symmetric (pending products are added in first)."""
-        self._acc.flush(self._G)
+        if self._acc.cols:
+            self._acc.flush(self._G)
+            self._equalise_duplicates(G=True)
         return self._G
+
+    def _duplicates(self) -> torch.Tensor | None:
+        """(members, reps): candidates known identical to a lower one, and that one; None if none."""
+        if self._rep_count != self.count or self.count == 0:
+            return None
+        members = torch.nonzero(self._rep != torch.arange(self.n)).flatten()
+        return None if members.numel() == 0 else (members, self._rep[members])
+
+    def _equalise_duplicates(self, G: bool) -> None:
+        """Copy each duplicate's statistics from its representative (b, u_sum; and G's rows and
+        columns when G=True): values that differ only by rounding become identical."""
+        dup = self._duplicates()
+        if dup is None:
+            return
+        members, reps = (t.to(self.device) for t in dup)
+        for v in (self.b, self.u_sum):
+            v[members] = v[reps]
+        if G:
+            self._G[members] = self._G[reps]
+            self._G[:, members] = self._G[:, reps]
+
+    def _merge_partition(self, rep: torch.Tensor | None, count: int) -> None:
+        """Intersect the duplicate partition with another one (None: unknown) covering `count`
+        more entries; call before self.count is increased."""
+        valid = self._rep_count == self.count and rep is not None
+        if valid:
+            self._rep = _intersect(self._rep, rep) if self.count else rep.clone()
+        self._rep_count = self.count + count if valid else -1
 
     @classmethod
     def from_features(cls, features, targets, **kwargs) -> "GramStats":
@@ -120,7 +162,7 @@ class GramStats:
         return cls(int(U.shape[0]), **kwargs).update(U, targets, _names=("features", "targets"))
 
     def update(self, features_batch, targets_batch, *, _names=("features_batch", "targets_batch"),
-               _trusted=False) -> "GramStats":
+               _amax=None) -> "GramStats":
         """Add one batch: features_batch (N, m) or (N, *S), targets_batch (m,) or S. Returns self.
 
         The batch is not modified; it must be finite and on this statistics' device.
@@ -154,26 +196,35 @@ class GramStats:
                     f"{name} is on {x.device} but these GramStats live on {self.device}; "
                     f"move the batch ({name}.to('{self.device}')) or build GramStats(n, device='{x.device}')"
                 )
-        U = U.reshape(self.n, m)
-        y = y.reshape(m)
-        if not _trusted:  # (gfs.select has checked them already)
-            check.check_finite(U, fname)
-            check.check_finite(y, tname)
+        U = U.detach().reshape(self.n, m)
+        y = y.detach().reshape(m)
+        if _amax is None:  # (gfs.select has checked them already and passes max |U|, |y|)
+            _amax = max(check.check_finite(U, fname), check.check_finite(y, tname))
         cdt = self.compute_dtype or (torch.float64 if U.dtype == torch.float64 else torch.float32)
         if cdt == torch.float32:
             self.precision = torch.float32
+        e = check.rescale_exponent(_amax, cdt, min(m, self.chunk))
+        if e:
+            _check_representable(e, fname)
+            self._acc.flush(self._G)  # the scaled products are added into G on their own
         y64 = y.double()
         for c0 in range(0, m, self.chunk):
             A = U[:, c0 : c0 + self.chunk].to(cdt)
+            yc = y64[c0 : c0 + self.chunk].to(cdt)
+            if e:
+                A, yc = check.scaled(A, e), check.scaled(yc, e)
             if self._acc.cols + A.shape[1] > self.chunk or self._acc.dtype not in (None, cdt):
                 self._acc.flush(self._G)
             self._acc.add(A)
-            yc = y64[c0 : c0 + self.chunk].to(cdt)
-            self.b += A @ yc
-            self.u_sum += A.sum(1)
+            self.b += _unscale((A @ yc).double(), 2 * e)
+            self.u_sum += _unscale(A.sum(1).double(), e)
+        if e:
+            self._acc.flush(self._G, scale_exponent=2 * e)
+        self._merge_partition(identical_rows(U), m)
         self.yy += float(y64 @ y64)
         self.y_sum += float(y64.sum())
         self.count += m
+        self._equalise_duplicates(G=not self._acc.cols)
         return self
 
     # -- combining --------------------------------------------------------------------------
@@ -185,6 +236,7 @@ class GramStats:
             raise ValueError(
                 f"cannot merge GramStats of n={other.n} candidates into n={self.n}: both must describe the same candidates"
             )
+        self._merge_partition(other._rep if other._rep_count == other.count else None, other.count)
         self.G.add_(other.G.to(self.device))
         self.b += other.b.to(self.device)
         self.u_sum += other.u_sum.to(self.device)
@@ -193,6 +245,7 @@ class GramStats:
         self.count += other.count
         if other.precision == torch.float32:
             self.precision = torch.float32
+        self._equalise_duplicates(G=True)
         return self
 
     def all_reduce(self, group=None) -> "GramStats":
@@ -212,6 +265,13 @@ class GramStats:
         )
         flat = torch.cat([self.G.reshape(-1), self.b, self.u_sum, tail])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        # the duplicate partitions of all ranks (-1: unknown), intersected
+        mine = self._rep if self._rep_count == self.count else torch.full((n,), -1, dtype=torch.int64)
+        parts = [torch.empty_like(mine, device=self.device) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, mine.to(self.device), group=group)
+        rep = None if any(bool((p < 0).any()) for p in parts) else parts[0].cpu()
+        for p in parts[1:]:
+            rep = None if rep is None else _intersect(rep, p.cpu())
         self.G.copy_(flat[: n * n].view(n, n))
         self.b.copy_(flat[n * n : n * n + n])
         self.u_sum.copy_(flat[n * n + n : n * n + 2 * n])
@@ -219,6 +279,8 @@ class GramStats:
         self.yy, self.y_sum, self.count = yy, y_sum, int(round(count))
         if low > 0:
             self.precision = torch.float32
+        self._rep, self._rep_count = (rep, self.count) if rep is not None else (self._rep, -1)
+        self._equalise_duplicates(G=True)
         return self
 
     # -- storage ----------------------------------------------------------------------------
@@ -237,6 +299,8 @@ class GramStats:
                 "count": int(self.count),
                 "precision": str(self.precision).removeprefix("torch."),
                 "chunk": int(self.chunk),
+                # rep[j]: the lowest index of a candidate identical to j (absent: unknown)
+                **({"rep": self._rep.clone()} if self._rep_count == self.count else {}),
             },
             path,
         )
@@ -262,20 +326,40 @@ class GramStats:
                 f"rebuild the statistics with this gfs version"
             )
         n = data.get("n")
-        expect = {"G": (n, n), "b": (n,), "u_sum": (n,)}
-        for key, shape in expect.items():
-            t = data.get(key)
-            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
-                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"{what} is inconsistent: {key} should have shape {shape} for n={n}, got {got}")
-        for key in ("yy", "y_sum", "count"):
-            if not isinstance(data.get(key), (int, float)):
-                raise ValueError(f"{what} is inconsistent: {key} is missing or not a number")
-        stats = cls(int(n), device=device, chunk=int(data.get("chunk", DEFAULT_CHUNK)))
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{what} is inconsistent: n = {n!r} is not a positive number of candidates")
+        # sizes are checked against the bytes the file really holds before anything of size n is
+        # allocated (a tensor can claim any shape over a tiny storage with zero strides)
+        for key, shape in {"G": (n, n), "b": (n,), "u_sum": (n,)}.items():
+            _check_stored_tensor(data.get(key), key, shape, torch.float64, what)
+        for key in ("yy", "y_sum"):
+            v = data.get(key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{what} is inconsistent: {key} is missing or not a finite number")
+        count, chunk = data.get("count"), data.get("chunk", DEFAULT_CHUNK)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"{what} is inconsistent: count = {count!r} is not a number of entries (an int >= 0)")
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"{what} is inconsistent: chunk = {chunk!r} is not a positive int")
+        if data["yy"] < 0:
+            raise ValueError(f"{what} is inconsistent: yy = {data['yy']!r} is a sum of squares and cannot be negative")
+        if data.get("precision", "float64") not in ("float32", "float64"):
+            raise ValueError(f"{what} is inconsistent: precision {data.get('precision')!r} is not float32 or float64")
+        if not torch.equal(data["G"], data["G"].T):
+            raise ValueError(f"{what} is inconsistent: G is not symmetric (G = U U^T always is); rebuild the statistics")
+        rep = data.get("rep")
+        if rep is not None:
+            _check_stored_tensor(rep, "rep", (n,), torch.int64, what)
+            ar = torch.arange(n)
+            if bool((rep < 0).any() or (rep > ar).any()) or not torch.equal(rep[rep], rep):
+                raise ValueError(f"{what} is inconsistent: rep is not a partition of the candidates")
+        stats = cls(n, device=device, chunk=chunk)
         stats.G.copy_(data["G"])
         stats.b.copy_(data["b"])
         stats.u_sum.copy_(data["u_sum"])
-        stats.yy, stats.y_sum, stats.count = float(data["yy"]), float(data["y_sum"]), int(data["count"])
+        stats.yy, stats.y_sum, stats.count = float(data["yy"]), float(data["y_sum"]), count
+        if rep is not None:
+            stats._rep, stats._rep_count = rep.clone(), count
         stats.precision = torch.float32 if data.get("precision") == "float32" else torch.float64
         return stats
 
@@ -628,6 +712,78 @@ def _patch_stats(X, Y, Wf, K, out, patches) -> GramStats:
     return stats
 
 
+def _check_stored_tensor(t, key: str, shape: tuple, dtype: torch.dtype, what: str) -> None:
+    """Raise unless `t` (from a file) is a dense tensor of this shape and dtype whose storage in
+    the file really holds all of its entries."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{what} is inconsistent: {key} is missing or not a tensor")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{what} is inconsistent: {key} should have shape {shape} for n={shape[0]}, got {tuple(t.shape)}")
+    if t.dtype != dtype:
+        raise ValueError(f"{what} is inconsistent: {key} should be {dtype}, got {t.dtype}")
+    held = t.untyped_storage().nbytes() - t.storage_offset() * t.element_size()
+    if not t.is_contiguous() or held < t.numel() * t.element_size():
+        raise ValueError(
+            f"{what} is inconsistent: {key} claims shape {shape} ({t.numel() * t.element_size():,} bytes) but the file "
+            f"holds {max(held, 0):,} bytes for it; the file is damaged or forged"
+        )
+
+
+def identical_rows(A: torch.Tensor) -> torch.Tensor:
+    """rep (n,) int64 on the CPU: rep[i] is the lowest index of a row of A exactly equal to row i
+    (values compared, so -0.0 == 0.0). Rows are first grouped by a few sampled columns (exact
+    values, no arithmetic), then only rows sharing a group are compared in full."""
+    n, m = A.shape
+    ar = torch.arange(n)
+    if n == 1:
+        return ar
+    cols = torch.unique(torch.linspace(0, m - 1, min(m, 16)).round().long()).to(A.device)
+    _, inv = torch.unique(A[:, cols], dim=0, return_inverse=True)
+    inv = inv.cpu()
+    shared = torch.bincount(inv)[inv] > 1
+    if not bool(shared.any()):
+        return ar
+    rows = torch.nonzero(shared).flatten()
+    _, inv = torch.unique(A[rows.to(A.device)], dim=0, return_inverse=True)
+    rep = ar.clone()
+    rep[rows] = rows[_lowest(inv.cpu())]
+    return rep
+
+
+def _lowest(inv: torch.Tensor) -> torch.Tensor:
+    """For class labels inv (n,): the position of the first member of each element's class."""
+    n = inv.numel()
+    first = torch.full((int(inv.max()) + 1,), n, dtype=torch.int64)
+    first.scatter_reduce_(0, inv, torch.arange(n), "amin")
+    return first[inv]
+
+
+def _intersect(rep_a: torch.Tensor, rep_b: torch.Tensor) -> torch.Tensor:
+    """The partition of candidates alike in both (each given as lowest-index representatives)."""
+    _, inv = torch.unique(torch.stack([rep_a, rep_b], 1), dim=0, return_inverse=True)
+    return _lowest(inv)
+
+
+def _unscale(x: torch.Tensor, e: int) -> torch.Tensor:
+    """x * 2^e in float64, in steps whose factors are finite (an overflow gives inf, not NaN)."""
+    while e:
+        step = max(-1000, min(1000, e))
+        x = x * 2.0**step
+        e -= step
+    return x
+
+
+def _check_representable(e: int, name: str) -> None:
+    """Products of entries near 2^e must be finite, non-zero float64 numbers in G."""
+    f64 = np.finfo(np.float64)
+    if not (f64.minexp + 2 * (f64.nmant + 1) < 2 * e < f64.maxexp - 64):
+        raise ValueError(
+            f"{name} has entries of magnitude 2^{e}, whose products {'overflow' if e > 0 else 'underflow'} the "
+            f"float64 statistics; multiply features and targets by one common power of two (the selection does "
+            f"not change) or use the streaming engine (engine='stream')"
+        )
+
+
 def build_flops(n: int, m: int) -> float:
     """Flops of adding the product of an (n, m) batch (the cost model's unit of Gram-building
     work): the GEMMs of the lower block triangle."""
@@ -665,13 +821,15 @@ class _Accumulator:
             i1 = min(n, i + bs)
             self.buf[i:i1, :i1].addmm_(A[i:i1], A[:i1].T)
 
-    def flush(self, G: torch.Tensor) -> None:
+    def flush(self, G: torch.Tensor, scale_exponent: int = 0) -> None:
+        """G += the pending products times 2^scale_exponent (exact: products of a batch that was
+        multiplied by a power of two are scaled back)."""
         if self.cols == 0 or self.buf is None:
             return
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and not scale_exponent:
             self._flush_numpy(G)
         else:
-            self._flush_torch(G)
+            self._flush_torch(G, scale_exponent)
         self.cols = 0
 
     def _blocks(self):
@@ -690,12 +848,12 @@ class _Accumulator:
                 Gn[j:j1, i:i1] += blk.T
         L[...] = 0
 
-    def _flush_torch(self, G: torch.Tensor) -> None:
+    def _flush_torch(self, G: torch.Tensor, scale_exponent: int = 0) -> None:
         low = torch.zeros_like(self.buf)
         for i, i1 in self._blocks():
             low[i:i1, :i1] = self.buf[i:i1, :i1]
-        diag = torch.diagonal(low).to(G.dtype)
-        strict = low.tril(-1).to(G.dtype)
+        diag = _unscale(torch.diagonal(low).to(G.dtype), scale_exponent)
+        strict = _unscale(low.tril(-1).to(G.dtype), scale_exponent)
         G += strict + strict.T
         G.diagonal().add_(diag)
         self.buf.zero_()

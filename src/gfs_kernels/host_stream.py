@@ -7,7 +7,8 @@ Each chunk's scores give a chunk winner on the device; the running best (score, 
 kept on the device too, so the chosen row is already there when the step ends and no step
 needs the host to know j*. The rest of the step (the O(N) + O(M) update, the exact float64 loss,
 the gap) is a few small device operations. Used by both GPU backends (they only provide
-`dots`); `run_greedy_uniform` streams only when `fits_on_device` says U does not fit.
+`dots`); gfs.select calls `run_greedy_uniform` when a GPU backend is given a host U, which
+streams only when `fits_on_device` says U does not fit.
 
 Without a stop loss nothing is read back until the end. With one, the host reads the step's
 loss once per step (a step is bound by the PCIe transfer of all of U, so that wait is small).
@@ -268,13 +269,25 @@ def greedy_uniform_streamed(backend: Backend, U: torch.Tensor, y: torch.Tensor, 
     return GreedyResult(picks[:T], losses[:T], gaps[: max(T, 1)], notes)
 
 
-def run_greedy_uniform(backend: Backend, U: torch.Tensor, y: torch.Tensor, k: int, replacement: bool,
-                       stop_loss: float, device: torch.device | str) -> GreedyResult:
-    """Auto placement for a GPU backend: U already on `device` runs there; a host U that fits is
-    moved there; a host U that does not fit is streamed (`greedy_uniform_streamed`)."""
+def placement(U: torch.Tensor, device: torch.device | str, *, free_bytes: int | None = None) -> str:
+    """Where a backend on `device` runs over U: "resident" (U is there already), "upload" (a host
+    U that fits in the device's free memory is moved there once) or "stream" (it does not fit:
+    stream it from host memory every step)."""
     device = torch.device(device)
     if U.device.type == device.type and (device.index is None or U.device == device):
-        return backend.greedy_uniform(U, y.to(U.device), k, replacement, stop_loss)
-    if fits_on_device(U, device):
-        return backend.greedy_uniform(U.to(device), y.to(device), k, replacement, stop_loss)
-    return greedy_uniform_streamed(backend, U, y, k, replacement, stop_loss, device=device)
+        return "resident"
+    return "upload" if fits_on_device(U, device, free_bytes=free_bytes) else "stream"
+
+
+def run_greedy_uniform(backend: Backend, U: torch.Tensor, y: torch.Tensor, k: int, replacement: bool,
+                       stop_loss: float, device: torch.device | str) -> GreedyResult:
+    """The uniform rule for a GPU backend on `device`, U wherever it is (see `placement`)."""
+    where = placement(U, device)
+    if where == "stream":
+        return greedy_uniform_streamed(backend, U, y, k, replacement, stop_loss, device=device)
+    if where == "upload":
+        U = U.to(device)
+    res = backend.greedy_uniform(U, y.to(U.device), k, replacement, stop_loss)
+    if where == "upload":
+        res.notes["host_stream"] = f"U moved to {device} once (it fits in the free device memory)"
+    return res

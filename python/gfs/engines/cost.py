@@ -136,7 +136,7 @@ def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.flo
         Ut, yt = torch.rand(64, 64, generator=g, device=device, dtype=acc), torch.rand(64, generator=g, device=device, dtype=acc)
 
         def tiny():
-            st = GramStats(64, device=device).update(Ut, yt, _trusted=True)
+            st = GramStats(64, device=device).update(Ut, yt, _amax=1.0)  # (torch.rand: entries in [0, 1))
             st.dense_loss
             gram.run(st.G, st.b, st.yy, st.count, 1, step="uniform", replacement=True, stop_loss=-1.0, tol=1e-9,
                      backend=name)

@@ -16,15 +16,32 @@ import math
 import torch
 
 import gfs_kernels
+from gfs_kernels import host_stream
 from gfs_kernels.base import Backend, GreedyResult, _gap
 
 from . import gram
 
 
 def run(backend: Backend, U: torch.Tensor, y: torch.Tensor, k: int, *, step: str, replacement: bool,
-        stop_loss: float) -> GreedyResult:
+        stop_loss: float, device: torch.device | None = None) -> GreedyResult:
     """Run `step` for at most k steps; U (N, M) contiguous, y (M,) in the accumulation dtype.
-    The result's notes carry "gammas" (step sizes) and, for line_search / refit, "weights"."""
+    The result's notes carry "gammas" (step sizes) and, for line_search / refit, "weights".
+
+    `device`: where the backend runs when U is elsewhere (a GPU backend given host memory): U
+    is moved there once when it fits, else (uniform rule) streamed from the host every step
+    (gfs_kernels.host_stream); notes["host_stream"] says which."""
+    if device is not None and U.device != device:
+        if step == "uniform":
+            return host_stream.run_greedy_uniform(backend, U, y, k, replacement, stop_loss, device)
+        if host_stream.placement(U, device) == "stream":
+            raise ValueError(
+                f"features ({U.numel() * U.element_size() / 2**30:.2f} GiB in host memory) do not fit in the free "
+                f"memory of {device}, and only the uniform rule streams them from the host; use step='uniform', "
+                f"the Gram engine (engine='gram'), or the cpu backend"
+            )
+        res = run(backend, U.to(device), y.to(device), k, step=step, replacement=replacement, stop_loss=stop_loss)
+        res.notes["host_stream"] = f"U moved to {device} once (it fits in the free device memory)"
+        return res
     if step == "uniform":
         return backend.greedy_uniform(U, y, k, replacement, stop_loss)
     tol = gram.tolerance(torch.float64 if y.dtype == torch.float64 else torch.float32)
