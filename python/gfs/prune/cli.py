@@ -11,8 +11,9 @@ trained weights are written to OUT.dense.safetensors so the next run can pass th
 ``--weights``, with a record of what their training depended on: model, data, seed, epochs,
 learning rate, batch size, see :func:`training_fingerprint`); prune with :func:`gfs.prune` on a
 fixed, seeded calibration subset of the training images (checkpointed after every group to
-OUT.ckpt, so ``--resume`` continues an interrupted run with the same result); fine-tune for ``--finetune-epochs``; save the model with gfs.prune.io.save (JSON
-architecture + tensors, no pickle) and a JSON report beside it; print a summary table.
+OUT.ckpt, so ``--resume`` continues an interrupted run with the same result); fine-tune for
+``--finetune-epochs``; save the model with gfs.prune.io.save (JSON architecture + tensors, no
+pickle) and a JSON report beside it; print a summary table.
 
 ``--resume`` reuses OUT.dense.safetensors only when its record matches this command's training
 (the same weights would be trained again); otherwise it trains afresh and says why, or, when
@@ -381,8 +382,11 @@ def _run(job: PruneJob, console, err_console) -> dict:
         stored = stored_training(job.dense_path)
         reuse = stored == json.loads(json.dumps(training, sort_keys=True))
         if not reuse:
-            why = ("it carries no record of its training (written by another tool or an older gfs)" if stored is None
-                   else f"different: {', '.join(sorted(k for k in set(stored) | set(training) if stored.get(k) != training.get(k)))}")
+            if stored is None:
+                why = "it carries no record of its training (written by another tool or an older gfs)"
+            else:
+                differ = sorted(k for k in set(stored) | set(training) if stored.get(k) != training.get(k))
+                why = f"different: {', '.join(differ)}"
             if os.path.isfile(checkpoint):
                 raise CliError(
                     f"--resume: {job.dense_path} was trained with other settings than this command ({why}), so "
