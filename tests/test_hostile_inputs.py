@@ -310,3 +310,28 @@ def test_a_gpu_backend_streams_host_features_that_do_not_fit(monkeypatch):
         assert host_stream.placement(U, "cuda:0", free_bytes=1 << 30) == "upload"
     finally:
         gfs_kernels._REGISTRY.pop("fake_gpu")
+
+
+# -- layer statistics -------------------------------------------------------------------------
+@pytest.mark.parametrize("scale", [2.0**100, 2.0**-130, 1.0])
+@pytest.mark.parametrize("layer", ["linear", "conv3x3"])
+def test_layer_statistics_of_any_float32_magnitude(layer, scale):
+    """Activations near 1e31 overflowed the float32 products of the layer statistics (NaN)."""
+    from gfs.stats import conv2d_contributions, conv2d_stats, linear_contributions, linear_stats
+
+    g = torch.Generator().manual_seed(6)
+    if layer == "linear":
+        x, w = torch.randn(40, 6, generator=g), torch.randn(5, 6, generator=g)
+        xs = (x.double() * scale).float()
+        make, contrib = linear_stats, linear_contributions(xs.double(), w.double()).reshape(6, -1)
+    else:
+        x, w = torch.randn(2, 4, 6, 6, generator=g), torch.randn(3, 4, 3, 3, generator=g)
+        xs = (x.double() * scale).float()
+        make = lambda x, w: conv2d_stats(x, w, method="offsets", padding=1)  # noqa: E731
+        contrib = conv2d_contributions(xs.double(), w.double(), padding=1).reshape(4, -1)
+    stats = make(xs, w)  # float32 products
+    want = GramStats.from_features(contrib, contrib.sum(0) / contrib.shape[0])  # float64 throughout
+    tiny = 1e-6 * float(want.G.diagonal().max())  # (rounding of float32 products, relative to the largest)
+    torch.testing.assert_close(stats.G, want.G, rtol=1e-5, atol=tiny)
+    torch.testing.assert_close(stats.b, want.b, rtol=1e-5, atol=tiny)
+    assert gfs.select(stats, k=3).indices.tolist() == gfs.select(want, k=3).indices.tolist()

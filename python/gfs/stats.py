@@ -669,28 +669,40 @@ def _patch_stats(X, Y, Wf, K, out, patches) -> GramStats:
     cdt = stats.compute_dtype or (torch.float64 if Xp.dtype == torch.float64 else torch.float32)
     if cdt == torch.float32:
         stats.precision = torch.float32
+    rows = max(1, min(stats.chunk, _LAYER_CHUNK_BYTES // max(1, 4 * (CK + C_out))))
+    # inputs, weights or targets whose products would overflow or underflow the product dtype
+    # are multiplied by powers of two (exact), and the float64 sums scaled back
+    ex, ew, ey = (check.rescale_exponent(_amax(t), cdt, n) if t is not None else 0
+                  for t, n in ((Xp, min(S, stats.chunk)), (Wf, C_out), (Yp, min(S, stats.chunk))))
+    for e, name in ((ex, "x"), (ew, "weight"), (ey, "target")):
+        if e:
+            _check_representable(e, name)
     Wc = Wf.to(cdt)
     A = torch.zeros(CK, CK, dtype=torch.float64, device=Xp.device)
-    _gram_add(A, Wc.T)  # Wf^T Wf
+    _gram_add(A, check.scaled(Wc, ew).T if ew else Wc.T)  # Wf^T Wf
     Bx = torch.zeros(CK, CK, dtype=torch.float64, device=Xp.device)
     acc = _Accumulator(CK, Xp.device)
-    rows = max(1, min(stats.chunk, _LAYER_CHUNK_BYTES // max(1, 4 * (CK + C_out))))
     yty = ysum = 0.0
     YtX = torch.zeros(C_out, CK, dtype=torch.float64, device=Xp.device) if Yp is not None else None
     xsum = torch.zeros(CK, dtype=torch.float64, device=Xp.device)
     for r0 in range(0, S, rows):
         Xc = Xp[r0 : r0 + rows].to(cdt)
+        if ex:
+            Xc = check.scaled(Xc, ex)
         if acc.cols + Xc.shape[0] > stats.chunk:
             acc.flush(Bx)
         acc.add(Xc.T)  # X^T X
         xsum += Xc.sum(0)
         if Yp is not None:
             Yc = Yp[r0 : r0 + rows]
-            YtX += Yc.to(cdt).T @ Xc
+            YtX += (check.scaled(Yc.to(cdt), ey) if ey else Yc.to(cdt)).T @ Xc
             Y64 = Yc.double()
             yty += float((Y64 * Y64).sum())
             ysum += float(Y64.sum())
     acc.flush(Bx)
+    if ex or ew or ey:
+        A, Bx, xsum = _unscale(A, 2 * ew), _unscale(Bx, 2 * ex), _unscale(xsum, ex)
+        YtX = None if YtX is None else _unscale(YtX, ex + ey)
     N = float(C)
     AB = (A * Bx).reshape(C, K, C, K).sum((1, 3))
     G = (N * N) * AB
@@ -762,6 +774,12 @@ def _intersect(rep_a: torch.Tensor, rep_b: torch.Tensor) -> torch.Tensor:
     """The partition of candidates alike in both (each given as lowest-index representatives)."""
     _, inv = torch.unique(torch.stack([rep_a, rep_b], 1), dim=0, return_inverse=True)
     return _lowest(inv)
+
+
+def _amax(t: torch.Tensor) -> float:
+    """max |t| in one reduction (no temporary)."""
+    lo, hi = torch.aminmax(t.reshape(-1))
+    return max(-float(lo), float(hi))
 
 
 def _unscale(x: torch.Tensor, e: int) -> torch.Tensor:
