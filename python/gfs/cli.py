@@ -9,39 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
-    return value
+from .argtypes import int_list, names_from, nonnegative_int, positive_int
 
 
-def _nonnegative_int(text: str) -> int:
-    return 0 if text.strip() == "0" else _positive_int(text)
-
-
-def _ks(text: str) -> tuple[int, ...]:
-    try:
-        ks = tuple(_positive_int(part) for part in text.split(",") if part.strip())
-    except argparse.ArgumentTypeError as exc:
-        raise argparse.ArgumentTypeError(f"--ks takes comma-separated sizes like 8,16,32: {exc}") from None
-    if not ks:
-        raise argparse.ArgumentTypeError("--ks needs at least one size, like 8,16,32")
-    return ks
-
-
-def _models(text: str) -> tuple[str, ...]:
+def _model_names() -> tuple[str, ...]:
     from .prune.cli import MODELS
 
-    names = tuple(part.strip() for part in text.split(",") if part.strip())
-    bad = [n for n in names if n not in MODELS]
-    if not names or bad:
-        raise argparse.ArgumentTypeError(f"expected comma-separated models from {', '.join(MODELS)}; got {text!r}")
-    return names
+    return tuple(MODELS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,29 +39,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--mnist", metavar="DIR", help="folder with train-images-idx3-ubyte, train-labels-idx1-ubyte, "
                       "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (each may be .gz)")
-    demo.add_argument("--hidden", type=_positive_int, metavar="N", help="hidden neurons of the dense net (default 512; 64 with --quick)")
-    demo.add_argument("--ks", type=_ks, metavar="K,K,...", help="subnetwork sizes (default 8,16,32,64,128)")
-    demo.add_argument("--steps", type=_positive_int, help="training steps (default 300 on digits, 800 on MNIST)")
+    demo.add_argument("--hidden", type=positive_int, metavar="N", help="hidden neurons of the dense net (default 512; 64 with --quick)")
+    demo.add_argument("--ks", type=int_list("8,16,32"), metavar="K,K,...", help="subnetwork sizes (default 8,16,32,64,128)")
+    demo.add_argument("--steps", type=positive_int, help="training steps (default 300 on digits, 800 on MNIST)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the random baselines (default 0)")
     demo.add_argument("--out", metavar="DIR", default="runs/demo", help="output folder (default runs/demo)")
     demo.add_argument("--backend", default="auto", metavar="NAME",
                       help="selection backend: auto (default), torch, cpu, naive, ...")
-    demo.add_argument("--threads", type=_nonnegative_int, metavar="T",
+    demo.add_argument("--threads", type=nonnegative_int, metavar="T",
                       help="torch CPU threads for the run (default 1; 0: torch's own choice)")
     demo.add_argument("--quick", action="store_true", help="tiny sizes (64 neurons, k up to 32; CNNs on 160 images "
                       "of 16x16 for 1 epoch): seconds")
     demo.add_argument("--no-two-layer", dest="two_layer", action="store_false", help="skip the two-layer part")
     demo.add_argument("--no-cnn", dest="cnn", action="store_false",
                       help="skip the CNN part (ResNet-18 and MobileNetV2 trained, pruned by gfs 'local', fine-tuned)")
-    demo.add_argument("--cnn-models", type=_models, metavar="M,M", help="CNNs of the CNN part (default "
+    demo.add_argument("--cnn-models", type=names_from(_model_names()), metavar="M,M", help="CNNs of the CNN part (default "
                       "resnet18,mobilenet_v2; any of resnet18/34/50/101, mobilenet_v2, mobilenet_v3_small/large)")
-    demo.add_argument("--cnn-epochs", dest="cnn_train_epochs", type=_nonnegative_int, metavar="E",
+    demo.add_argument("--cnn-epochs", dest="cnn_train_epochs", type=nonnegative_int, metavar="E",
                       help="CNN training epochs from scratch (default 8)")
-    demo.add_argument("--cnn-finetune-epochs", dest="cnn_finetune_epochs", type=_nonnegative_int, metavar="E",
+    demo.add_argument("--cnn-finetune-epochs", dest="cnn_finetune_epochs", type=nonnegative_int, metavar="E",
                       help="fine-tuning epochs after pruning (default 2)")
-    demo.add_argument("--cnn-image-size", dest="cnn_image_size", type=_positive_int, metavar="S",
+    demo.add_argument("--cnn-image-size", dest="cnn_image_size", type=positive_int, metavar="S",
                       help="side of the digits images for the CNNs (default 32)")
-    demo.add_argument("--cnn-samples", dest="cnn_train_samples", type=_positive_int, metavar="N",
+    demo.add_argument("--cnn-samples", dest="cnn_train_samples", type=positive_int, metavar="N",
                       help="train the CNNs on at most N of the 1438 training images (default: all)")
     demo.set_defaults(func=_cmd_demo)
 

@@ -13,17 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli import _positive_int
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(_positive_int(part.strip()) for part in text.split(",") if part.strip())
-    except argparse.ArgumentTypeError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 64,256: {exc}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one number, like 64,256")
-    return values
+from ..argtypes import int_list, positive_int
 
 
 def add_study_parser(subparsers) -> argparse.ArgumentParser:
@@ -50,12 +40,12 @@ def add_study_parser(subparsers) -> argparse.ArgumentParser:
     pre.add_argument("--quick", action="store_true", help="a seconds-long smoke run (2 widths, 3 sizes, 1 seed)")
     pre.add_argument("--resume", action="store_true", help="keep the cells already in --out and compute the rest")
     pre.add_argument("--overwrite", action="store_true", help="discard cells already in --out")
-    pre.add_argument("--widths", type=_int_list, metavar="W,W,...", help="hidden widths")
-    pre.add_argument("--sizes", type=_int_list, metavar="S,S,...", help="sub-data-set sizes (the largest is the 'full' set)")
-    pre.add_argument("--seeds", type=_positive_int, metavar="N", help="number of seeds (0..N-1)")
-    pre.add_argument("--iterations", type=_positive_int, help="pre-training iterations")
-    pre.add_argument("--prune-every", type=_positive_int, metavar="P", help="prune every P iterations")
-    pre.add_argument("--k", type=_positive_int, help="GFS steps: neurons kept, at most")
+    pre.add_argument("--widths", type=int_list("64,256"), metavar="W,W,...", help="hidden widths")
+    pre.add_argument("--sizes", type=int_list("64,256"), metavar="S,S,...", help="sub-data-set sizes (the largest is the 'full' set)")
+    pre.add_argument("--seeds", type=positive_int, metavar="N", help="number of seeds (0..N-1)")
+    pre.add_argument("--iterations", type=positive_int, help="pre-training iterations")
+    pre.add_argument("--prune-every", type=positive_int, metavar="P", help="prune every P iterations")
+    pre.add_argument("--k", type=positive_int, help="GFS steps: neurons kept, at most")
     pre.add_argument("--backend", default="auto", metavar="NAME", help="selection backend (default auto)")
     pre.add_argument("--threads", type=int, metavar="T", help="torch threads while it runs (default 1 on digits: small "
                      "matrices; 0 = torch's own setting, the default with --mnist)")
@@ -70,7 +60,7 @@ def add_study_parser(subparsers) -> argparse.ArgumentParser:
             "singular_values.csv/.json/.png to --out."))
     sv.add_argument("--out", metavar="DIR", default="runs/study-singular-values", help="output folder")
     sv.add_argument("--quick", action="store_true", help="a small grid, 3 repeats: seconds")
-    sv.add_argument("--repeats", type=_positive_int, help="draws per grid point (default 10)")
+    sv.add_argument("--repeats", type=positive_int, help="draws per grid point (default 10)")
     sv.add_argument("--activation", choices=("relu", "tanh", "sigmoid"), default="relu")
     sv.set_defaults(func=_cmd_singular_values)
     return study

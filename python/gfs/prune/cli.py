@@ -32,6 +32,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+from ..argtypes import nonnegative_int, number, positive_int
+
 # Training from scratch before pruning (CLI without --weights, `gfs demo`, the baselines):
 # SGD with Nesterov momentum 0.9, weight decay 5e-4, batch 64, 10% linear warm-up, cosine decay.
 TRAIN_RECIPE = {"lr": 0.05, "warmup": 0.1}
@@ -517,28 +519,13 @@ def _run(job: PruneJob, console, err_console) -> dict:
 
 # ---- argparse ---------------------------------------------------------------------------------
 
-def _number(ok, expected: str):
-    """An argparse type: a finite float for which ok(value) holds, else an error saying `expected`."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if not (math.isfinite(value) and ok(value)):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
-        return value
-
-    return parse
-
-
-_ratio = _number(lambda v: 0 < v <= 1, "a fraction in (0, 1] of each group's channels kept")
-_fraction = _number(lambda v: 0 <= v < 1, "a number in [0, 1)")
-_positive_float = _number(lambda v: v > 0, "a number > 0")
+_ratio = number(lambda v: 0 < v <= 1, "a fraction in (0, 1] of each group's channels kept")
+_fraction = number(lambda v: 0 <= v < 1, "a number in [0, 1)")
+_positive_float = number(lambda v: v > 0, "a number > 0")
 
 
 def add_prune_parser(subparsers) -> argparse.ArgumentParser:
     """Register `gfs prune` under ``subparsers``."""
-    from ..cli import _nonnegative_int, _positive_int
 
     p = subparsers.add_parser(
         "prune", help="prune a torchvision ResNet / MobileNet on image data (train, prune, fine-tune, save)",
@@ -558,7 +545,7 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="PATH", help="output model file (e.g. pruned.safetensors)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--ratio", type=_ratio, metavar="R", help="fraction of each group's channels kept (default 0.5)")
-    budget.add_argument("--keep", type=_positive_int, metavar="N", help="channels kept per group")
+    budget.add_argument("--keep", type=positive_int, metavar="N", help="channels kept per group")
     p.add_argument("--criterion", choices=CRITERIA, default="local",
                    help="local: greedy forward selection imitating each layer (gfs); loss: greedy on the whole "
                         "network's loss (slow); l1: largest-L1 filters; random")
@@ -567,34 +554,34 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
                         "comma-separated layer names / glob patterns like 'layer*.conv1'")
     p.add_argument("--weights", metavar="FILE", help="state dict of the dense model (safetensors, or torch.save read "
                    "with weights_only=True); its classifier must match the number of classes of --data")
-    p.add_argument("--train-epochs", type=_nonnegative_int, default=8, metavar="E",
+    p.add_argument("--train-epochs", type=nonnegative_int, default=8, metavar="E",
                    help="without --weights: epochs of training from scratch before pruning")
     p.add_argument("--train-lr", type=_positive_float, default=0.05, metavar="LR", help="peak learning rate of that training")
-    p.add_argument("--finetune-epochs", type=_nonnegative_int, default=2, metavar="E", help="fine-tuning epochs after pruning")
+    p.add_argument("--finetune-epochs", type=nonnegative_int, default=2, metavar="E", help="fine-tuning epochs after pruning")
     p.add_argument("--finetune-lr", type=_positive_float, default=0.01, metavar="LR", help="peak learning rate of fine-tuning")
-    p.add_argument("--batch-size", type=_positive_int, default=64, metavar="B", help="training and calibration batch size")
-    p.add_argument("--image-size", type=_positive_int, metavar="S", help="image side (default 32 for digits / CIFAR-10, "
+    p.add_argument("--batch-size", type=positive_int, default=64, metavar="B", help="training and calibration batch size")
+    p.add_argument("--image-size", type=positive_int, metavar="S", help="image side (default 32 for digits / CIFAR-10, "
                    "224 for image folders)")
     calib = p.add_mutually_exclusive_group()
-    calib.add_argument("--calib-size", type=_positive_int, default=256, metavar="N",
+    calib.add_argument("--calib-size", type=positive_int, default=256, metavar="N",
                        help="calibration images (a fixed, seeded subset of the training images)")
-    calib.add_argument("--calib-batches", type=_positive_int, metavar="N", help="calibration batches of --batch-size "
+    calib.add_argument("--calib-batches", type=positive_int, metavar="N", help="calibration batches of --batch-size "
                        "images (instead of --calib-size)")
-    p.add_argument("--loss-candidates", type=_positive_int, metavar="N",
+    p.add_argument("--loss-candidates", type=positive_int, metavar="N",
                    help="--criterion loss: score a random subset of N candidate channels per step")
-    p.add_argument("--loss-batch", type=_positive_int, metavar="N", help="--criterion loss: candidates per forward pass")
-    p.add_argument("--shortlist", type=_positive_int, metavar="N",
+    p.add_argument("--loss-batch", type=positive_int, metavar="N", help="--criterion loss: candidates per forward pass")
+    p.add_argument("--shortlist", type=positive_int, metavar="N",
                    help="--criterion loss: evaluate only the N best by a first-order (Taylor) estimate each step")
     p.add_argument("--tolerance", type=_fraction, metavar="T",
                    help="--criterion loss: stop a group once top-1 is within T (relative) of the dense network's")
-    p.add_argument("--train-samples", type=_positive_int, metavar="N", help="use at most N training images (quick runs)")
-    p.add_argument("--test-samples", type=_positive_int, metavar="N", help="use at most N test images (quick runs)")
+    p.add_argument("--train-samples", type=positive_int, metavar="N", help="use at most N training images (quick runs)")
+    p.add_argument("--test-samples", type=positive_int, metavar="N", help="use at most N test images (quick runs)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run whose checkpoint is OUT.ckpt "
                    "(the dense weights OUT.dense.safetensors are reused when they were trained with the same settings)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, batch order, calibration subset "
                    "and the random criteria")
-    p.add_argument("--threads", type=_positive_int, metavar="T", help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--workers", type=_nonnegative_int, default=0, metavar="W", help="DataLoader worker processes")
+    p.add_argument("--threads", type=positive_int, metavar="T", help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--workers", type=nonnegative_int, default=0, metavar="W", help="DataLoader worker processes")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.set_defaults(func=_cmd_prune)
     return p
