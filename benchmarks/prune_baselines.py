@@ -5,8 +5,8 @@
 
 On the embedded data (scikit-learn's digits as 32x32 RGB images, the split of gfs.data with seed
 0), ResNet-18 and MobileNetV2 (torchvision, weights=None) are trained from scratch as in
-`gfs demo` (gfs.prune.cli.TRAIN_RECIPE, 8 epochs, seed --seed). Then, for each model, 50% of the
-internal channels (gfs.prune.cli.internal_layers) are pruned by each criterion, and every pruned
+`gfs demo` (gfs.pruning.cli.TRAIN_RECIPE, 8 epochs, seed --seed). Then, for each model, 50% of the
+internal channels (gfs.pruning.cli.internal_layers) are pruned by each criterion, and every pruned
 network is evaluated before fine-tuning and after the same short fine-tune (2 epochs, SGD lr
 0.01, cosine, seed --seed):
 
@@ -98,7 +98,7 @@ def parse(argv):
                             else os.path.join(ROOT, "benchmarks", "results", "prune-baselines-cpu"))
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.criteria = [c.strip() for c in args.criteria.split(",") if c.strip()]
-    from gfs.prune.cli import CRITERIA, MODELS
+    from gfs.pruning.cli import CRITERIA, MODELS
 
     bad = [m for m in args.models if m not in MODELS] + [c for c in args.criteria if c not in CRITERIA]
     if bad:
@@ -113,9 +113,9 @@ def run(args) -> dict:
     import torch
 
     from gfs.data import load_image_data
-    from gfs.prune import prune
-    from gfs.prune.cli import TRAIN_RECIPE, build_model, internal_layers
-    from gfs.prune.finetune import evaluate, finetune
+    from gfs.pruning import prune
+    from gfs.pruning.cli import TRAIN_RECIPE, build_model, internal_layers
+    from gfs.pruning.finetune import evaluate, finetune
 
     torch.set_num_threads(args.threads)
     results = {"machine": machine(), "commit": commit(), "threads": torch.get_num_threads(),

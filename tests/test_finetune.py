@@ -1,4 +1,4 @@
-"""gfs.prune.finetune: training leaves the caller's model alone (unless inplace), learns, is
+"""gfs.pruning.finetune: training leaves the caller's model alone (unless inplace), learns, is
 reproducible, restores flags and random state; evaluate and time_forward."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from gfs.prune.finetune import evaluate, finetune, time_forward
+from gfs.pruning.finetune import evaluate, finetune, time_forward
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

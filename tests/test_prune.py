@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 
 import gfs
-from gfs.prune import UnsafeFileError, UnsupportedModelError, find_groups, group_statistics, load, prune, save
-from gfs.prune.criteria import consumer_output, remove_bias
+from gfs.pruning import UnsafeFileError, UnsupportedModelError, find_groups, group_statistics, load, prune, save
+from gfs.pruning.criteria import consumer_output, remove_bias
 
 tv = pytest.importorskip("torchvision")
 
@@ -327,7 +327,7 @@ def _consumers():
 def test_gram_statistics_are_the_materialised_problem_and_select_the_same(monkeypatch):
     """The "local" problem as layer statistics (no N x M tensor) equals the materialised
     candidate matrix's statistics; gfs.select picks the same channels from both."""
-    from gfs.prune import criteria as crit
+    from gfs.pruning import criteria as crit
 
     from gfs import stats as S
 
@@ -354,7 +354,7 @@ def test_local_runs_on_the_gram_statistics_exactly(monkeypatch):
     """criterion "local" uses the layer statistics (sampled == 1 even where the materialised
     matrix would be subsampled) and falls back to the materialised matrix for consumers the
     statistics cannot take (padding_mode="reflect")."""
-    from gfs.prune import criteria as crit
+    from gfs.pruning import criteria as crit
 
     model, x = build("cnn")
     base = prune(model, x, ratio=0.5, progress=False)
@@ -457,7 +457,7 @@ def test_save_and_reload_in_a_new_process(pruned, tmp_path):
         cases.append(arch)
     script = textwrap.dedent(f"""
         import sys, torch
-        from gfs.prune import load
+        from gfs.pruning import load
         torch.set_num_threads(1)
         for arch in {cases!r}:
             model = load(r"{tmp_path}/" + arch + ".gfs").eval()

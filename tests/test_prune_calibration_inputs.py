@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from gfs.prune import UnsupportedModelError, prune
+from gfs.pruning import UnsupportedModelError, prune
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -36,7 +36,7 @@ def _tensors(path):
 @pytest.fixture(scope="module")
 def random_weights(tmp_path_factory):
     """A state dict of resnet18 with 10 classes (random init): --weights without training."""
-    from gfs.prune.cli import build_model, save_weights
+    from gfs.pruning.cli import build_model, save_weights
 
     path = tmp_path_factory.mktemp("w") / "resnet18-10.safetensors"
     save_weights(build_model("resnet18", 10, seed=3), str(path))
@@ -44,7 +44,7 @@ def random_weights(tmp_path_factory):
 
 
 def test_prune_cli_trains_prunes_finetunes_and_saves(tmp_path, capsys):
-    from gfs.prune import load
+    from gfs.pruning import load
 
     out = tmp_path / "pruned.safetensors"
     assert main(["prune", *TINY, "--out", str(out), "--train-epochs", "1", "--finetune-epochs", "1"]) == 0
@@ -53,7 +53,7 @@ def test_prune_cli_trains_prunes_finetunes_and_saves(tmp_path, capsys):
     assert "dense" in printed and "pruned (local)" in printed and "fine-tuned (1 ep)" in printed
     assert "internal channels" in printed and "FLOPs" in printed
 
-    model = load(str(out))  # no pickle: gfs.prune.io
+    model = load(str(out))  # no pickle: gfs.pruning.io
     assert isinstance(model, tv.models.ResNet)
     assert model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
     assert model.layer1[0].conv1.out_channels == 32 and model.layer4[1].conv1.out_channels == 256
@@ -71,7 +71,7 @@ def test_prune_cli_trains_prunes_finetunes_and_saves(tmp_path, capsys):
 def test_prune_cli_resume_after_interrupt_gives_the_same_model(tmp_path, monkeypatch, capsys):
     """Train from scratch, prune, interrupt after two groups; --resume reuses the trained weights
     (saved beside --out), replays the two groups, and ends with the uninterrupted run's model."""
-    from gfs.prune.criteria import CRITERIA
+    from gfs.pruning.criteria import CRITERIA
 
     common = ["prune", *TINY, "--train-epochs", "1", "--finetune-epochs", "1", "--criterion", "local"]
     whole = tmp_path / "whole.safetensors"
@@ -177,7 +177,7 @@ def test_prune_cli_nan_in_the_calibration_images_names_data(tmp_path, random_wei
 
 
 def test_prune_cli_baseline_criteria_and_keep(tmp_path, random_weights):
-    from gfs.prune import load
+    from gfs.pruning import load
 
     for criterion in ("l1", "random"):
         out = tmp_path / f"{criterion}.safetensors"
@@ -190,7 +190,7 @@ def test_prune_cli_baseline_criteria_and_keep(tmp_path, random_weights):
 
 
 def test_prune_cli_loss_criterion(tmp_path, random_weights):
-    from gfs.prune.criteria import CRITERIA
+    from gfs.pruning.criteria import CRITERIA
 
     if "loss" not in CRITERIA:
         pytest.skip("criterion 'loss' is not in this gfs.prune")
@@ -244,7 +244,7 @@ def test_prune_cli_errors_name_the_flag(tmp_path, random_weights, capsys):
 def test_prune_cli_loads_torch_save_weights(tmp_path):
     """A torch.save state dict (read with weights_only=True), wrapped as {"state_dict": ...} and
     saved from DataParallel ("module." prefixes), loads as well."""
-    from gfs.prune.cli import build_model, load_weights
+    from gfs.pruning.cli import build_model, load_weights
 
     src = build_model("resnet18", 10, seed=1)
     path = tmp_path / "ckpt.pt"
@@ -255,7 +255,7 @@ def test_prune_cli_loads_torch_save_weights(tmp_path):
 
 
 def test_bench_prune_is_reachable_from_the_cli():
-    from gfs.prune.cli import _bench_script
+    from gfs.pruning.cli import _bench_script
 
     assert os.path.isfile(_bench_script())
     with pytest.raises(SystemExit) as exc:

@@ -1,4 +1,4 @@
-"""gfs.prune.load on files it did not write, or that were damaged or edited: every refusal is an
+"""gfs.pruning.load on files it did not write, or that were damaged or edited: every refusal is an
 UnsafeFileError that says what is wrong (never a raw UnpicklingError, RecursionError, or a model
 that fails only at its first forward pass), and nothing from the file runs."""
 import json
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from gfs.prune import UnsafeFileError, load, save
+from gfs.pruning import UnsafeFileError, load, save
 
 pytest.importorskip("safetensors")
 from safetensors import safe_open  # noqa: E402
@@ -72,7 +72,7 @@ def _deep_text(kind, depth):
                                          ("modules", 300), ("values", 300)])
 def test_a_deeply_nested_architecture_is_a_clear_error(tmp_path, kind, depth):
     """5000 deep: the JSON parser's recursion; 300 deep: parsed, but deeper than any model
-    (gfs.prune.io.MAX_DEPTH), refused before rebuilding recurses that far."""
+    (gfs.pruning.io.MAX_DEPTH), refused before rebuilding recurses that far."""
     json.loads(_deep_text(kind, 3))  # the construction is valid JSON
     limit = sys.getrecursionlimit()
     with pytest.raises(UnsafeFileError, match=r"deep\.safetensors.*nested too deeply"):

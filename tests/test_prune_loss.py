@@ -1,7 +1,7 @@
 """criterion "loss": greedy forward selection on the whole network's calibration loss.
 
 Checked against brute force: the network with the consumer's input channels scaled (a masked copy
-of the original, built independently of gfs.prune.loss) run on the calibration data.
+of the original, built independently of gfs.pruning.loss) run on the calibration data.
 """
 import copy
 
@@ -11,8 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from test_prune import build, close, eval_copy, masked, outputs_at, snapshot
 
-from gfs.prune import loss as loss_module
-from gfs.prune import prune
+from gfs.pruning import loss as loss_module
+from gfs.pruning import prune
 
 tv = pytest.importorskip("torchvision")
 
@@ -175,8 +175,8 @@ def test_shortlist_and_gradient():
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4)).double().eval()
     x = torch.randn(5, 3, 6, 6, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 3, 1])
-    from gfs.prune.capture import GraphRunner
-    from gfs.prune.groups import find_groups
+    from gfs.pruning.capture import GraphRunner
+    from gfs.pruning.groups import find_groups
 
     scan = find_groups(model, x)
     net = copy.deepcopy(model)

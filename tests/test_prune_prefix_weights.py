@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import gfs
-from gfs.prune import prune
-from gfs.prune.criteria import _prefix_with_distinct, select_channels
+from gfs.pruning import prune
+from gfs.pruning.criteria import _prefix_with_distinct, select_channels
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

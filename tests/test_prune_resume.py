@@ -6,7 +6,7 @@ import pytest
 import torch
 from test_prune import build
 
-from gfs.prune import criteria, prune, resume
+from gfs.pruning import criteria, prune, resume
 
 pytest.importorskip("torchvision")
 

@@ -65,7 +65,7 @@ class DemoConfig:
     cnn: bool = True
     cnn_models: tuple[str, ...] = ("resnet18", "mobilenet_v2")
     cnn_image_size: int = 32
-    cnn_train_epochs: int = 8  # from scratch, gfs.prune.cli.TRAIN_RECIPE
+    cnn_train_epochs: int = 8  # from scratch, gfs.pruning.cli.TRAIN_RECIPE
     cnn_finetune_epochs: int = 2
     cnn_finetune_lr: float = 0.01
     cnn_ratio: float = 0.5  # fraction of the internal channels kept
@@ -409,9 +409,9 @@ def run_cnn_part(cfg: DemoConfig, console) -> list:
     from rich.table import Table
 
     from .data import load_image_data
-    from .prune import prune
-    from .prune.cli import TRAIN_RECIPE, build_model, internal_layers
-    from .prune.finetune import evaluate, finetune
+    from .pruning import prune
+    from .pruning.cli import TRAIN_RECIPE, build_model, internal_layers
+    from .pruning.finetune import evaluate, finetune
 
     t0 = time.perf_counter()
     data = load_image_data("digits", image_size=cfg.cnn_image_size, seed=0)  # the split is fixed
@@ -485,7 +485,7 @@ def run_cnn_part(cfg: DemoConfig, console) -> list:
 def _time_pair(a, b, batch, rounds: int) -> tuple[float, float]:
     """Wall time per batch of models a and b (eval mode): the best over ``rounds`` interleaved
     rounds of 3 runs each, so that a change in the machine's load hits both alike."""
-    from .prune.finetune import time_forward
+    from .pruning.finetune import time_forward
 
     ta = tb = float("inf")
     for _ in range(max(1, rounds)):

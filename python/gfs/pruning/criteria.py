@@ -2,7 +2,7 @@
 
 Every criterion returns a :class:`Decision`: the kept channels and one scale per kept channel.
 The pruned consumer then computes ``consumer(X * s)`` with ``s_j = scale_j`` on kept channels and
-0 elsewhere (see :mod:`gfs.prune.fold`).
+0 elsewhere (see :mod:`gfs.pruning.fold`).
 
 - ``"local"`` (local imitation, Ye, Wu, Liu, NeurIPS 2020). For a consumer with weight W and
   input channels X_j, candidate j is the consumer's output from channel j alone, scaled by N:
@@ -24,7 +24,7 @@ The pruned consumer then computes ``consumer(X * s)`` with ``s_j = scale_j`` on 
   uniform average over the chosen channels, exactly the scales "local" uses with the uniform
   step. The loss is cross-entropy against the labels when the calibration batches are ``(x, y)``
   with integer y, else the mean squared error to the original network's outputs
-  (:mod:`gfs.prune.loss`). Options: a first-order shortlist (``shortlist=T``: the gradient of
+  (:mod:`gfs.pruning.loss`). Options: a first-order shortlist (``shortlist=T``: the gradient of
   the loss w.r.t. s at the current subnetwork predicts each candidate's loss change,
   ``dL ~ g_j N / (t + 1)`` plus a term common to all; only the T best predicted are evaluated),
   and a top-1 tolerance stop (``tolerance``: stop once the pruned network's top-1 on the
@@ -265,7 +265,7 @@ class Context:
     backend: str = "auto"
     generator: torch.Generator | None = None
     # criterion "loss": the whole network's loss as a function of the consumer's input scales
-    # (a gfs.prune.loss.ConsumerTail), and its options
+    # (a gfs.pruning.loss.ConsumerTail), and its options
     network: object = None
     loss_candidates: int | None = None
     shortlist: int | None = None

@@ -1,8 +1,8 @@
-"""Model surgery: prune channel groups by greedy forward selection, export smaller models.
+"""gfs.pruning, model surgery: prune channel groups by greedy forward selection, export smaller models.
 
     result = gfs.prune(model, calibration, ratio=0.5)     # gfs.prune is api.prune
     result.model, result.report, result.summary()
-    from gfs.prune import save, load                       # JSON architecture + tensors, no pickle
+    from gfs.pruning import save, load                     # JSON architecture + tensors, no pickle
     save(result.model, "pruned.safetensors"); model = load("pruned.safetensors")
 
 Layout (one idea per file): groups (channel groups from the traced data flow), capture

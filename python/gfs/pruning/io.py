@@ -111,7 +111,7 @@ def _encode(v, where, classes, depth=0):
     if isinstance(v, type) and _name(v) in classes:
         return {"class": _name(v)}
     raise TypeError(f"cannot save {where}: a {type(v).__name__} is not a plain value (numbers, strings, tuples, "
-                    f"dtypes, allow-listed classes); gfs.prune.io saves architectures as plain descriptions")
+                    f"dtypes, allow-listed classes); gfs.pruning.io saves architectures as plain descriptions")
 
 
 def _decode(v, where, classes, depth=0):
@@ -119,7 +119,7 @@ def _decode(v, where, classes, depth=0):
         return v
     if depth >= MAX_DEPTH:
         raise UnsafeFileError(f"{_clip(where)}: the value is nested too deeply (more than {MAX_DEPTH} levels); "
-                              f"gfs.prune.io.save writes no such value")
+                              f"gfs.pruning.io.save writes no such value")
     d = depth + 1
     if isinstance(v, dict) and len(v) == 1:
         (tag, x), = v.items()
@@ -135,7 +135,7 @@ def _decode(v, where, classes, depth=0):
             if x not in classes:
                 raise UnsafeFileError(f"{where} names class {x!r}, which is not in the allow-list")
             return classes[x]
-    raise UnsafeFileError(f"{where}: {json.dumps(v)[:80]} is not a value gfs.prune.io writes")
+    raise UnsafeFileError(f"{where}: {json.dumps(v)[:80]} is not a value gfs.pruning.io writes")
 
 
 # ---- module tree <-> description ----------------------------------------------------------------
@@ -149,11 +149,11 @@ def describe(model: nn.Module, allowed=()) -> tuple[dict, dict]:
         where = path or "the root module"
         if depth > MAX_DEPTH:
             raise TypeError(f"cannot save {where}: it is nested more than {MAX_DEPTH} modules deep "
-                            f"(gfs.prune.io.MAX_DEPTH)")
+                            f"(gfs.pruning.io.MAX_DEPTH)")
         tname = _name(type(m))
         if tname not in classes:
             raise TypeError(
-                f"cannot save {where}: its type {tname} is not in the allow-list of gfs.prune.io (torch.nn layers, "
+                f"cannot save {where}: its type {tname} is not in the allow-list of gfs.pruning.io (torch.nn layers, "
                 f"torchvision ResNet / MobileNetV2 / MobileNetV3 blocks); pass allowed=[{type(m).__name__}] to "
                 f"save and load if you trust that class"
             )
@@ -198,7 +198,7 @@ def rebuild(arch: dict, tensors: dict, allowed=()) -> nn.Module:
         where = path or "the root module"
         if depth > MAX_DEPTH:
             raise UnsafeFileError(f"the architecture is nested too deeply (module {_clip(where)} is more than {MAX_DEPTH} "
-                                  f"modules deep); gfs.prune.io.save writes no such model")
+                                  f"modules deep); gfs.pruning.io.save writes no such model")
         if not isinstance(d, dict) or set(d) != {"type", "attrs", "params", "buffers", "children"}:
             raise UnsafeFileError(f"{where}: malformed module description")
         if not all(isinstance(d[t], dict) for t in ("attrs", "params", "buffers", "children")):
@@ -206,7 +206,7 @@ def rebuild(arch: dict, tensors: dict, allowed=()) -> nn.Module:
         cls = classes.get(d["type"]) if isinstance(d["type"], str) else None
         if cls is None:
             raise UnsafeFileError(
-                f"{where} has type {d['type']!r}, which is not in the allow-list of gfs.prune.io; it is not imported "
+                f"{where} has type {d['type']!r}, which is not in the allow-list of gfs.pruning.io; it is not imported "
                 f"or built (pass allowed=[...] to load if you trust that class)"
             )
         m = cls.__new__(cls)
@@ -406,14 +406,14 @@ def load(path, *, map_location="cpu", allowed=()) -> nn.Module:
             detail = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), "")
             raise UnsafeFileError(
                 f"{path}: torch.load(weights_only=True) refused to unpickle it: it holds objects other than tensors "
-                f"and strings, which could run code when unpickled{f' ({detail})' if detail else ''}; gfs.prune.io.save "
+                f"and strings, which could run code when unpickled{f' ({detail})' if detail else ''}; gfs.pruning.io.save "
                 f"never writes such a file") from None
         except Exception as e:  # noqa: BLE001 - a zip file that torch cannot read at all
             first = str(e).splitlines()[0] if str(e) else ""
-            raise UnsafeFileError(f"{path} is a zip file but not a torch.save file gfs.prune.io.save wrote "
+            raise UnsafeFileError(f"{path} is a zip file but not a torch.save file gfs.pruning.io.save wrote "
                                   f"({type(e).__name__}: {first})") from None
         if not isinstance(blob, dict) or blob.get("format") != FORMAT or not isinstance(blob.get(_KEY), str):
-            raise UnsafeFileError(f"{path} is a torch.save file but not one written by gfs.prune.io.save")
+            raise UnsafeFileError(f"{path} is a torch.save file but not one written by gfs.pruning.io.save")
         text, tensors = blob[_KEY], blob.get("tensors")
     else:
         if not _have_safetensors():
@@ -440,7 +440,7 @@ def load(path, *, map_location="cpu", allowed=()) -> nn.Module:
     except json.JSONDecodeError as e:
         raise UnsafeFileError(f"{path}: the architecture is not valid JSON ({e})") from None
     except RecursionError:
-        raise UnsafeFileError(f"{path}: the architecture JSON is nested too deeply to parse; gfs.prune.io.save "
+        raise UnsafeFileError(f"{path}: the architecture JSON is nested too deeply to parse; gfs.pruning.io.save "
                               f"writes nothing nested deeper than {MAX_DEPTH} levels") from None
     try:
         return rebuild(arch, tensors, allowed)

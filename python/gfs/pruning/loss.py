@@ -1,6 +1,6 @@
 """The whole network's calibration loss as a function of one consumer's input-channel scales.
 
-Criterion "loss" (gfs.prune.criteria.NetworkLoss) scores a candidate subnetwork of a channel group
+Criterion "loss" (gfs.pruning.criteria.NetworkLoss) scores a candidate subnetwork of a channel group
 by running the *rest of the network* with the consumer's input channel j multiplied by s_j. The
 network before the consumer does not change while a group is pruned, so it runs once: the values
 live at the consumer (its input X and every other value still needed later, e.g. a residual

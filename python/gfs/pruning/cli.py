@@ -12,7 +12,7 @@ trained weights are written to OUT.dense.safetensors so the next run can pass th
 learning rate, batch size, see :func:`training_fingerprint`); prune with :func:`gfs.prune` on a
 fixed, seeded calibration subset of the training images (checkpointed after every group to
 OUT.ckpt, so ``--resume`` continues an interrupted run with the same result); fine-tune for
-``--finetune-epochs``; save the model with gfs.prune.io.save (JSON architecture + tensors, no
+``--finetune-epochs``; save the model with gfs.pruning.io.save (JSON architecture + tensors, no
 pickle) and a JSON report beside it; print a summary table.
 
 ``--resume`` reuses OUT.dense.safetensors only when its record matches this command's training
@@ -512,7 +512,7 @@ def _run(job: PruneJob, console, err_console) -> dict:
     kept = f"ratio {job.ratio}" if job.ratio is not None else f"keep {job.keep}"
     console.print(_table(rows, f"{job.model}, {len(result.report)} channel groups pruned ({kept}, "
                                f"{n_cal} calibration images, seed {job.seed}); FLOPs per image"))
-    console.print(f"wrote {job.out} ({fmt}; load with `from gfs.prune import load`) and {job.report_path}; "
+    console.print(f"wrote {job.out} ({fmt}; load with `from gfs.pruning import load`) and {job.report_path}; "
                   f"total {seconds['total']:.1f} s")
     return report
 
@@ -534,8 +534,8 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
             "criterion) and save the smaller model. Without --weights the model is first trained from scratch on "
             "--data for --train-epochs (pruning an untrained network means nothing). Pruning is checkpointed after "
             "every channel group to OUT.ckpt; --resume continues an interrupted run and ends with the same result. "
-            "The output is written with gfs.prune.io.save (JSON architecture + tensors, no pickle; load it with "
-            "`from gfs.prune import load`), with a JSON report at OUT.json."),
+            "The output is written with gfs.pruning.io.save (JSON architecture + tensors, no pickle; load it with "
+            "`from gfs.pruning import load`), with a JSON report at OUT.json."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", required=True, choices=MODELS, help="torchvision architecture (built with weights=None)")

@@ -1,6 +1,6 @@
 """Training, fine-tuning, evaluating and timing (pruned) classifiers.
 
-    from gfs.prune.finetune import finetune, evaluate, time_forward
+    from gfs.pruning.finetune import finetune, evaluate, time_forward
     tuned = finetune(result.model, train_loader, epochs=2, lr=0.01)   # a new, trained model
     tuned.model, tuned.history                                        # per-epoch loss / accuracy
     evaluate(tuned.model, test_loader)                                # {"accuracy", "loss", "samples"}

@@ -75,7 +75,7 @@ def _clone(env: dict) -> dict:
 class GraphRunner:
     """Runs a traced graph on a live model segment by segment, one batch at a time.
 
-    The graph comes from torch.fx (gfs.prune.groups); ``call_module`` nodes look their module up
+    The graph comes from torch.fx (gfs.pruning.groups); ``call_module`` nodes look their module up
     in ``root`` *when they run*, so modules replaced in ``root`` after pruning a group are used
     by the next segment. Values no longer needed are freed as the run goes.
 

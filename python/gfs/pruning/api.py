@@ -43,7 +43,7 @@ class LayerReport:
     sampled : float
         Fraction of the output coordinates the criterion looked at: 1.0 for "local" on the Gram
         layer statistics (exact); below 1 only for a consumer they cannot take (see
-        gfs.prune.criteria) whose materialised candidate matrix would exceed
+        gfs.pruning.criteria) whose materialised candidate matrix would exceed
         criteria.MAX_ELEMENTS.
     seconds : float
         Wall time for this group: capture, criterion, fold.
@@ -53,7 +53,7 @@ class LayerReport:
         Criterion "loss" only (else None): the whole network's calibration loss with this group
         pruned and with it dense (the groups before it pruned in both), and the pruned network's
         top-1 on the calibration data (accuracy, or agreement with the original's argmax
-        without labels; see gfs.prune.loss).
+        without labels; see gfs.pruning.loss).
     """
 
     name: str
@@ -120,7 +120,7 @@ class PruneResult:
     seconds: float
 
     def save(self, path, **kwargs) -> None:
-        """Save the pruned model (gfs.prune.io.save: JSON architecture + tensors, no pickle)."""
+        """Save the pruned model (gfs.pruning.io.save: JSON architecture + tensors, no pickle)."""
         from .io import save
 
         save(self.model, path, **kwargs)
@@ -333,7 +333,7 @@ def prune(model: nn.Module, calibration, *, keep=None, ratio=None, criterion="lo
     """Prune the channels of ``model`` group by group; return a new, physically smaller model.
 
     Channel groups (producer -> per-channel layers -> consumer) are found automatically from the
-    traced data flow (see gfs.prune.groups); the residual stream is left whole. Groups are
+    traced data flow (see gfs.pruning.groups); the residual stream is left whole. Groups are
     pruned in forward order. For each, the consumer's input X is captured from the network
     pruned so far and its output from the original network, on the same calibration batches;
     the criterion picks the channels; the decision is folded into new, smaller modules.
@@ -361,7 +361,7 @@ def prune(model: nn.Module, calibration, *, keep=None, ratio=None, criterion="lo
         (cross-entropy with integer labels, else the squared error to the original network's
         outputs); each kept channel is scaled by N / kept (the uniform average of the chosen
         channels). "l1": largest L1-norm producer filters. "random": a random subset (seeded by
-        ``seed``). The last two keep weights as they are. See gfs.prune.criteria.
+        ``seed``). The last two keep weights as they are. See gfs.pruning.criteria.
     step, replacement, eps, backend
         Passed to gfs.select ("local" only; replacement / eps with another criterion is an
         error, and "loss" takes only step="uniform"). With replacement a channel can be picked
@@ -400,7 +400,7 @@ def prune(model: nn.Module, calibration, *, keep=None, ratio=None, criterion="lo
         with the same model, calibration data and settings, its groups are replayed (folded
         without re-selection) and pruning continues from there: the result is the same model as
         an uninterrupted run's. A file from another run is refused (ValueError). The file is
-        kept when pruning ends; see gfs.prune.resume.
+        kept when pruning ends; see gfs.pruning.resume.
 
     Returns
     -------
@@ -612,7 +612,7 @@ def _expected(X, layer, keep, scale, g):
 
 
 def _fingerprint(model, batches, labels, groups, budgets, settings) -> dict:
-    """What a checkpoint must match to be resumed (see gfs.prune.resume)."""
+    """What a checkpoint must match to be resumed (see gfs.pruning.resume)."""
     return {
         "model": type(model).__name__,
         "weights": resume.digest(sorted(model.state_dict().items())),
