@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from gfs.experiments import PretrainingConfig, pretraining_study, read_idx, red_line
+from gfs.data import Dataset, IdxError, balanced_quotas, balanced_subsets, load_mnist_idx, read_idx
+from gfs.experiments import PretrainingConfig, pretraining_study, red_line
 from gfs.experiments import cli as study_cli
 from gfs.experiments import pretraining as P
-from gfs.experiments._data import Dataset, IdxFormatError, balanced_quotas, balanced_subsets, load_mnist_train
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -22,8 +22,9 @@ def tiny_dataset(n=300, d=6, seed=0):
     rng = np.random.default_rng(seed)
     classes = np.arange(n) % 10
     centres = rng.normal(size=(10, d))
-    X = (centres[classes] + 0.7 * rng.normal(size=(n, d))).astype(np.float32)
-    return Dataset(X, classes.astype(np.int64), (classes >= 5).astype(np.float32), "tiny")
+    X = torch.from_numpy((centres[classes] + 0.7 * rng.normal(size=(n, d))).astype(np.float32))
+    y = torch.from_numpy(classes.astype(np.int64))
+    return Dataset("tiny", X, y, X[:0], y[:0], 10)
 
 
 TINY = dict(widths=(8, 24), sizes=(40, 100, 200), iterations=40, prune_every=20, k=6, seeds=(0, 1), batch_size=16,
@@ -116,17 +117,18 @@ def test_idx_reader(tmp_path):
     _write_idx(str(tmp_path / "train-images-idx3-ubyte.gz"), images, 0x08)
     _write_idx(str(tmp_path / "train-labels.idx1-ubyte"), labels, 0x08)
     assert np.array_equal(read_idx(str(tmp_path / "train-images-idx3-ubyte.gz")), images)
-    data = load_mnist_train(str(tmp_path))
-    assert data.X.shape == (4, 6) and data.X.dtype == np.float32 and abs(data.X.max() - 23 / 255) < 1e-7
-    assert data.labels.tolist() == [0, 1, 1, 0]
+    data = load_mnist_idx(str(tmp_path), standardise=False, test=False)
+    assert data.x_train.shape == (4, 6) and data.x_train.dtype == torch.float32
+    assert abs(float(data.x_train.max()) - 23 / 255) < 1e-7 and len(data.x_test) == 0
+    assert P.binary_labels(data.y_train).tolist() == [0, 1, 1, 0]
     floats = np.array([[1.5, -2.0]], dtype=np.float32)
     _write_idx(str(tmp_path / "f.idx"), floats, 0x0D)
     assert np.array_equal(read_idx(str(tmp_path / "f.idx")), floats)
     (tmp_path / "bad").write_bytes(b"\x01\x02\x08\x01")
-    with pytest.raises(IdxFormatError, match="bad magic number"):
+    with pytest.raises(IdxError, match="bad magic number"):
         read_idx(str(tmp_path / "bad"))
-    with pytest.raises(IdxFormatError, match="train-labels-idx1-ubyte: not found"):
-        load_mnist_train(str(_only_images(tmp_path)))
+    with pytest.raises(IdxError, match="train-labels-idx1-ubyte: not found"):
+        load_mnist_idx(str(_only_images(tmp_path)), test=False)
 
 
 def _only_images(tmp_path):

@@ -169,6 +169,15 @@ def scaled(x: torch.Tensor, e: int) -> torch.Tensor:
     return (x * 2.0**a).mul_(2.0 ** (-e - a))
 
 
+def check_int(value, name: str, lo: int = 1, hi: int | None = None) -> int:
+    """value as an int, or ValueError naming `name` unless it is an int (not a bool) in [lo, hi]."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo
+            or (hi is not None and value > hi)):
+        bound = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+        raise ValueError(f"{name} must be an int {bound}, got {value!r}")
+    return int(value)
+
+
 def check_options(step, eps, replacement) -> float | None:
     if step not in STEPS:
         raise ValueError(f"unknown step {step!r}; choose one of {list(STEPS)}")

@@ -67,7 +67,7 @@ def add_study_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _cmd_pretraining(args: argparse.Namespace) -> int:
-    from ._data import IdxFormatError
+    from ..data import IdxError
     from .pretraining import PretrainingConfig, pretraining_study
 
     if args.mnist and args.quick:
@@ -94,7 +94,7 @@ def _cmd_pretraining(args: argparse.Namespace) -> int:
         cfg.threads = args.threads
     try:
         res = pretraining_study(cfg, out=out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
-    except (IdxFormatError, FileExistsError, ValueError) as exc:
+    except (IdxError, FileExistsError, ValueError) as exc:
         print(f"gfs study pretraining: {exc}", file=sys.stderr)
         return 2
     print(res.finding)
@@ -104,7 +104,7 @@ def _cmd_pretraining(args: argparse.Namespace) -> int:
 
 
 def _cmd_singular_values(args: argparse.Namespace) -> int:
-    from ..theory import singular_value_study
+    from .singular_values import singular_value_study
 
     kw = {}
     if args.quick:

@@ -40,12 +40,13 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
 
-from ._data import Dataset, balanced_subsets, load_digits, load_mnist_train, normalise
+from ..data import Dataset, balanced_subsets, load_digits, load_mnist_idx
+from .fits import line_fit
 
 DIGITS_SIZES = (100, 300, 500, 700, 900, 1100, 1300, 1500, 1797)
 MNIST_SIZES = (1000,) + tuple(range(5000, 50001, 5000))
@@ -296,12 +297,8 @@ def _spearman(x, y) -> float:
 
 def _fit(x, t) -> dict:
     """Least squares t = alpha + beta x, with R^2."""
-    x, t = np.asarray(x, dtype=np.float64), np.asarray(t, dtype=np.float64)
-    A = np.stack([np.ones_like(x), x], 1)
-    coef, *_ = np.linalg.lstsq(A, t, rcond=None)
-    resid = t - A @ coef
-    ss = float(((t - t.mean()) ** 2).sum())
-    return {"alpha": float(coef[0]), "beta": float(coef[1]), "r2": (1 - float((resid ** 2).sum()) / ss) if ss > 0 else float("nan")}
+    alpha, beta, r2 = line_fit(x, t)
+    return {"alpha": alpha, "beta": beta, "r2": r2}
 
 
 def assess(line: dict[int, dict], never_as: float, trend_rho: float = 0.5) -> dict:
@@ -421,7 +418,7 @@ CELLS_FILE = "cells.jsonl"
 
 
 def _config_hash(cfg: PretrainingConfig, dataset: Dataset) -> str:
-    ident = dict(cfg.identity(), n_examples=len(dataset), dim=int(dataset.X.shape[1]))
+    ident = dict(cfg.identity(), n_examples=len(dataset.x_train), dim=int(dataset.dim))
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -553,11 +550,28 @@ class StudyResult:
 
 
 def _load_dataset(cfg: PretrainingConfig, dataset: Dataset | None) -> Dataset:
+    """`dataset`, or the one `cfg` names: MNIST's training split (only its two files are read)
+    or all of scikit-learn's digits, pixels in [0, 1], named as the config names them."""
     if dataset is not None:
         return dataset
     if cfg.dataset == "mnist":
-        return load_mnist_train(cfg.mnist_dir)
-    return load_digits()
+        data = load_mnist_idx(cfg.mnist_dir, standardise=False, test=False)
+    else:
+        data = load_digits()
+    return replace(data, name=cfg.dataset)
+
+
+def normalise(X: np.ndarray) -> np.ndarray:
+    """Centre every input coordinate and scale so that the mean squared norm of an input is 1
+    (Assumption 2 of the paper bounds ||x||; this keeps w.x of order 1 for w ~ N(0, I))."""
+    Xc = X - X.mean(0, keepdims=True)
+    scale = float(np.sqrt((Xc.astype(np.float64) ** 2).sum(1).mean()))
+    return (Xc / max(scale, 1e-12)).astype(np.float32)
+
+
+def binary_labels(classes: torch.Tensor) -> torch.Tensor:
+    """Step 1 of the protocol: digit < 5 -> 0, digit >= 5 -> 1 (float32)."""
+    return (classes >= 5).to(torch.float32)
 
 
 def _run_with_progress(work, todo, skipped, progress):
@@ -589,8 +603,9 @@ def pretraining_study(config: PretrainingConfig | None = None, *, out: str = "ru
         With resume=False and cells present, `overwrite=True` is needed to start afresh.
     progress : bool
         A rich progress bar over the cells.
-    dataset : Dataset, optional
-        Use this data instead of loading `config.dataset` (tests, custom data).
+    dataset : gfs.data.Dataset, optional
+        Use this data instead of loading `config.dataset` (tests, custom data): the study draws
+        from its training split, ``y_train`` holding digit classes (binarised digit >= 5).
 
     Returns
     -------
@@ -618,8 +633,9 @@ def pretraining_study(config: PretrainingConfig | None = None, *, out: str = "ru
     cfg.seeds = tuple(int(s) for s in cfg.seeds)
     cfg.validate()
     data = _load_dataset(cfg, dataset)
-    if cfg.sizes[-1] > len(data):
-        raise ValueError(f"size {cfg.sizes[-1]} is larger than the {data.name} data set ({len(data)} examples)")
+    examples = len(data.x_train)
+    if cfg.sizes[-1] > examples:
+        raise ValueError(f"size {cfg.sizes[-1]} is larger than the {data.name} data set ({examples} examples)")
 
     os.makedirs(out, exist_ok=True)
     cells_path = os.path.join(out, CELLS_FILE)
@@ -637,9 +653,9 @@ def pretraining_study(config: PretrainingConfig | None = None, *, out: str = "ru
                          f"use another out folder, or overwrite=True to discard them")
     done = {(c["width"], c["size"], c["seed"]): c for c in existing}
 
-    X_all = torch.from_numpy(normalise(data.X))
-    y_all = torch.from_numpy(data.labels)
-    subsets = {sd: balanced_subsets(data.classes, cfg.sizes, sd) for sd in cfg.seeds}
+    X_all = torch.from_numpy(normalise(data.x_train.numpy()))
+    y_all = binary_labels(data.y_train)
+    subsets = {sd: balanced_subsets(data.y_train.numpy(), cfg.sizes, sd) for sd in cfg.seeds}
     todo = [(w, s, sd) for w in cfg.widths for s in cfg.sizes for sd in cfg.seeds if (w, s, sd) not in done]
     skipped = len(done)
 
@@ -685,7 +701,7 @@ def pretraining_study(config: PretrainingConfig | None = None, *, out: str = "ru
     if plot:
         files["figure"] = plot_study(summary, line, cfg, os.path.join(out, "figure.png"))
     _write_json(files["summary_json"], {
-        "config": asdict(cfg), "config_hash": chash, "dataset": {"name": data.name, "examples": len(data), "dim": int(data.X.shape[1])},
+        "config": asdict(cfg), "config_hash": chash, "dataset": {"name": data.name, "examples": examples, "dim": int(data.dim)},
         "red_line": {str(w): v for w, v in line.items()},
         "red_line_definition": red_line.__doc__.split("Returns")[0].strip(),
         "assessment": {**verdict, "per_width": {str(w): v for w, v in verdict["per_width"].items()}},
