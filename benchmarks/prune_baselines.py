@@ -5,10 +5,10 @@
 
 On the embedded data (scikit-learn's digits as 32x32 RGB images, the split of gfs.data with seed
 0), ResNet-18 and MobileNetV2 (torchvision, weights=None) are trained from scratch as in
-`gfs demo` (gfs.pruning.cli.TRAIN_RECIPE, 8 epochs, seed --seed). Then, for each model, 50% of the
-internal channels (gfs.pruning.cli.internal_layers) are pruned by each criterion, and every pruned
+`gfs demo` (gfs.workflow.TRAIN_RECIPE, 8 epochs, seed --seed). Then, for each model, 50% of the
+internal channels (gfs.models.internal_layers) are pruned by each criterion, and every pruned
 network is evaluated before fine-tuning and after the same short fine-tune (2 epochs, SGD lr
-0.01, cosine, seed --seed):
+0.01, cosine, seed --seed); gfs.workflow runs each step, as for `gfs prune` and `gfs demo`:
 
 - "l1": the largest-L1 producer filters (Li et al. 2017); uses no data;
 - "random": a seeded random subset;
@@ -98,7 +98,8 @@ def parse(argv):
                             else os.path.join(ROOT, "benchmarks", "results", "prune-baselines-cpu"))
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.criteria = [c.strip() for c in args.criteria.split(",") if c.strip()]
-    from gfs.pruning.cli import CRITERIA, MODELS
+    from gfs.models import MODELS
+    from gfs.pruning.criteria import CRITERIA
 
     bad = [m for m in args.models if m not in MODELS] + [c for c in args.criteria if c not in CRITERIA]
     if bad:
@@ -112,10 +113,8 @@ def parse(argv):
 def run(args) -> dict:
     import torch
 
-    from gfs.data import load_image_data
-    from gfs.pruning import prune
-    from gfs.pruning.cli import TRAIN_RECIPE, build_model, internal_layers
-    from gfs.pruning.finetune import evaluate, finetune
+    from gfs.models import internal_layers
+    from gfs.workflow import TRAIN_RECIPE, Workflow, load_data
 
     torch.set_num_threads(args.threads)
     results = {"machine": machine(), "commit": commit(), "threads": torch.get_num_threads(),
@@ -124,14 +123,12 @@ def run(args) -> dict:
     print(f"machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, torch "
           f"{results['machine']['torch']}, {args.threads} thread(s); commit {results['commit']}; 1-min load "
           f"{results['load_at_start']:.2f}", flush=True)
-    data = load_image_data("digits", image_size=args.image_size, seed=0)
-    if args.train_samples:
-        data = data.subset(args.train_samples, args.test_samples, seed=0)
-    # a fresh loader seeded alike for every training phase: each model trains, and every row
-    # fine-tunes, on the same batch order whatever ran before (and as in `gfs demo`)
-    train = lambda: data.loaders(64, seed=args.seed)[0]  # noqa: E731
-    test = data.loaders(64, seed=args.seed)[1]
-    calib = data.calibration(args.calib, 64, seed=args.seed)
+    data = load_data("digits", image_size=args.image_size, train_samples=args.train_samples,
+                     test_samples=args.test_samples)
+    # a fresh loader seeded alike for every training phase (gfs.workflow): each model trains, and
+    # every row fine-tunes, on the same batch order whatever ran before (and as in `gfs demo`)
+    flow = Workflow(data, batch_size=64, seed=args.seed, progress=args.progress)
+    calib = flow.calibration(args.calib)
     small = rebatch(calib, args.loss_calib, 64)
     results["data"] = data.describe()
     results["images"] = {"train": len(data.train), "test": len(data.test)}
@@ -139,15 +136,12 @@ def run(args) -> dict:
 
     for name in args.models:
         t0 = time.perf_counter()
-        model = build_model(name, data.classes, seed=args.seed)
-        trained = finetune(model, train(), args.epochs, seed=args.seed, inplace=True, progress=args.progress,
-                           description=f"{name}: training", **TRAIN_RECIPE)
-        dense = evaluate(model, test)
-        entry = {"dense_accuracy": dense["accuracy"], "dense_loss": dense["loss"], "train_seconds": trained.seconds,
-                 "layers": internal_layers(name), "rows": []}
+        dense = flow.train_dense(name, args.epochs)
+        entry = {"dense_accuracy": dense.evaluation["accuracy"], "dense_loss": dense.evaluation["loss"],
+                 "train_seconds": dense.training.seconds, "layers": internal_layers(name), "rows": []}
         results["models"][name] = entry
-        print(f"{name}: trained {args.epochs} epoch(s) in {trained.seconds:.0f} s, test accuracy {dense['accuracy']:.2%}",
-              flush=True)
+        print(f"{name}: trained {args.epochs} epoch(s) in {dense.training.seconds:.0f} s, test accuracy "
+              f"{dense.evaluation['accuracy']:.2%}", flush=True)
         plan = []
         for c in args.criteria:
             if c == "local":
@@ -161,27 +155,22 @@ def run(args) -> dict:
         for crit, cal, opts in plan:
             n_cal = sum(len(b[0]) for b in cal)
             load_before = load1()
-            t1 = time.perf_counter()
-            res = prune(model, cal, ratio=args.ratio, criterion=crit, layers=internal_layers(name),
-                        progress=args.progress, seed=args.seed, **opts)
-            seconds = time.perf_counter() - t1
-            pruned = evaluate(res.model, test)
-            tuned = finetune(res.model, train(), args.finetune_epochs, lr=args.finetune_lr, seed=args.seed,
-                             progress=args.progress, description=f"{name} {crit}: fine-tuning")
-            after = evaluate(tuned.model, test)
+            out = flow.prune(dense.model, cal, ratio=args.ratio, criterion=crit, layers=internal_layers(name), **opts)
+            flow.finetune(out, args.finetune_epochs, lr=args.finetune_lr, description=f"{name} {crit}: fine-tuning")
+            pruned, after = out.evaluation, out.final
             row = {
                 "criterion": crit, "options": opts, "calibration_images": n_cal if crit in ("local", "loss") else 0,
-                "channels": [sum(r.channels_before for r in res.report), sum(r.channels_after for r in res.report)],
-                "groups": len(res.report), "params": list(res.params), "flops_per_image": list(res.flops),
+                "channels": out.channels, "groups": len(out.result.report), "params": list(out.result.params),
+                "flops_per_image": list(out.result.flops),
                 "accuracy_pruned": pruned["accuracy"], "loss_pruned": pruned["loss"],
                 "accuracy_finetuned": after["accuracy"], "loss_finetuned": after["loss"],
-                "prune_seconds": seconds, "group_seconds": sum(r.seconds for r in res.report),
-                "finetune_seconds": tuned.seconds, "load_before": load_before, "load_after": load1(),
+                "prune_seconds": out.seconds, "group_seconds": sum(r.seconds for r in out.result.report),
+                "finetune_seconds": out.finetune_seconds, "load_before": load_before, "load_after": load1(),
             }
             entry["rows"].append(row)
             print(f"  {crit:<6} ({row['calibration_images']:>3} images{', ' + str(opts) if opts else ''}): "
                   f"{row['channels'][0]} -> {row['channels'][1]} channels, before fine-tuning "
-                  f"{pruned['accuracy']:.2%}, after {after['accuracy']:.2%}; prune {seconds:.1f} s "
+                  f"{pruned['accuracy']:.2%}, after {after['accuracy']:.2%}; prune {out.seconds:.1f} s "
                   f"(load {load_before:.2f} -> {row['load_after']:.2f})", flush=True)
         entry["seconds"] = time.perf_counter() - t0
 

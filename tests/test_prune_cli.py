@@ -36,7 +36,8 @@ def _tensors(path):
 @pytest.fixture(scope="module")
 def random_weights(tmp_path_factory):
     """A state dict of resnet18 with 10 classes (random init): --weights without training."""
-    from gfs.pruning.cli import build_model, save_weights
+    from gfs.models import build_model
+    from gfs.weights import save_weights
 
     path = tmp_path_factory.mktemp("w") / "resnet18-10.safetensors"
     save_weights(build_model("resnet18", 10, seed=3), str(path))
@@ -244,7 +245,8 @@ def test_prune_cli_errors_name_the_flag(tmp_path, random_weights, capsys):
 def test_prune_cli_loads_torch_save_weights(tmp_path):
     """A torch.save state dict (read with weights_only=True), wrapped as {"state_dict": ...} and
     saved from DataParallel ("module." prefixes), loads as well."""
-    from gfs.pruning.cli import build_model, load_weights
+    from gfs.models import build_model
+    from gfs.weights import load_weights
 
     src = build_model("resnet18", 10, seed=1)
     path = tmp_path / "ckpt.pt"
@@ -255,7 +257,7 @@ def test_prune_cli_loads_torch_save_weights(tmp_path):
 
 
 def test_bench_prune_is_reachable_from_the_cli():
-    from gfs.pruning.cli import _bench_script
+    from gfs.prune_cli import _bench_script
 
     assert os.path.isfile(_bench_script())
     with pytest.raises(SystemExit) as exc:

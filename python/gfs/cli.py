@@ -13,7 +13,7 @@ from .argtypes import int_list, names_from, nonnegative_int, positive_int
 
 
 def _model_names() -> tuple[str, ...]:
-    from .pruning.cli import MODELS
+    from .models import MODELS
 
     return tuple(MODELS)
 
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     from .experiments.cli import add_study_parser
-    from .pruning.cli import add_bench_parser, add_prune_parser
+    from .prune_cli import add_bench_parser, add_prune_parser
 
     add_prune_parser(sub)
     add_study_parser(sub)
@@ -114,7 +114,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:2] == ["bench", "prune"]:  # every further argument (--help included) belongs to the script
-        from .pruning.cli import run_bench_prune
+        from .prune_cli import run_bench_prune
 
         return run_bench_prune(argv[2:])
     parser = build_parser()

@@ -65,7 +65,7 @@ class DemoConfig:
     cnn: bool = True
     cnn_models: tuple[str, ...] = ("resnet18", "mobilenet_v2")
     cnn_image_size: int = 32
-    cnn_train_epochs: int = 8  # from scratch, gfs.pruning.cli.TRAIN_RECIPE
+    cnn_train_epochs: int = 8  # from scratch, gfs.workflow.TRAIN_RECIPE
     cnn_finetune_epochs: int = 2
     cnn_finetune_lr: float = 0.01
     cnn_ratio: float = 0.5  # fraction of the internal channels kept
@@ -405,22 +405,17 @@ def run_cnn_part(cfg: DemoConfig, console) -> list:
     """Train each of cfg.cnn_models on the embedded digits images (upsampled to RGB), prune
     cfg.cnn_ratio of its internal channels with gfs "local", fine-tune briefly, and measure
     accuracy dense / pruned / fine-tuned, parameters, FLOPs and the wall time per batch of the
-    pruned against the dense model. Returns one dict per model."""
+    pruned against the dense model (gfs.workflow). Returns one dict per model."""
     from rich.table import Table
 
-    from .data import load_image_data
-    from .pruning import prune
-    from .pruning.cli import TRAIN_RECIPE, build_model, internal_layers
-    from .pruning.finetune import evaluate, finetune
+    from .models import internal_layers
+    from .workflow import TRAIN_RECIPE, Workflow, load_data, speed
 
     t0 = time.perf_counter()
-    data = load_image_data("digits", image_size=cfg.cnn_image_size, seed=0)  # the split is fixed
-    if cfg.cnn_train_samples or cfg.cnn_test_samples:
-        data = data.subset(cfg.cnn_train_samples, cfg.cnn_test_samples, seed=0)
-    # a fresh, seeded loader for every training phase: each model trains and fine-tunes on the
-    # same batch order whatever ran before it (as in benchmarks/prune_baselines.py)
-    test = data.loaders(cfg.cnn_batch, seed=cfg.seed)[1]
-    calib = data.calibration(cfg.cnn_calib, cfg.cnn_batch, seed=cfg.seed)
+    data = load_data("digits", image_size=cfg.cnn_image_size, train_samples=cfg.cnn_train_samples,
+                     test_samples=cfg.cnn_test_samples)  # the split is fixed
+    flow = Workflow(data, batch_size=cfg.cnn_batch, seed=cfg.seed, progress=True, console=console)
+    calib = flow.calibration(cfg.cnn_calib)
     timing_batch = torch.cat([x for x, _ in data.loaders(cfg.cnn_timing_batch, seed=cfg.seed)[1]])[: cfg.cnn_timing_batch]
     console.print(
         f"\n[bold]CNNs[/bold]: {data.describe()}; train {_plural(cfg.cnn_train_epochs, 'epoch')} from scratch (SGD, lr "
@@ -430,39 +425,30 @@ def run_cnn_part(cfg: DemoConfig, console) -> list:
     out = []
     for name in cfg.cnn_models:
         t_model = time.perf_counter()
-        model = build_model(name, data.classes, seed=cfg.seed)
-        trained = finetune(model, data.loaders(cfg.cnn_batch, seed=cfg.seed)[0], cfg.cnn_train_epochs, seed=cfg.seed, inplace=True, progress=True,
-                           description=f"{name}: training", console=console, **TRAIN_RECIPE)
-        dense_eval = evaluate(model, test)
-        t1 = time.perf_counter()
-        result = prune(model, calib, ratio=cfg.cnn_ratio, criterion="local", layers=internal_layers(name),
-                       progress=False, seed=cfg.seed)
-        prune_seconds = time.perf_counter() - t1
-        pruned_eval = evaluate(result.model, test)
-        tuned = finetune(result.model, data.loaders(cfg.cnn_batch, seed=cfg.seed)[0], cfg.cnn_finetune_epochs, lr=cfg.cnn_finetune_lr, seed=cfg.seed,
-                         progress=True, description=f"{name}: fine-tuning", console=console)
-        tuned_eval = evaluate(tuned.model, test)
-        t_dense, t_pruned = _time_pair(model, tuned.model, timing_batch, cfg.cnn_timing_rounds)
-        (pb, pa), (fb, fa) = result.params, result.flops
+        dense = flow.train_dense(name, cfg.cnn_train_epochs)
+        pruned = flow.prune(dense.model, calib, ratio=cfg.cnn_ratio, criterion="local", layers=internal_layers(name),
+                            progress=False)
+        flow.finetune(pruned, cfg.cnn_finetune_epochs, lr=cfg.cnn_finetune_lr, description=f"{name}: fine-tuning")
+        t_dense, t_pruned = speed(dense.model, pruned.model, timing_batch, cfg.cnn_timing_rounds)
         out.append({
             "model": name,
-            "groups": len(result.report),
-            "channels": [sum(r.channels_before for r in result.report), sum(r.channels_after for r in result.report)],
-            "params": [pb, pa],
-            "flops_per_image": [fb, fa],
-            "accuracy": {"dense": dense_eval["accuracy"], "pruned": pruned_eval["accuracy"],
-                         "finetuned": tuned_eval["accuracy"]},
+            "groups": len(pruned.result.report),
+            "channels": pruned.channels,
+            "params": list(pruned.result.params),
+            "flops_per_image": list(pruned.result.flops),
+            "accuracy": {"dense": dense.evaluation["accuracy"], "pruned": pruned.evaluation["accuracy"],
+                         "finetuned": pruned.final["accuracy"]},
             "seconds_per_batch": {"dense": t_dense, "pruned": t_pruned, "batch": len(timing_batch)},
             "speedup": t_dense / t_pruned,
-            "train_history": trained.history,
-            "finetune_history": tuned.history,
-            "seconds": {"train": trained.seconds, "prune": prune_seconds, "finetune": tuned.seconds,
+            "train_history": dense.training.history,
+            "finetune_history": pruned.history,
+            "seconds": {"train": dense.training.seconds, "prune": pruned.seconds, "finetune": pruned.finetune_seconds,
                         "total": time.perf_counter() - t_model},
         })
-        r = out[-1]
+        r, a = out[-1], out[-1]["accuracy"]
         console.print(
-            f"{name}: dense {dense_eval['accuracy']:.1%} -> pruned {pruned_eval['accuracy']:.1%} -> fine-tuned "
-            f"{tuned_eval['accuracy']:.1%}; {r['channels'][0]} -> {r['channels'][1]} internal channels; "
+            f"{name}: dense {a['dense']:.1%} -> pruned {a['pruned']:.1%} -> fine-tuned {a['finetuned']:.1%}; "
+            f"{r['channels'][0]} -> {r['channels'][1]} internal channels; "
             f"{t_dense * 1e3:.1f} -> {t_pruned * 1e3:.1f} ms per batch of {len(timing_batch)} (x{r['speedup']:.2f})")
 
     table = Table(title=f"Pruning torchvision CNNs with gfs 'local' ({1 - cfg.cnn_ratio:.0%} of the internal "
@@ -480,18 +466,6 @@ def run_cnn_part(cfg: DemoConfig, console) -> list:
     console.print(table)
     console.print(f"CNN part: {time.perf_counter() - t0:.1f} s")
     return out
-
-
-def _time_pair(a, b, batch, rounds: int) -> tuple[float, float]:
-    """Wall time per batch of models a and b (eval mode): the best over ``rounds`` interleaved
-    rounds of 3 runs each, so that a change in the machine's load hits both alike."""
-    from .pruning.finetune import time_forward
-
-    ta = tb = float("inf")
-    for _ in range(max(1, rounds)):
-        ta = min(ta, time_forward(a, batch, repeats=3, warmup=1))
-        tb = min(tb, time_forward(b, batch, repeats=3, warmup=1))
-    return ta, tb
 
 
 def _time_backends(U, y, fast, fast_wall: float, cfg: DemoConfig, console) -> dict:
