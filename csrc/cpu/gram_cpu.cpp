@@ -25,9 +25,17 @@
 // Frank-Wolfe gap after each step: max_j <2 (y - z), u_j - z> / count.
 // Stops after the first step whose loss <= stop_loss. Losses are returned unclamped (the Python
 // wrapper turns a clearly negative loss into a "not positive semi-definite" error).
+//
+// Safety (DESIGN.md section 3): the outputs (k entries each) and every buffer whose size grows
+// with the steps (refit's factor) are allocated, with checked sizes, before the loop; nothing
+// inside a parallel region (run_pass) allocates or throws; the loop polls for Ctrl-C once per
+// step (csrc/cpu/interrupt.h) and raises KeyboardInterrupt after leaving it.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "interrupt.h"
+
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -97,20 +105,38 @@ int64_t first_allowed(const std::vector<uint8_t>& blocked, bool replacement) {
   return 0;
 }
 
+// The per-step outputs: k entries each, allocated (and checked) before the loop.
 struct Out {
-  std::vector<int64_t> picks;
-  std::vector<double> losses, gaps, gammas;
-  void push(int64_t j, double loss, double gap, double gamma) {
-    picks.push_back(j);
-    losses.push_back(loss);
-    gaps.push_back(gap);
-    gammas.push_back(gamma);
+  int64_t* picks;
+  double* losses;
+  double* gaps;
+  double* gammas;
+  int64_t size = 0;  // steps taken
+  void push(int64_t j, double loss, double gap, double gamma) noexcept {
+    picks[size] = j;
+    losses[size] = loss;
+    gaps[size] = gap;
+    gammas[size] = gamma;
+    ++size;
   }
 };
 
+// v.reserve(n), or a clean c10::Error naming what would not fit.
+template <class V>
+void reserve_checked(V& v, int64_t n, const char* what) {
+  using E = typename V::value_type;
+  if (n < 0 || uint64_t(n) > uint64_t(v.max_size()))
+    gfs_native::fail_allocation("gram_greedy", what, n, int64_t(sizeof(E)), "the size overflows");
+  try {
+    v.reserve(size_t(n));
+  } catch (const std::exception&) {
+    gfs_native::fail_allocation("gram_greedy", what, n, int64_t(sizeof(E)), "out of memory");
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 void uniform(const double* G, const double* d, const double* b, int64_t N, double yy, double M, int64_t k,
-             bool replacement, double stop_loss, Out& out, std::vector<double>& w) {
+             bool replacement, double stop_loss, Out& out, std::vector<double>& w, gfs_native::Interrupt& interrupt) {
   std::vector<double> ct(N, 0.0);
   std::vector<uint8_t> taken(N, 0);
   Pass p = run_pass(N, N, [&](int64_t i0, int64_t i1) {
@@ -144,9 +170,10 @@ void uniform(const double* G, const double* d, const double* b, int64_t N, doubl
     const double loss = (yy - 2.0 * zb + zz) / M;
     out.push(j, loss, 2.0 * (p.gmax - (zb - zz)) / M, 1.0 / n);
     if (loss <= stop_loss) break;
+    if (interrupt.poll()) return;
   }
-  for (int64_t j : out.picks) w[j] += 1.0;
-  for (auto& x : w) x /= double(out.picks.size());
+  for (int64_t t = 0; t < out.size; ++t) w[out.picks[t]] += 1.0;
+  for (auto& x : w) x /= double(out.size);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -166,7 +193,8 @@ inline LineEval line_eval(double di, double bi, double ci, double zb, double zz,
 }
 
 void line_search(const double* G, const double* d, const double* b, int64_t N, double yy, double M, int64_t k,
-                 bool replacement, double stop_loss, double tol, Out& out, std::vector<double>& w) {
+                 bool replacement, double stop_loss, double tol, Out& out, std::vector<double>& w,
+                 gfs_native::Interrupt& interrupt) {
   std::vector<double> c(N, 0.0);
   std::vector<uint8_t> taken(N, 0);
   double zz = 0.0, zb = 0.0;
@@ -204,9 +232,10 @@ void line_search(const double* G, const double* d, const double* b, int64_t N, d
     const double loss = (yy - 2.0 * zb + zz) / M;
     out.push(j, loss, 2.0 * p.gmax / M, gamma);
     if (loss <= stop_loss) break;
+    if (interrupt.poll()) return;
   }
   double scale = 1.0;  // w = sum_t gamma_t prod_{s > t} (1 - gamma_s) e_{j_t}
-  for (int64_t t = (int64_t)out.picks.size() - 1; t >= 0 && scale != 0.0; --t) {
+  for (int64_t t = out.size - 1; t >= 0 && scale != 0.0; --t) {
     w[out.picks[t]] += scale * out.gammas[t];
     scale *= 1.0 - out.gammas[t];
   }
@@ -214,7 +243,8 @@ void line_search(const double* G, const double* d, const double* b, int64_t N, d
 
 // ---------------------------------------------------------------------------------------------
 void refit(const double* G, const double* d, const double* b, int64_t N, double yy, double M, int64_t k,
-           bool replacement, double stop_loss, double tol, Out& out, std::vector<double>& w) {
+           bool replacement, double stop_loss, double tol, Out& out, std::vector<double>& w,
+           gfs_native::Interrupt& interrupt) {
   std::vector<uint8_t> picked(N, 0), inset(N, 0);
   Pass p0 = run_pass(N, N, [&](int64_t i0, int64_t i1) {
     Pass q;
@@ -230,6 +260,15 @@ void refit(const double* G, const double* d, const double* b, int64_t N, double 
   std::vector<double> L;       // lower-triangular factor, packed by rows: row q at q (q + 1) / 2
   std::vector<double> tq;      // <q_q, y - u_s0>
   std::vector<double> pnew(N);
+  std::vector<double> l;       // the new row of L (its first m entries), at most D
+  // At most D = min(k - 1, N - 1) directions (a member never enters twice): everything that grows
+  // with them is reserved here, checked, so that nothing allocates inside the loop.
+  const int64_t D = std::min(k, N) - 1;
+  reserve_checked(members, D + 1, "refit's member list");
+  reserve_checked(P, D * N, "refit's projections (directions x N)");
+  reserve_checked(L, D * (D + 1) / 2, "refit's Cholesky factor");
+  reserve_checked(tq, D, "refit's coefficients");
+  reserve_checked(l, D, "refit's factor row");
   picked[s0] = inset[s0] = 1;
   double loss_abs = yy - 2.0 * bs0 + g00;
 
@@ -275,7 +314,7 @@ void refit(const double* G, const double* d, const double* b, int64_t N, double 
       const int64_t m = (int64_t)tq.size();  // directions so far
       const double Ljj = std::sqrt(den);
       tnew = num / Ljj;
-      std::vector<double> l(m);
+      l.resize(m);  // within the reserved capacity: no allocation
       for (int64_t q = 0; q < m; ++q) l[q] = P[q * N + j];
       const double* gj = G + j * N;
       const double cst = gj[s0] - g00;
@@ -321,6 +360,7 @@ void refit(const double* G, const double* d, const double* b, int64_t N, double 
     const double loss = loss_abs / M;
     out.push(j, loss, 2.0 * p.gmax / M, gamma);
     if (loss <= stop_loss) break;
+    if (interrupt.poll()) return;
   }
   // weights: beta = L^{-T} t, w[s_q] = beta_q (q >= 1), w[s0] = 1 - sum(beta)
   const int64_t m = (int64_t)tq.size();
@@ -350,38 +390,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_gree
   TORCH_CHECK(b_in.dim() == 1 && b_in.size(0) == N, "gram_greedy: b must have shape (", N, ",), got ", b_in.sizes());
   TORCH_CHECK(N >= 1 && k >= 1 && count >= 1, "gram_greedy: need N >= 1, k >= 1, count >= 1");
   TORCH_CHECK(replacement || k <= N, "gram_greedy: k > N without replacement");
+  const std::string rule(step.data(), step.size());
+  TORCH_CHECK(rule == "uniform" || rule == "line_search" || rule == "refit", "gram_greedy: unknown step '", rule,
+              "' (uniform, line_search, refit)");
   const at::Tensor G = G_in.contiguous(), b = b_in.contiguous();
   const at::Tensor diag = G.diagonal().contiguous();
   const double* Gp = G.data_ptr<double>();
   const double* dp = diag.data_ptr<double>();
   const double* bp = b.data_ptr<double>();
   const double M = double(count);
-  Out out;
-  out.picks.reserve(k);
+  // The outputs, k entries each, before the loop (a k that cannot fit is refused here).
+  auto outs = gfs_native::allocate_steps("gram_greedy", k, {at::kLong, at::kDouble, at::kDouble, at::kDouble},
+                                         at::TensorOptions().device(at::kCPU));
+  Out out{outs[0].data_ptr<int64_t>(), outs[1].data_ptr<double>(), outs[2].data_ptr<double>(),
+          outs[3].data_ptr<double>()};
+  at::Tensor weights = at::empty({N}, at::TensorOptions().dtype(at::kDouble));
   std::vector<double> w(N, 0.0);
-  const std::string rule(step.data(), step.size());
+  gfs_native::Interrupt interrupt(N);
   {
     at::NoGradGuard no_grad;
     if (rule == "uniform")
-      uniform(Gp, dp, bp, N, yy, M, k, replacement, stop_loss, out, w);
+      uniform(Gp, dp, bp, N, yy, M, k, replacement, stop_loss, out, w, interrupt);
     else if (rule == "line_search")
-      line_search(Gp, dp, bp, N, yy, M, k, replacement, stop_loss, tol, out, w);
-    else if (rule == "refit")
-      refit(Gp, dp, bp, N, yy, M, k, replacement, stop_loss, tol, out, w);
+      line_search(Gp, dp, bp, N, yy, M, k, replacement, stop_loss, tol, out, w, interrupt);
     else
-      TORCH_CHECK(false, "gram_greedy: unknown step '", rule, "' (uniform, line_search, refit)");
+      refit(Gp, dp, bp, N, yy, M, k, replacement, stop_loss, tol, out, w, interrupt);
   }
-  const int64_t s = (int64_t)out.picks.size();
-  auto f64 = at::TensorOptions().dtype(at::kDouble);
-  at::Tensor idx = at::empty({s}, at::TensorOptions().dtype(at::kLong));
-  at::Tensor losses = at::empty({s}, f64), gaps = at::empty({s}, f64), gammas = at::empty({s}, f64);
-  at::Tensor weights = at::empty({N}, f64);
-  std::copy(out.picks.begin(), out.picks.end(), idx.data_ptr<int64_t>());
-  std::copy(out.losses.begin(), out.losses.end(), losses.data_ptr<double>());
-  std::copy(out.gaps.begin(), out.gaps.end(), gaps.data_ptr<double>());
-  std::copy(out.gammas.begin(), out.gammas.end(), gammas.data_ptr<double>());
+  if (interrupt.pending()) interrupt.raise("gram_greedy");
+  const int64_t s = out.size;
   std::copy(w.begin(), w.end(), weights.data_ptr<double>());
-  return {idx, losses, gaps, gammas, weights};
+  return {gfs_native::shrink_steps(outs[0], s), gfs_native::shrink_steps(outs[1], s),
+          gfs_native::shrink_steps(outs[2], s), gfs_native::shrink_steps(outs[3], s), weights};
 }
 
 }  // namespace

@@ -12,6 +12,11 @@
 // was processed alone or in a group of rows sharing the loads of r. Identical rows therefore
 // give bit-identical e_j and identical scores, and the argmin sends exact ties to the lowest
 // index, as `uniform_loop` in src/gfs_kernels/base.py (the definition these kernels follow).
+//
+// Safety (DESIGN.md section 3): nothing inside a parallel region allocates or throws. The outputs
+// (k entries each, checked) and every thread's scratch are allocated before the region; Ctrl-C is
+// polled by thread 0 (the caller's thread) once per step and acted on by all threads at the same
+// step boundary (see greedy_uniform_impl and csrc/cpu/interrupt.h).
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -19,6 +24,8 @@
 #include <omp.h>
 #include <torch/library.h>
 #include <torch/types.h>
+
+#include "interrupt.h"
 
 #include <algorithm>
 #include <cmath>
@@ -221,10 +228,12 @@ struct alignas(64) Partial {
   int64_t best_j = -1;
   double max_e = 0;
   bool has_e = false;
+  bool stop = false;  // thread 0's partial only: an interrupt was seen, every thread leaves
 
   GFS_INLINE void reset() {
     best_j = -1;
     has_e = false;
+    stop = false;
   }
   GFS_INLINE void offer(double s, int64_t j) {
     if (best_j < 0 || (std::isnan(s) && !std::isnan(best)) || s < best) {
@@ -409,26 +418,52 @@ GFS_INLINE void update_residual(const T* __restrict uj, const S* __restrict y, i
 // partials of consecutive passes alternate between two buffers, so a thread that runs ahead
 // never overwrites what a slower one is still reading. On shared (oversubscribed) cores every
 // barrier is a chance to wait for a descheduled thread; fewer of them keep the loop robust.
+//
+// Interrupts ride on the same double buffer: before the barrier of step t, thread 0 (the caller's
+// thread, the only one that can see Python's signals) writes its poll result into its partial of
+// pass t + 1; after the barrier every thread reads that one flag, so all leave at the same step.
+// Thread 0 rewrites that buffer only at step t + 2, after the next barrier, by which time every
+// thread has read it.
+//
+// Nothing in the parallel region allocates or throws: the outputs (k entries, written by thread
+// 0) and every thread's z, r and mask are allocated before it.
+struct StepOut {
+  int64_t* picks;
+  double* losses;
+  double* gaps;
+  int64_t steps = 0;  // steps taken, written by thread 0 after the loop
+};
+
 template <typename T>
 void greedy_uniform_impl(const at::Tensor& U, const at::Tensor& y, int64_t k, bool replacement, double stop_loss,
-                         std::vector<int64_t>& picks, std::vector<double>& losses, std::vector<double>& gaps) {
+                         StepOut& out, gfs_native::Interrupt& interrupt) {
   using S = typename Traits<T>::Vec::S;
+  const char* op = "greedy_uniform";
   const int64_t N = U.size(0), M = U.size(1);
   const T* u = reinterpret_cast<const T*>(U.const_data_ptr());
   const S* yp = y.const_data_ptr<S>();
-  std::vector<double> a(N);
   const int nt = num_threads_for(N, M);
-  std::vector<Partial> part(2 * nt);  // [pass parity][thread]
+  auto a_buf = gfs_native::checked_array<double>(N, op, "the scores a_j");
+  auto part_buf = gfs_native::checked_array<Partial>(2 * int64_t(nt), op, "the per-thread partials");
+  double* a = a_buf.get();
+  Partial* part = part_buf.get();  // [pass parity][thread]
+  // Every thread's state: z (float64) and r (accumulation type), M each, and without replacement
+  // the mask of taken candidates, N each; rows padded to cache lines, first touched by their thread.
+  const int64_t ldz = (M + 7) / 8 * 8, ldr = (M + 15) / 16 * 16, ldt = replacement ? 0 : (N + 63) / 64 * 64;
+  auto z_buf = gfs_native::checked_array<double>(nt * ldz, op, "the per-thread z");
+  auto r_buf = gfs_native::checked_array<S>(nt * ldr, op, "the per-thread residual");
+  auto taken_buf = gfs_native::checked_array<uint8_t>(nt * ldt, op, "the per-thread masks");
   const double inf = std::numeric_limits<double>::infinity();
 
 #pragma omp parallel num_threads(nt)
   {
     const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
     const int64_t lo = block_start(N, nth, tid), hi = block_start(N, nth, tid + 1);
-    // This thread's state (allocated once, first touched here): z, and r in the accumulation type.
-    std::vector<double> z(M, 0.0);
-    std::vector<S> rs(M);
-    std::vector<uint8_t> taken(replacement ? 0 : N, 0);
+    double* z = z_buf.get() + tid * ldz;
+    S* rs = r_buf.get() + tid * ldr;  // fully written by update_residual before any read
+    uint8_t* taken = taken_buf.get() + tid * ldt;
+    std::fill(z, z + M, 0.0);
+    if (!replacement) std::fill(taken, taken + N, uint8_t(0));
     double rz = 0;  // r.z at the current z
 
     // Pass 0: norms and b, a_j, and step 0's argmin (score a_j, nothing taken yet).
@@ -441,6 +476,7 @@ void greedy_uniform_impl(const at::Tensor& U, const at::Tensor& y, int64_t k, bo
 #pragma omp barrier
 
     int64_t t = 0;
+    bool interrupted = false;
     for (;; ++t) {
       // Combine the partials of pass t in thread order (every thread identically): the pick of
       // step t, and for t > 0 the max of e = U r_t for the gap at z_t.
@@ -452,21 +488,22 @@ void greedy_uniform_impl(const at::Tensor& U, const at::Tensor& y, int64_t k, bo
       }
       const int64_t j = all.best_j;
       if (tid == 0) {
-        if (t > 0) gaps.push_back(2.0 * (all.max_e - rz) / double(M));
-        picks.push_back(j);
+        if (t > 0) out.gaps[t - 1] = 2.0 * (all.max_e - rz) / double(M);
+        out.picks[t] = j;
       }
       if (!replacement) taken[j] = 1;
 
       double sl;
-      update_residual(u + j * M, yp, M, t, z.data(), rs.data(), &sl, &rz);
+      update_residual(u + j * M, yp, M, t, z, rs, &sl, &rz);
       const double loss = sl / double(M);
-      if (tid == 0) losses.push_back(loss);
+      if (tid == 0) out.losses[t] = loss;
       const bool last = loss <= stop_loss || t + 1 == k;
 
       // The pass: e = U r_{t+1}; max e always, the scores of step t + 1 unless this was the last.
       mine = &part[((t + 1) & 1) * nt + tid];
       mine->reset();
-      const S* rp = rs.data();
+      if (tid == 0 && !last) mine->stop = interrupt.poll();
+      const S* rp = rs;
       if (last) {
         for_each_dot(u, M, rp, lo, hi, [&](int64_t, S e) { mine->offer_e(double(e)); });
       } else {
@@ -477,7 +514,7 @@ void greedy_uniform_impl(const at::Tensor& U, const at::Tensor& y, int64_t k, bo
             mine->offer(mul_sub(a[jj], two_t, double(e)), jj);
           });
         } else {
-          const uint8_t* tk = taken.data();
+          const uint8_t* tk = taken;
           for_each_dot(u, M, rp, lo, hi, [&](int64_t jj, S e) {
             mine->offer_e(double(e));
             mine->offer(tk[jj] ? inf : mul_sub(a[jj], two_t, double(e)), jj);
@@ -486,14 +523,21 @@ void greedy_uniform_impl(const at::Tensor& U, const at::Tensor& y, int64_t k, bo
       }
 #pragma omp barrier
       if (last) break;
+      if (part[((t + 1) & 1) * nt].stop) {  // thread 0's flag, the same for every thread
+        interrupted = true;
+        break;
+      }
     }
 
     if (tid == 0) {
-      const Partial* last_pass = &part[((t + 1) & 1) * nt];
-      Partial all;
-      for (int i = 0; i < nth; ++i)
-        if (last_pass[i].has_e) all.offer_e(last_pass[i].max_e);
-      gaps.push_back(2.0 * (all.max_e - rz) / double(M));
+      if (!interrupted) {
+        const Partial* last_pass = &part[((t + 1) & 1) * nt];
+        Partial all;
+        for (int i = 0; i < nth; ++i)
+          if (last_pass[i].has_e) all.offer_e(last_pass[i].max_e);
+        out.gaps[t] = 2.0 * (all.max_e - rz) / double(M);
+      }
+      out.steps = t + 1;
     }
   }
 }
@@ -505,23 +549,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> greedy_uniform_cpu(const at::Tens
   TORCH_CHECK(k >= 1, "gfs::greedy_uniform: k must be >= 1, got ", k);
   TORCH_CHECK(replacement || k <= U.size(0), "gfs::greedy_uniform: k = ", k, " exceeds the N = ", U.size(0),
               " candidates, impossible without replacement (pass replacement=True or k <= N)");
-  std::vector<int64_t> picks;
-  std::vector<double> losses, gaps;
-  const int64_t cap = std::min<int64_t>(k, int64_t(1) << 20);
-  picks.reserve(cap);
-  losses.reserve(cap);
-  gaps.reserve(cap);
+  // The outputs, k entries each, before the loop (a k that cannot fit is refused here).
+  auto outs = gfs_native::allocate_steps("greedy_uniform", k, {at::kLong, at::kDouble, at::kDouble},
+                                         at::TensorOptions().device(at::kCPU));
+  StepOut out{outs[0].mutable_data_ptr<int64_t>(), outs[1].mutable_data_ptr<double>(),
+              outs[2].mutable_data_ptr<double>()};
+  gfs_native::Interrupt interrupt(U.size(0) * U.size(1));
   dispatch(U.scalar_type(), [&](auto tag) {
-    greedy_uniform_impl<decltype(tag)>(U, y, k, replacement, stop_loss, picks, losses, gaps);
+    greedy_uniform_impl<decltype(tag)>(U, y, k, replacement, stop_loss, out, interrupt);
   });
-  const int64_t s = int64_t(picks.size());
-  auto f64 = at::TensorOptions().dtype(at::kDouble);
-  auto idx = at::empty({s}, at::TensorOptions().dtype(at::kLong));
-  auto lo = at::empty({s}, f64), ga = at::empty({s}, f64);
-  std::copy(picks.begin(), picks.end(), idx.mutable_data_ptr<int64_t>());
-  std::copy(losses.begin(), losses.end(), lo.mutable_data_ptr<double>());
-  std::copy(gaps.begin(), gaps.end(), ga.mutable_data_ptr<double>());
-  return {idx, lo, ga};
+  if (interrupt.pending()) interrupt.raise("greedy_uniform");
+  const int64_t s = out.steps;
+  return {gfs_native::shrink_steps(outs[0], s), gfs_native::shrink_steps(outs[1], s),
+          gfs_native::shrink_steps(outs[2], s)};
 }
 
 }  // namespace

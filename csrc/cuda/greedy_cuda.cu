@@ -20,6 +20,9 @@
 //   loss           one block: the float64 loss ||r_{t+1}||^2 / M (fixed-order sum), t += 1,
 //                  and the stop flag, after which every kernel of the later steps exits at once.
 // Storage float32 / float16 / bfloat16 accumulates in float32, float64 in float64.
+// Safety (DESIGN.md section 3): the k-sized outputs are allocated once, checked, before the
+// launches (csrc/cpu/interrupt.h: a k that cannot fit is a clean error naming k and the bytes);
+// the host polls for Ctrl-C between steps, stops launching and raises KeyboardInterrupt.
 // Only c10/cuda headers: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers, which a
 // minimal CUDA toolkit (nvcc + cudart, as in CI) does not have.
 #include <ATen/ATen.h>
@@ -30,6 +33,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <torch/library.h>
+
+#include "../cpu/interrupt.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -451,9 +456,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> greedy_uniform_cuda(const at::Ten
   auto f64 = at::TensorOptions().dtype(at::kDouble).device(dev);
   auto i64 = at::TensorOptions().dtype(at::kLong).device(dev);
   const int64_t kk = std::max<int64_t>(k, 1);
-  at::Tensor picks = at::full({kk}, -1, i64);
-  at::Tensor losses = at::full({kk}, std::numeric_limits<double>::quiet_NaN(), f64);
-  at::Tensor gaps = at::full({kk}, std::numeric_limits<double>::quiet_NaN(), f64);
+  auto outs = gfs_native::allocate_steps("greedy_uniform", kk, {at::kLong, at::kDouble, at::kDouble}, i64);
+  at::Tensor picks = outs[0].fill_(-1);
+  at::Tensor losses = outs[1].fill_(std::numeric_limits<double>::quiet_NaN());
+  at::Tensor gaps = outs[2].fill_(std::numeric_limits<double>::quiet_NaN());
   at::Tensor state = at::zeros({4}, i64);
   at::Tensor fstate = at::zeros({4}, f64);  // filled on the device: a host tensor copied here would sync
   fstate.select(0, kStop).fill_(stop_loss);
@@ -472,9 +478,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> greedy_uniform_cuda(const at::Ten
   // launching no-op steps soon after the device has stopped.
   const bool may_stop = stop_loss >= 0.0;
   at::Tensor flag_host = at::zeros({1}, at::TensorOptions().dtype(at::kLong).pinned_memory(may_stop));
-  cudaEvent_t peek = nullptr;
+  struct EventGuard {  // destroys the event on every way out, an exception included
+    cudaEvent_t e = nullptr;
+    ~EventGuard() {
+      if (e) cudaEventDestroy(e);
+    }
+  } peek_guard;
   bool peek_pending = false;
-  if (may_stop) C10_CUDA_CHECK(cudaEventCreateWithFlags(&peek, cudaEventDisableTiming));
+  if (may_stop) C10_CUDA_CHECK(cudaEventCreateWithFlags(&peek_guard.e, cudaEventDisableTiming));
+  cudaEvent_t peek = peek_guard.e;
+  // Ctrl-C between launches (a step is at least four launches, microseconds: check the clock
+  // every step). The launches already queued still run; nothing more is queued.
+  gfs_native::Interrupt interrupt(int64_t(1) << 16);
 
   GFS_DISPATCH(U.scalar_type(), [&] {
     using A = typename AccOf<scalar_t>::type;
@@ -491,6 +506,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> greedy_uniform_cuda(const at::Ten
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     for (int64_t step = 0; step < k; ++step) {
+      if (interrupt.poll()) return;
       if (may_stop && step % 16 == 0) {
         if (peek_pending && cudaEventQuery(peek) == cudaSuccess) {
           peek_pending = false;
@@ -515,9 +531,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> greedy_uniform_cuda(const at::Ten
     launch_dots<scalar_t, false>(U, q, part, nullptr, nullptr, sp, stream);  // the final gap pass
     select(true);
   });
-  // The one synchronisation of the call: the number of steps taken.
+  if (interrupt.pending()) {
+    // The pinned flag may still be the target of a queued peek copy: let it land before the flag
+    // is freed (the queued steps themselves only touch stream-ordered device memory).
+    if (peek_pending) C10_CUDA_CHECK(cudaEventSynchronize(peek));
+    interrupt.raise("greedy_uniform");
+  }
+  // The one synchronisation of the call: the number of steps taken (the copy the peek event
+  // tracked finished before this read; the guard destroys the event).
   const int64_t T = state[kStep].item<int64_t>();
-  if (peek) cudaEventDestroy(peek);  // the copy it tracked finished before the read above
   return {picks.slice(0, 0, T), losses.slice(0, 0, T), gaps.slice(0, 0, std::max<int64_t>(T, 1))};
 }
 
