@@ -10,12 +10,16 @@ Layout (one idea per file): groups (channel groups from the traced data flow), c
 criteria ("local" on the Gram layer statistics, "loss", "l1", "random"), loss (the whole
 network's loss as a function of one consumer's input-channel scales, for "loss"), fold (slicing /
 folding into new modules, params, FLOPs), resume (checkpoints of finished groups), io (save /
-load without pickle), api (prune, PruneResult).
+load without pickle), run (PruneRun: one call's state, one group at a time: capture, statistics
+and selection, fold, fold check, report), result (PruneResult, LayerReport), api (prune: the
+arguments checked, then a PruneRun), finetune (training, evaluation, timing).
 """
-from .api import LayerReport, PruneResult, prune
+from .api import prune
+from .result import LayerReport, PruneResult
+from .run import PruneRun
 from .criteria import CRITERIA, Decision, gram_statistics, group_statistics
 from .groups import ChannelGroup, GroupScan, UnsupportedModelError, find_groups
 from .io import UnsafeFileError, load, save
 
-__all__ = ["prune", "PruneResult", "LayerReport", "find_groups", "ChannelGroup", "GroupScan",
+__all__ = ["prune", "PruneResult", "LayerReport", "PruneRun", "find_groups", "ChannelGroup", "GroupScan",
            "UnsupportedModelError", "group_statistics", "gram_statistics", "Decision", "CRITERIA", "save", "load", "UnsafeFileError"]
