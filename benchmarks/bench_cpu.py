@@ -2,7 +2,7 @@
 
     PYTHONPATH=python:src pytest benchmarks/bench_cpu.py --benchmark-group-by=param:size,param:dtype
 
-Each backend runs its whole uniform loop for STEPS steps (gfs_kernels.get(name).greedy_uniform);
+Each backend runs its whole uniform loop for STEPS steps (gfs.engines.stream.run_on);
 that is STEPS + 1 passes over U (prepare, then one pass per step, the last for the final gap), so
 extra_info["per_pass_s"] = min time / (STEPS + 1) is comparable with one torch.mv. "naive" (a
 Python loop over the N candidates) runs at the small size only. Timings only: no asserts on
@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import gfs_kernels
+from gfs.engines import stream
 
 SIZES = {"small": (256, 4096), "medium": (1024, 16384), "large": (4096, 65536)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -51,7 +52,8 @@ def test_greedy_steps(benchmark, problem, name):
     benchmark.group = f"{size}-{dtype}"
     benchmark.extra_info.update(size=size, dtype=dtype, steps=STEPS, passes=STEPS + 1)
     rounds = 2 if size == "large" else 5
-    benchmark.pedantic(backend.greedy_uniform, args=(U, y, STEPS, True, -1.0), rounds=rounds, warmup_rounds=1)
+    benchmark.pedantic(stream.run_on, args=(backend, U, y, STEPS), kwargs=dict(step="uniform", replacement=True, stop_loss=-1.0),
+                       rounds=rounds, warmup_rounds=1)
     _per_pass(benchmark, STEPS + 1)
 
 

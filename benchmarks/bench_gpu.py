@@ -44,6 +44,7 @@ for p in ("src", "python", "tests"):
         sys.path.insert(0, os.path.join(ROOT, p))
 
 import gfs_kernels  # noqa: E402
+from gfs.engines import stream  # noqa: E402
 
 FULL_SHAPES = [("N16384_M262144", 16384, 262144), ("resnet50_layer4", 2048, 512 * 7 * 7 * 64)]
 QUICK_SHAPES = [("N4096_M65536", 4096, 65536), ("N512_M401408", 512, 512 * 7 * 7 * 16)]
@@ -92,8 +93,7 @@ def make_problem(N, M, dtype, device, seed=0):
 
 
 def backend_select(name, U, y, k):
-    b = gfs_kernels.get(name)
-    return b.greedy_uniform(U, y, k, True, -1.0)
+    return stream.run_on(gfs_kernels.get(name), U, y, k, step="uniform", replacement=True, stop_loss=-1.0)
 
 
 def count_syncs(name, U, y, k) -> dict:
@@ -144,7 +144,7 @@ def bench_case(label, N, M, dtype_name, device, backends, args) -> dict:
         K = args.k_step
         if name == "triton+graph":
             b = b.__class__(use_cuda_graph=True)
-        run = lambda k: b.greedy_uniform(U, y, k, True, -1.0)  # noqa: E731
+        run = lambda k: stream.run_on(b, U, y, k, step="uniform", replacement=True, stop_loss=-1.0)  # noqa: E731
         res = run(K)  # warm-up: compile, autotune, first-touch
         picks = res.indices.tolist()
         t1 = time_ms(lambda: run(1), device, reps=args.reps, warmup=0)

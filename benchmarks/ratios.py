@@ -8,7 +8,7 @@ Prints, and writes to benchmarks/results/cpu-<cpu-model>-<cores>c.{md,json}:
   - whole selections (gfs.select, k=256) of "cpu" and "torch" against "naive" at
     N=1024, M=16384 and N=4096, M=1024. "naive" (a Python loop over candidates) is timed on a
     few steps and scaled to k steps: T(s1) + (k - s1) (T(s2) - T(s1)) / (s2 - s1); the table says so.
-Per-step times are differences over the backend's own loop (gfs_kernels.get(name).greedy_uniform),
+Per-step times are differences over the backend's own loop (gfs.engines.stream.run_on, uniform rule),
 (T(k=1+s) - T(k=1)) / s, so one-off costs (prepare, allocation) cancel; whole selections go
 through gfs.select. Every time is the minimum over repetitions (the per-step timings
 in interleaved rounds, torch.mv between them). Before measuring, the
@@ -31,19 +31,20 @@ import torch
 import gfs_kernels
 from _machine import cpu_model, load1  # benchmarks/_machine.py, beside this script
 
-try:  # the public API, where present
-    import gfs
+import gfs  # noqa: E402
+from gfs.engines import stream  # noqa: E402
 
-    def select(U, y, k, backend):
-        return gfs.select(U, y, k, backend=backend)
 
-    VIA = "gfs.select(U, y, k, backend=...)"
-except ImportError:  # pragma: no cover
+def select(U, y, k, backend):
+    return gfs.select(U, y, k, backend=backend)
 
-    def select(U, y, k, backend):
-        return gfs_kernels.get(backend).greedy_uniform(U, y, k, True, -1.0)
 
-    VIA = "gfs_kernels.get(name).greedy_uniform(U, y, k, True, -1.0)"
+VIA = "gfs.select(U, y, k, backend=...)"
+
+
+def loop(backend, U, y, k):
+    """The backend's whole uniform loop as the streaming engine runs it (native where it has one)."""
+    return stream.run_on(gfs_kernels.get(backend), U, y, k, step="uniform", replacement=True, stop_loss=-1.0)
 
 
 def wait_for_quiet(limit: float, max_wait: float) -> float:
@@ -73,7 +74,7 @@ def problem(N, M, dtype=torch.float32, seed=0):
 
 def backend_run(U, y, k, backend):
     """The backend's own loop, without the API's one-off validation and dense-loss passes."""
-    return gfs_kernels.get(backend).greedy_uniform(U, y, k, True, -1.0)
+    return loop(backend, U, y, k)
 
 
 def main():
@@ -171,7 +172,7 @@ def main():
         "",
         f"torch {machine['torch']} ({machine['torch_threads']} threads), Python {machine['python']}, "
         f"{machine['date']}; 1-min load {load_before:.2f} before, {load_after:.2f} after. "
-        f"Selections timed through `{VIA}`, per step through `gfs_kernels.get(name).greedy_uniform` as "
+        f"Selections timed through `{VIA}`, per step through `gfs.engines.stream.run_on` (the backend's loop) as "
         "(T(k=1+s) - T(k=1)) / s; one process, minimum over repetitions (per-step timings and torch.mv in "
         "interleaved rounds).",
         "",

@@ -133,7 +133,8 @@ def test_gpu_backends_registered_and_explain_themselves():
     import gfs_kernels
 
     assert {"triton", "cuda"} <= set(gfs_kernels.names())
-    assert gfs_kernels.PREFERENCE["cuda"][:2] == ["cuda", "triton"]
+    assert gfs_kernels.PREFERENCE["stream"]["cuda"][:2] == ["cuda", "triton"]
+    assert gfs_kernels.PREFERENCE["gram"]["cuda"][0] == "triton"
     avail = gfs_kernels.availability("cuda", torch.float32)
     for name in ("triton", "cuda"):
         if not HAS_CUDA:
@@ -246,13 +247,14 @@ def test_plan_chunks_fits_budget_and_covers_rows():
 
 
 def test_fits_on_device_uses_free_memory():
-    from gfs_kernels.host_stream import fits_on_device, workspace_bytes
+    from gfs.engines.cost import fits_on_device
+    from gfs_kernels.host_stream import workspace_bytes
 
-    U = torch.empty(1000, 2000, dtype=torch.bfloat16)
-    need = U.numel() * 2 + workspace_bytes(1000, 2000, torch.bfloat16)
-    assert fits_on_device(U, "cuda", free_bytes=2 * need)
-    assert not fits_on_device(U, "cuda", free_bytes=need)  # headroom: 90% of free memory
-    assert fits_on_device(U, "cpu")
+    shape = (1000, 2000, torch.bfloat16)
+    need = 1000 * 2000 * 2 + workspace_bytes(*shape)
+    assert fits_on_device(*shape, "cuda", free_bytes=2 * need)
+    assert not fits_on_device(*shape, "cuda", free_bytes=need)  # headroom: 90% of free memory
+    assert fits_on_device(*shape, "cpu")
 
 
 def _integer_problem(N, M, seed):
@@ -285,7 +287,7 @@ def test_streamed_loop_matches_reference_on_cpu(rows, replacement):
 
 
 def test_streamed_loop_stop_loss_and_k_zero():
-    from gfs_kernels.base import uniform_loop
+    from gfs.engines.uniform import stream_loop as uniform_loop
     from gfs_kernels.host_stream import greedy_uniform_streamed, plan_chunks
     from gfs_kernels.torch_ref import TorchBackend
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import gfs
 from gfs import stats as S
+from gfs.stats import layers as L
 
 
 def _close(a: gfs.GramStats, b: gfs.GramStats, rtol=1e-10):
@@ -107,9 +108,9 @@ def _picks(monkeypatch):
     """Record which method conv2d_stats ran: "materialise" builds the contributions, "offsets"
     goes through the patch statistics."""
     ran = []
-    contributions, patch_stats = S.conv2d_contributions, S._patch_stats
-    monkeypatch.setattr(S, "conv2d_contributions", lambda *a, **k: ran.append("materialise") or contributions(*a, **k))
-    monkeypatch.setattr(S, "_patch_stats", lambda *a, **k: ran.append("offsets") or patch_stats(*a, **k))
+    contributions, patch_stats = L.conv2d_contributions, L._patch_stats
+    monkeypatch.setattr(L, "conv2d_contributions", lambda *a, **k: ran.append("materialise") or contributions(*a, **k))
+    monkeypatch.setattr(L, "_patch_stats", lambda *a, **k: ran.append("offsets") or patch_stats(*a, **k))
     return ran
 
 
@@ -121,11 +122,11 @@ def test_auto_method_follows_the_cost_model(monkeypatch, with_target):
     g = _g(4)
     x = torch.randn(2, 4, 6, 6, generator=g, dtype=torch.float64)  # padding 1: 2 x 6 x 6 positions
     ran = _picks(monkeypatch)
-    rule_of_stats = S.conv2d_method
+    rule_of_stats = L.conv2d_method  # the cost model's rule (gfs.engines.cost), as the layer statistics call it
     for C_out, expected in ((1, "materialise"), (64, "offsets")):
         W = torch.randn(C_out, 4, 3, 3, generator=g, dtype=torch.float64)
         target = torch.randn(2, C_out, 6, 6, generator=g, dtype=torch.float64) if with_target else None
-        assert S.conv2d_method(4, C_out, 9, 2 * 6 * 6, with_target) == expected  # the rule's own decision
+        assert rule_of_stats(4, C_out, 9, 2 * 6 * 6, with_target) == expected  # the rule's own decision
         ran.clear()
         auto = S.conv2d_stats(x, W, target, padding=1)
         assert set(ran) == {expected}, (C_out, ran)
@@ -138,7 +139,7 @@ def test_auto_method_follows_the_cost_model(monkeypatch, with_target):
                 seen.append(dict(inspect.signature(rule_of_stats).bind(*a, **k).arguments))
                 return forced
 
-            monkeypatch.setattr(S, "conv2d_method", rule)
+            monkeypatch.setattr(L, "conv2d_method", rule)
             ran.clear()
             S.conv2d_stats(x, W, target, padding=1)
             assert set(ran) == {forced}, (forced, ran)
@@ -146,7 +147,7 @@ def test_auto_method_follows_the_cost_model(monkeypatch, with_target):
             assert seen == [asked], seen
             S.conv2d_stats(x, W, target, padding=1, method="offsets" if forced == "materialise" else "materialise")
             assert len(seen) == 1  # an explicit method does not ask the rule
-        monkeypatch.setattr(S, "conv2d_method", rule_of_stats)
+        monkeypatch.setattr(L, "conv2d_method", rule_of_stats)
 
 
 BAD = {

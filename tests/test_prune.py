@@ -320,19 +320,19 @@ def _consumers():
         (nn.Conv2d(6, 5, 3, stride=2, padding=1).double(), X(3, 6, 7, 7)),
         (nn.Conv2d(6, 5, 3, padding=2, dilation=2, bias=False).double(), X(2, 6, 6, 5)),
         (nn.Conv2d(6, 7, 1).double(), X(2, 6, 4, 4)),
-        (nn.Conv2d(6, 1, 3, padding=1).double(), X(3, 6, 5, 5)),  # few outputs: materialised (stats.conv2d_method)
+        (nn.Conv2d(6, 1, 3, padding=1).double(), X(3, 6, 5, 5)),  # few outputs: materialised (gfs.engines.cost.conv2d_method)
     ]
 
 
 def test_gram_statistics_are_the_materialised_problem_and_select_the_same(monkeypatch):
     """The "local" problem as layer statistics (no N x M tensor) equals the materialised
     candidate matrix's statistics; gfs.select picks the same channels from both."""
+    from gfs.engines.cost import conv2d_method
     from gfs.pruning import criteria as crit
+    from gfs.stats import layers
 
-    from gfs import stats as S
-
-    assert S.conv2d_method(6, 1, 9, 75) == "materialise" and S.conv2d_method(64, 64, 9, 3136) == "offsets"
-    monkeypatch.setattr(S, "_LAYER_CHUNK_BYTES", 6 * 9 * 8 * 30)  # a few images per offsets pass
+    assert conv2d_method(6, 1, 9, 75) == "materialise" and conv2d_method(64, 64, 9, 3136) == "offsets"
+    monkeypatch.setattr(layers, "_LAYER_CHUNK_BYTES", 6 * 9 * 8 * 30)  # a few images per offsets pass
     for layer, X in _consumers():
         with torch.no_grad():
             target = consumer_output(X, layer) + 0.3 * torch.randn_like(consumer_output(X, layer))

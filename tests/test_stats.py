@@ -9,6 +9,7 @@ import torch
 import gfs
 from gfs import GramStats
 from gfs import stats as S
+from gfs.engines.gram import Accumulator
 
 
 def _data(N=12, M=50, seed=0, dtype=torch.float64):
@@ -227,12 +228,12 @@ def test_all_reduce_without_a_process_group():
 
 @pytest.mark.parametrize("n", [37, 1100])
 def test_the_block_triangle_product_and_both_flushes(n):
-    """GramStats' product fills the lower block triangle of a buffer; the CPU flush (numpy) and the
+    """The Gram build's product (gfs.engines.gram.Accumulator) fills the lower block triangle of a buffer; the CPU flush (numpy) and the
     device flush (torch) must both add exactly A A^T, symmetric."""
     A = torch.randn(n, 50, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
     exact = A @ A.T
     for flush in ("_flush_numpy", "_flush_torch"):
-        acc = S._Accumulator(n, torch.device("cpu"))
+        acc = Accumulator(n, torch.device("cpu"))
         acc.add(A[:, :20])
         acc.add(A[:, 20:])
         G = torch.zeros(n, n, dtype=torch.float64)

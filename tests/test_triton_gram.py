@@ -18,7 +18,7 @@ import json, os, sys
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 import torch
 from gfs_kernels import triton_gram
-from gfs.engines import gram
+from gfs.engines import uniform
 from gfs.stats import GramStats
 
 out = []
@@ -35,7 +35,7 @@ for N, M, k, rep, block in cases:
     blk = block or triton_gram.triton.next_power_of_2(N)
     for stop in (-1.0, st.dense_loss + 0.05):
         idx, losses, gaps = triton_gram.gram_uniform(st.G, st.b, st.yy, st.count, k, rep, stop, block=blk)
-        ref = gram.uniform_rows(lambda j: st.G[j], torch.diagonal(st.G).contiguous(), st.b, st.yy, st.count, k,
+        ref = uniform.gram_loop(lambda j: st.G[j], torch.diagonal(st.G).contiguous(), st.b, st.yy, st.count, k,
                                 replacement=rep, stop_loss=stop)
         out.append(dict(case=[N, M, k, rep, blk, stop], same=idx.tolist() == ref.indices.tolist(),
                         loss=float((losses - ref.losses).abs().max()), gap=float((gaps - ref.gaps).abs().max())))

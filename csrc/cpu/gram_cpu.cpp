@@ -3,7 +3,8 @@
 // Inputs are sufficient statistics (DESIGN.md section 2): G = U U^T (N x N, float64), b = U y,
 // yy = ||y||^2, count = M. Nothing of size M exists here: a step reads at most one row of G and
 // does O(N) work ("uniform", "line_search") or O(N * |set|) work ("refit"). Every quantity is
-// float64. Semantics (the Python loops in python/gfs/engines/gram.py are the readable twin):
+// float64. Semantics (the gram_loop of python/gfs/engines/{uniform,line_search,refit}.py is the
+// readable statement of each rule):
 //
 // uniform      z_{t+1} = (t z_t + u_j) / (t+1). With ct = G * counts (counts of the picks so far)
 //              the step-t score is G_jj - 2 (t+1) b_j + 2 ct_j; argmin, ties to the lowest index.

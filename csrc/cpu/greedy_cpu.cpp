@@ -11,7 +11,8 @@
 // alignment peeling, same final reduction), whatever its address, its thread or whether it
 // was processed alone or in a group of rows sharing the loads of r. Identical rows therefore
 // give bit-identical e_j and identical scores, and the argmin sends exact ties to the lowest
-// index, as `uniform_loop` in src/gfs_kernels/base.py (the definition these kernels follow).
+// index, as the uniform rule's stream_loop in python/gfs/engines/uniform.py (the definition these
+// kernels follow).
 //
 // Safety (DESIGN.md section 3): nothing inside a parallel region allocates or throws. The outputs
 // (k entries each, checked) and every thread's scratch are allocated before the region; Ctrl-C is
@@ -364,7 +365,7 @@ GFS_INLINE double mul_sub(double a, double c, double e) {
   return _mm_cvtsd_f64(_mm_sub_sd(_mm_set_sd(a), p));
 }
 
-// z <- (t z + u) / (t + 1) and r = y - z over all M, in float64 exactly as `uniform_loop`
+// z <- (t z + u) / (t + 1) and r = y - z over all M, in float64 exactly as the uniform stream_loop
 // (t * z, then + u, then / (t + 1): no fused multiply-add); stores z and rs = S(r) (r itself is
 // only needed through rs and the two sums). Returns r.r and r.z, summed in a fixed order (every
 // thread that calls this gets the same bits).
@@ -406,7 +407,7 @@ GFS_INLINE void update_residual(const T* __restrict uj, const S* __restrict y, i
   *rz = sq;
 }
 
-// The uniform rule, following `uniform_loop` (base.py) step for step:
+// The uniform rule, following python/gfs/engines/uniform.py's stream_loop step for step:
 //   a_j = ||u_j||^2 - 2 b_j (float64 from the accumulated norms and b); step t picks the masked
 //   argmin of a_j - 2 t e_j with e = U r_t (e = b at t = 0, where the term vanishes);
 //   z_{t+1} = (t z_t + u_j) / (t + 1), r = y - z in float64; loss = r.r / M; the pass after each

@@ -139,36 +139,6 @@ def available_memory() -> int:
         return 1 << 62  # unknown: do not refuse
 
 
-def rescale_exponent(amax: float, dtype: torch.dtype, m: int, step: str = "uniform") -> int:
-    """0 when entries of magnitude <= amax can be selected on as they are: their products summed
-    over m terms in `dtype`'s accumulation dtype (float64 for float64, else float32), and the
-    float64 products of those sums that line_search and refit form (fourth powers of the data),
-    neither overflow nor underflow. Otherwise the exponent e of amax (amax = f 2^e, 0.5 <= f < 1):
-    multiplying U and y by 2^-e brings them to [0.5, 1), an exact rescale that leaves every
-    argmin unchanged (losses scale by 4^-e). So finite input never gives a silently wrong
-    selection (DESIGN section 3)."""
-    if amax == 0.0:
-        return 0
-    e = math.frexp(amax)[1]
-    bits = int(m).bit_length()
-    acc = np.finfo(np.float64 if dtype == torch.float64 else np.float32)
-    for fi, power in ((acc, 2), (np.finfo(np.float64), 2 if step == "uniform" else 4)):
-        # headroom for the sums of m terms and the step factor t of the GPU loops' q = (t+1) y - t z;
-        # below, the powers keep a full mantissa above the smallest normal number
-        hi = (fi.maxexp - 40 - power // 2 * bits) // power
-        lo = (fi.minexp + 2 * (fi.nmant + 1)) // power
-        if e > hi or e < lo:
-            return e
-    return 0
-
-
-def scaled(x: torch.Tensor, e: int) -> torch.Tensor:
-    """x * 2^-e (a new tensor, in x's dtype), in two exact power-of-two steps so that no factor
-    overflows the dtype."""
-    a = -e // 2
-    return (x * 2.0**a).mul_(2.0 ** (-e - a))
-
-
 def check_int(value, name: str, lo: int = 1, hi: int | None = None) -> int:
     """value as an int, or ValueError naming `name` unless it is an int (not a bool) in [lo, hi]."""
     if (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo

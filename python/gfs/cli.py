@@ -76,17 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     if args.backend != "auto":
-        import gfs_kernels
-
-        if args.backend not in gfs_kernels.names():
-            print(f"gfs demo: unknown backend {args.backend!r}; choose auto or one of {gfs_kernels.names()}",
-                  file=sys.stderr)
-            return 2
         import torch
 
-        why_not = gfs_kernels.get(args.backend).supports(torch.device("cpu"), torch.float32)
-        if why_not:
-            print(f"gfs demo: backend {args.backend!r} cannot run here: {why_not}", file=sys.stderr)
+        from .engines.plan import backend_for
+
+        try:  # the demo selects on float32 features in CPU memory
+            backend_for("stream", torch.device("cpu"), torch.float32, backend=args.backend)
+        except ValueError as exc:
+            print(f"gfs demo: {exc}", file=sys.stderr)
             return 2
     from .demo import DemoConfig, run_demo
     from .data import IdxError

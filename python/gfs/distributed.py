@@ -22,13 +22,13 @@ import time
 import torch
 import torch.distributed as dist
 
-import gfs_kernels
 from gfs_kernels.base import accumulation_dtype
 
+from . import _scale
 from . import _validation as check
-from .engines import stream
+from .engines import uniform
+from .engines.plan import backend_for
 from .selection import Selection
-from .stats import _unscale as unscale
 
 __all__ = ["select_sharded"]
 
@@ -75,9 +75,7 @@ def select_sharded(shard, targets, k, *, replacement=True, eps=None, backend="au
     try:
         eps = check.check_options("uniform", eps, replacement)
         U, y, amax = check.features_and_targets(shard, targets, "shard")
-        chosen = gfs_kernels.get(backend) if backend != "auto" else None
-        if chosen is not None and chosen.supports(U.device, U.dtype):
-            raise ValueError(f"backend {backend!r} cannot run here: {chosen.supports(U.device, U.dtype)}")
+        chosen, reason = backend_for("stream", U.device, U.dtype, "uniform", backend)
         shape = (U.shape[0], U.shape[1], math.frexp(amax)[1] if amax > 0 else _NO_EXPONENT)
     except (TypeError, ValueError) as exc:
         error, shape = exc, (0, -1, _NO_EXPONENT)
@@ -97,9 +95,9 @@ def select_sharded(shard, targets, k, *, replacement=True, eps=None, backend="au
 
     # one exact power-of-two rescale for all ranks where the magnitudes need it (as gfs.select)
     top = max(x for _, _, x in sizes)
-    scale = check.rescale_exponent(math.ldexp(0.5, top), U.dtype, M) if top > _NO_EXPONENT else 0
+    scale = _scale.rescale_exponent(math.ldexp(0.5, top), U.dtype, M) if top > _NO_EXPONENT else 0
     if scale:
-        U, y = check.scaled(U, scale), check.scaled(y.to(accumulation_dtype(U.dtype)), scale)
+        U, y = _scale.ldexp(U, -scale), _scale.ldexp(y.to(accumulation_dtype(U.dtype)), -scale)
     y_acc = y.to(accumulation_dtype(U.dtype))
     y0 = y.double().to(comm).clone()
     dist.broadcast(y0, _global(0, group), group=group)
@@ -108,10 +106,6 @@ def select_sharded(shard, targets, k, *, replacement=True, eps=None, backend="au
     if float(same) < 1:
         raise ValueError("targets differ between ranks: every rank must pass the same target y")
 
-    if chosen is None:
-        chosen, reason = gfs_kernels.choose(U.device, U.dtype)
-    else:
-        reason = "requested"
     t1 = time.perf_counter()
 
     total = U.sum(0, dtype=y_acc.dtype).double().to(comm)
@@ -120,15 +114,16 @@ def select_sharded(shard, targets, k, *, replacement=True, eps=None, backend="au
     stop_loss = -1.0 if eps is None else dense + math.ldexp(eps, -2 * scale)
     t2 = time.perf_counter()
 
-    picks, losses, gaps = _loop(chosen, U, y_acc, k, bool(replacement), stop_loss, offset, rows, comm, group)
+    res = uniform.stream_loop(chosen, U, y_acc, k, bool(replacement), stop_loss,
+                              shard=_Shard(U, offset, rows, comm, group))
     t3 = time.perf_counter()
-    indices = torch.tensor(picks, dtype=torch.int64)
-    losses, gaps = unscale(torch.tensor(losses, dtype=torch.float64), 2 * scale), unscale(torch.tensor(gaps, dtype=torch.float64), 2 * scale)
-    dense = float(unscale(torch.tensor(dense, dtype=torch.float64), 2 * scale))
+    indices = res.indices.cpu()
+    losses, gaps = _scale.ldexp(res.losses.cpu(), 2 * scale), _scale.ldexp(res.gaps.cpu(), 2 * scale)
+    dense = _scale.ldexp_float(dense, 2 * scale)
     return Selection(
         indices=indices,
         support=torch.unique(indices),
-        weights=stream.uniform_weights(indices, N),
+        weights=res.weights.cpu(),
         losses=losses,
         gaps=gaps,
         dense_loss=dense,
@@ -139,49 +134,35 @@ def select_sharded(shard, targets, k, *, replacement=True, eps=None, backend="au
         reason=f"sharded over {world} ranks (Algorithm 2); local backend: {reason}",
         seconds=t3 - t0,
         timings={"validate": t1 - t0, "dense": t2 - t1, "select": t3 - t2},
-        notes={"ranks": world, "offset": offset, "gammas": 1.0 / torch.arange(1, len(picks) + 1, dtype=torch.float64)},
+        notes={"ranks": world, "offset": offset, "gammas": res.gammas.cpu()},
     )
 
 
-def _loop(backend, U, y, k, replacement, stop_loss, offset, rows, comm, group):
-    """The uniform rule of gfs_kernels.base.uniform_loop with the argmin, the gap's max and the
-    winner's row agreed on across ranks. z and r are float64 and identical on every rank."""
-    N_r, M = U.shape
-    acc = y.dtype
-    norms, b = backend.prepare(U, y)
-    a = norms.double() - 2.0 * b.double()
-    y64 = y.double()
-    z = torch.zeros_like(y64)
-    r = y64.clone()
-    e = b
-    taken = torch.zeros(N_r, dtype=torch.bool, device=U.device)
-    starts = [sum(rows[:q]) for q in range(len(rows))]
-    never = sum(rows)  # larger than every global index
-    picks, losses, gaps = [], [], []
-    for t in range(k + 1):
-        if t > 0:
-            e = backend.dots(U, r.to(acc))
-            emax = _reduce(float(e.double().max()), dist.ReduceOp.MAX, comm, group)
-            gaps.append(2.0 * (emax - float(r @ z)) / M)
-            if t == k or losses[-1] <= stop_loss:
-                break
-        score = a - (2.0 * t) * e.double()
-        if not replacement:
-            score = score.masked_fill(taken, float("inf"))
+class _Shard(uniform.Whole):
+    """This rank's block of candidates in the uniform loop: the pick is the best (score, index)
+    over all ranks (ties to the lowest global index) and its owner broadcasts the row; the gap's
+    max is reduced over all ranks. Three scalars and one row of M numbers cross the network a step."""
+
+    def __init__(self, U, offset, rows, comm, group):
+        super().__init__(U)
+        self.offset, self.rows, self.comm, self.group = offset, rows, comm, group
+        self.n = sum(rows)  # larger than every global index
+        self.starts = [sum(rows[:q]) for q in range(len(rows))]
+
+    def best(self, score):
         j_local = int(torch.argmin(score))  # first minimum: ties to the lowest local index
         s_local = float(score[j_local])
-        s = _reduce(s_local, dist.ReduceOp.MIN, comm, group)
-        j = int(_reduce(offset + j_local if s_local == s else never, dist.ReduceOp.MIN, comm, group))
-        owner = max(q for q in range(len(rows)) if starts[q] <= j)
-        u = U[j - offset].double().to(comm) if offset <= j < offset + N_r else torch.empty(M, dtype=torch.float64, device=comm)
-        dist.broadcast(u, _global(owner, group), group=group)
-        if offset <= j < offset + N_r:
-            taken[j - offset] = True
-        z = (t * z + u.to(z.device)) / (t + 1)
-        r = y64 - z
-        picks.append(j)
-        losses.append(float(r @ r) / M)
-    return picks, losses, gaps
+        s = _reduce(s_local, dist.ReduceOp.MIN, self.comm, self.group)
+        j = int(_reduce(self.offset + j_local if s_local == s else self.n, dist.ReduceOp.MIN, self.comm, self.group))
+        owner = max(q for q in range(len(self.rows)) if self.starts[q] <= j)
+        mine = self.offset <= j < self.offset + self.U.shape[0]
+        u = self.U[j - self.offset].double().to(self.comm) if mine else torch.empty(
+            self.U.shape[1], dtype=torch.float64, device=self.comm)
+        dist.broadcast(u, _global(owner, self.group), group=self.group)
+        return j, (j - self.offset if mine else None), u
+
+    def max(self, value):
+        return _reduce(value, dist.ReduceOp.MAX, self.comm, self.group)
 
 
 def _reduce(value: float, op, comm, group) -> float:

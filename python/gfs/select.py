@@ -9,13 +9,13 @@ import torch
 import gfs_kernels
 from gfs_kernels.base import accumulation_dtype
 
+from . import _scale
 from . import _validation as check
-from .engines import cost, gram, stream
+from .engines import gram, stream
+from .engines.plan import plan
 from .selection import Selection
 from .stats import GramStats
-from .stats import _unscale as unscale
 
-ENGINES = ("auto", "stream", "gram")
 
 
 def select(features, targets=None, k=None, *, replacement=True, step="uniform", eps=None, backend="auto",
@@ -89,113 +89,54 @@ def select(features, targets=None, k=None, *, replacement=True, step="uniform", 
     eps = check.check_options(step, eps, replacement)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, one of {['auto', *gfs_kernels.names()]}")
-    if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}; choose one of {list(ENGINES)}")
     replacement = bool(replacement)
 
     if isinstance(features, GramStats):
-        return _select_from_stats(features, targets, k, replacement, step, eps, backend, engine, t0)
+        if targets is not None:
+            raise ValueError(
+                "targets must be None when features is a GramStats: the target is already in the statistics "
+                "(b and yy); pass gfs.select(stats, k=...)"
+            )
+        p = plan(features.n, 0, 1, torch.float64, step, features.device, engine=engine, backend=backend,
+                 from_stats=True)
+        features.validate("stats")
+        k = check.check_k(k, features.n, replacement)
+        return _run_gram(p, features, k, replacement, step, eps, t0)
 
-    if backend != "auto" and engine != "gram":
-        chosen = gfs_kernels.get(backend)  # ValueError naming the known backends
+    if backend != "auto":
+        gfs_kernels.get(backend)  # an unknown name is an error before the data are checked
     U, y, amax = check.features_and_targets(features, targets)
     N, M = U.shape
     k = check.check_k(k, N, replacement)
-    if engine == "auto":
-        if backend != "auto":
-            engine, engine_reason = "stream", f"streaming engine: backend {backend!r} requested (engine='gram' runs the Gram engine)"
-        else:
-            engine, engine_reason = cost.choose(N, M, k, U.dtype, step, U.device)
-    else:
-        engine_reason = f"{engine} engine requested"
-
-    if engine == "gram":
+    p = plan(N, M, k, U.dtype, step, U.device, engine=engine, backend=backend)
+    if p.engine == "gram":
         t1 = time.perf_counter()
         stats = GramStats(N, device=U.device).update(U, y, _amax=amax)  # U, y validated above
         t2 = time.perf_counter()
-        sel = _select_from_stats(stats, None, k, replacement, step, eps, backend, "gram", t0,
-                                 engine_reason=engine_reason, trusted=True)
+        sel = _run_gram(p, stats, k, replacement, step, eps, t0)
         sel.timings = {"validate": t1 - t0, "stats": t2 - t1, **{n: v for n, v in sel.timings.items() if n != "validate"}}
         return sel
 
-    device = None  # where the backend runs, when not where U is (a GPU backend given host memory)
-    if backend == "auto":
-        chosen, reason = gfs_kernels.choose(U.device, U.dtype)
-    else:
-        why_not = chosen.supports(U.device, U.dtype)
-        if why_not and U.device.type == "cpu" and "cuda" in chosen.device_types and torch.cuda.is_available():
-            device = torch.device("cuda", torch.cuda.current_device())
-            why_not = chosen.supports(device, U.dtype)
-        if why_not:
-            raise ValueError(f"backend {backend!r} cannot run here: {why_not}; use backend='auto' or another of {gfs_kernels.names()}")
-        reason = "requested"
     y = y.to(accumulation_dtype(U.dtype))
     # magnitudes the accumulation dtype cannot square and sum: an exact power-of-two rescale
     # (the argmin is unchanged; losses and gaps are reported in the caller's units)
-    e = check.rescale_exponent(amax, U.dtype, M, step)
+    e = _scale.rescale_exponent(amax, U.dtype, M, step)
     if e:
-        U, y = check.scaled(U, e), check.scaled(y, e)
+        U, y = _scale.ldexp(U, -e), _scale.ldexp(y, -e)
     t1 = time.perf_counter()
-
     dense = stream.dense_loss(U, y)
-    stop_loss = -1.0 if eps is None else dense + float(unscale(torch.tensor(eps, dtype=torch.float64), -2 * e))
+    stop_loss = -1.0 if eps is None else dense + _scale.ldexp_float(eps, -2 * e)
     t2 = time.perf_counter()
-
-    result = stream.run(chosen, U, y, k, step=step, replacement=replacement, stop_loss=stop_loss, device=device)
-    if "host_stream" in result.notes:
-        reason += f"; {result.notes['host_stream']}"
-    indices = result.indices.cpu()
+    res = stream.run(p, U, y, k, step=step, replacement=replacement, stop_loss=stop_loss)
     t3 = time.perf_counter()
-    notes = dict(result.notes)
+    reason = p.reason + (f"; {res.notes['host_stream']}" if "host_stream" in res.notes else "")
     if e:
-        notes["rescaled"] = f"features and targets multiplied by 2^{-e} (exact) for {accumulation_dtype(U.dtype)} sums"
-        dense = float(unscale(torch.tensor(dense, dtype=torch.float64), 2 * e))
-        result.losses, result.gaps = unscale(result.losses, 2 * e), unscale(result.gaps, 2 * e)
-    weights = notes.pop("weights", None)
-    weights = stream.uniform_weights(indices, N) if weights is None else weights.cpu()
-    if "gammas" not in notes:
-        notes["gammas"] = 1.0 / torch.arange(1, indices.numel() + 1, dtype=torch.float64)
-
-    return Selection(
-        indices=indices,
-        support=torch.unique(indices),
-        weights=weights,
-        losses=result.losses.cpu(),
-        gaps=result.gaps.cpu(),
-        dense_loss=dense,
-        backend=chosen.name,
-        engine="stream",
-        step=step,
-        replacement=replacement,
-        reason=f"{engine_reason}; backend: {reason}",
-        seconds=t3 - t0,
-        timings={"validate": t1 - t0, "dense": t2 - t1, "select": t3 - t2},
-        notes=notes,
-    )
+        res.notes["rescaled"] = f"features and targets multiplied by 2^{-e} (exact) for {accumulation_dtype(U.dtype)} sums"
+    return _selection(res, 2 * e, _scale.ldexp_float(dense, 2 * e), p, step, replacement, reason,
+                      t3 - t0, {"validate": t1 - t0, "dense": t2 - t1, "select": t3 - t2})
 
 
-def _select_from_stats(stats: GramStats, targets, k, replacement, step, eps, backend, engine, t0,
-                       engine_reason=None, trusted=False) -> Selection:
-    if targets is not None:
-        raise ValueError(
-            "targets must be None when features is a GramStats: the target is already in the statistics "
-            "(b and yy); pass gfs.select(stats, k=...)"
-        )
-    if engine == "stream":
-        raise ValueError(
-            "engine='stream' needs the features matrix, and a GramStats holds only statistics; "
-            "use engine='gram' (or 'auto'), or pass the features and targets"
-        )
-    if not isinstance(backend, str):
-        raise TypeError("backend must be a string")
-    if not trusted:  # (statistics just built from checked features are consistent by construction)
-        stats.validate("stats")
-    N = stats.n
-    k = check.check_k(k, N, replacement)
-    if engine_reason is None:
-        engine_reason = ("Gram engine: statistics given (the only engine that needs no features)"
-                         if engine == "auto" else "gram engine requested")
-    name, reason = gram.choose(stats.device, step, backend)
+def _run_gram(p, stats: GramStats, k, replacement, step, eps, t0) -> Selection:
     t1 = time.perf_counter()
     dense = stats.dense_loss
     G, b, yy = stats.G, stats.b, stats.yy
@@ -203,16 +144,13 @@ def _select_from_stats(stats: GramStats, targets, k, replacement, step, eps, bac
     # far from 1 are multiplied by a power of two for the loop (exact; losses reported unscaled)
     e = _stats_exponent(G, yy) if step != "uniform" else 0
     if e:
-        G, b, yy = unscale(G, -e), unscale(b, -e), math.ldexp(yy, -e)
+        G, b, yy = _scale.ldexp(G, -e), _scale.ldexp(b, -e), math.ldexp(yy, -e)
     stop_loss = -1.0 if eps is None else math.ldexp(dense + eps, -e)
     t2 = time.perf_counter()
-    tol = gram.tolerance(stats.precision)
-    res = gram.run(G, b, yy, stats.count, k, step=step, replacement=replacement,
-                   stop_loss=stop_loss, tol=tol, backend=name)
-    indices = res.indices.cpu()
-    losses = unscale(res.losses.cpu(), e)
-    res.gaps = unscale(res.gaps, e)
+    res = gram.run(p.backend, G, b, yy, stats.count, k, step=step, replacement=replacement, stop_loss=stop_loss,
+                   tol=gram.tolerance(stats.precision))
     t3 = time.perf_counter()
+    losses = _scale.ldexp(res.losses.cpu(), e)
     floor = -stats.rtol * (stats.yy + float(torch.diagonal(stats.G).max())) / stats.count
     if float(losses.min()) < floor:
         t = int(torch.argmin(losses))
@@ -220,23 +158,30 @@ def _select_from_stats(stats: GramStats, targets, k, replacement, step, eps, bac
             f"stats are not positive semi-definite: the loss after step {t} would be {float(losses[t]):.6g} < 0; "
             f"the statistics are corrupted (a damaged file, or statistics of other candidates merged in); rebuild them"
         )
-    losses = losses.clamp_min(0.0)
+    res.losses = res.losses.clamp_min(0.0)
+    return _selection(res, e, dense, p, step, replacement, p.reason, t3 - t0,
+                      {"validate": t1 - t0, "dense": t2 - t1, "select": t3 - t2})
+
+
+def _selection(res, e: int, dense: float, p, step, replacement, reason, seconds, timings) -> Selection:
+    """The Selection of a loop's result, losses and gaps multiplied by 2^e (the caller's units)."""
+    indices = res.indices.cpu()
     notes = dict(res.notes)
     notes["gammas"] = res.gammas.cpu()
     return Selection(
         indices=indices,
         support=torch.unique(indices),
         weights=res.weights.cpu(),
-        losses=losses,
-        gaps=res.gaps.cpu(),
+        losses=_scale.ldexp(res.losses.cpu(), e),
+        gaps=_scale.ldexp(res.gaps.cpu(), e),
         dense_loss=dense,
-        backend=name,
-        engine="gram",
+        backend=p.backend.name,
+        engine=p.engine,
         step=step,
         replacement=replacement,
-        reason=f"{engine_reason}; backend: {reason}",
-        seconds=t3 - t0,
-        timings={"validate": t1 - t0, "dense": t2 - t1, "select": t3 - t2},
+        reason=reason,
+        seconds=seconds,
+        timings=timings,
         notes=notes,
     )
 

@@ -1,14 +1,23 @@
-"""gfs_kernels: the backends behind gfs, chosen by a registry.
+"""gfs_kernels: every backend of both engines, in ONE registry.
 
-Each backend implements `gfs_kernels.base.Backend`. The registry maps a name to an instance;
-`choose` picks, for a device and dtype, the first usable backend in the preference order and
-says why the others were skipped. The API layer (package `gfs`) never knows which kernel ran.
+Each backend implements `gfs_kernels.base.Backend` and declares what it runs: for the streaming
+and the Gram engine, the step rules (`engines`), its devices and dtypes, and which whole loops
+are native. The registry maps a name to an instance and holds the preference order per engine
+and device type (data, not code paths); gfs.engines.plan chooses from it. The API layer
+(package `gfs`) never knows which kernel ran.
+
+    name      streaming engine                       Gram engine
+    naive     its own Python loop (the baseline)     -
+    torch     row-wise torch products, any device    the engines' torch loops, any device
+    cpu       C++ (OpenMP, AVX2), native loop        C++ native loop, every rule
+    triton    Triton kernels, device-resident loop   one persistent program, uniform rule (GPU)
+    cuda      CUDA C++, native loop                  -
 """
 from __future__ import annotations
 
 import torch
 
-from .base import Backend, GreedyResult, accumulation_dtype
+from .base import Backend, LoopResult, accumulation_dtype
 from .cpu import CpuBackend
 from .cuda_backend import CudaBackend
 from .naive import NaiveBackend
@@ -17,10 +26,11 @@ from .triton_backend import TritonBackend
 
 _REGISTRY: dict[str, Backend] = {}
 
-# Fastest first, per device type. "naive" is never chosen automatically: it is the baseline.
-PREFERENCE: dict[str, list[str]] = {
-    "cpu": ["cpu", "torch"],
-    "cuda": ["cuda", "triton", "torch"],
+# Fastest first, per engine and device type. "naive" is never chosen automatically: it is the
+# baseline.
+PREFERENCE: dict[str, dict[str, list[str]]] = {
+    "stream": {"cpu": ["cpu", "torch"], "cuda": ["cuda", "triton", "torch"]},
+    "gram": {"cpu": ["cpu", "torch"], "cuda": ["triton", "torch"]},
 }
 
 
@@ -41,31 +51,15 @@ def get(name: str) -> Backend:
         raise ValueError(f"unknown backend {name!r}; choose one of {['auto', *_REGISTRY]}") from None
 
 
-def availability(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, str | None]:
-    """For each registered backend: None if it can run on (device, dtype), else why not."""
+def availability(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, engine: str = "stream",
+                 step: str = "uniform") -> dict[str, str | None]:
+    """For each registered backend: None if it can run `step` on `engine` on (device, dtype),
+    else why not."""
     device = torch.device(device)
-    return {name: b.supports(device, dtype) for name, b in _REGISTRY.items()}
-
-
-def choose(device: torch.device, dtype: torch.dtype) -> tuple[Backend, str]:
-    """The first usable backend in PREFERENCE for this device, and a one-line reason."""
-    skipped = []
-    for name in PREFERENCE.get(device.type, ["torch"]):
-        backend = _REGISTRY.get(name)
-        if backend is None:
-            skipped.append(f"{name}: not registered")
-            continue
-        why_not = backend.supports(device, dtype)
-        if why_not is None:
-            reason = f"auto: {name} is the fastest usable backend for {device.type}/{str(dtype).removeprefix('torch.')}"
-            if skipped:
-                reason += " (skipped " + "; ".join(skipped) + ")"
-            return backend, reason
-        skipped.append(f"{name}: {why_not}")
-    raise RuntimeError("no backend can run here: " + "; ".join(skipped))
+    return {name: b.supports(device, dtype, engine, step) for name, b in _REGISTRY.items()}
 
 
 for _backend in (NaiveBackend(), TorchBackend(), CpuBackend(), TritonBackend(), CudaBackend()):
     register(_backend)
 
-__all__ = ["Backend", "GreedyResult", "accumulation_dtype", "register", "names", "get", "availability", "choose", "PREFERENCE"]
+__all__ = ["Backend", "LoopResult", "accumulation_dtype", "register", "names", "get", "availability", "PREFERENCE"]

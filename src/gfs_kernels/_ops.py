@@ -9,7 +9,7 @@ import importlib.util
 
 import torch
 
-from .base import Backend, GreedyResult
+from .base import Backend, LoopResult
 
 _REBUILD = "build it with `pip install --no-build-isolation -e .`"
 load_error: str | None
@@ -57,8 +57,10 @@ if load_error is None:
 
 class OpBackend(Backend):
     """A backend whose primitives are the torch.ops.gfs operators: the dispatcher runs the
-    kernel registered for the tensors' device (csrc/cpu or csrc/cuda). Subclasses say when
-    they are usable."""
+    kernel registered for the tensors' device (csrc/cpu or csrc/cuda), the whole uniform loop
+    included. Subclasses say when they are usable."""
+
+    native_uniform = True
 
     def prepare(self, U, y):
         return torch.ops.gfs.prepare(U, y)
@@ -67,7 +69,8 @@ class OpBackend(Backend):
         return torch.ops.gfs.dots(U, r)
 
     def greedy_uniform(self, U, y, k, replacement, stop_loss):
-        return GreedyResult(*torch.ops.gfs.greedy_uniform(U, y, k, replacement, stop_loss))
+        idx, losses, gaps = torch.ops.gfs.greedy_uniform(U, y, k, replacement, stop_loss)
+        return LoopResult.uniform(idx, losses, gaps, U.shape[0])
 
 
 def has_gram_kernel(device_type: str = "CPU") -> bool:

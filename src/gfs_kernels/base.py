@@ -1,16 +1,29 @@
-"""The one small interface every backend implements.
+"""The one small interface every backend implements, and the one result type of a loop.
 
-A backend computes greedy forward selection's streaming step on a features matrix U (N x M,
-row j = candidate u_j) and a target y (M). It never knows about models or validation: inputs
-arrive checked, contiguous, on the backend's device, U in a storage dtype the backend declared
-(float32/float64/float16/bfloat16) and y in the accumulation dtype (float64 for float64 U,
-else float32).
+A backend runs greedy forward selection's primitives on one kind of device. It never knows
+about models or validation: inputs arrive checked, contiguous, on the backend's device, U in a
+storage dtype the backend declared (float32/float64/float16/bfloat16) and y in the
+accumulation dtype (float64 for float64 U, else float32).
+
+Each backend declares what it runs (`engines`: for the streaming and the Gram engine, the step
+rules; `device_types`; `dtypes`), so that the one planner (gfs.engines.plan) can choose among
+them from data. The step rules themselves live in gfs.engines (one module per rule); a backend
+supplies the primitives they are built from and, where it has them, whole native loops:
+
+- streaming primitives `prepare` and `dots` (one pass over U each), every streaming backend;
+- `greedy_uniform`: the whole uniform-rule loop in one call, where `native_uniform` is True
+  (otherwise the engine drives the rule's Python loop over `prepare` / `dots`);
+- `gram_loop`: a whole Gram-engine loop from the statistics, for the rules in
+  `native_gram` (otherwise the engine runs the rule's Python loop over rows of G).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+
+STEPS = ("uniform", "line_search", "refit")
+ENGINES = ("stream", "gram")
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -19,47 +32,70 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @dataclass
-class GreedyResult:
-    """What a backend's greedy loop returns (all on the backend's device).
+class LoopResult:
+    """What every selection loop returns (on the loop's device), whatever the engine and rule.
 
     indices: int64 (s,), the pick of each step, s <= k (fewer when the stop loss was reached).
     losses: float64 (s,), ||y - z_{t+1}||^2 / M after each step.
     gaps: float64 (s,), the Frank-Wolfe gap max_j <2 (y - z), u_j - z> / M at each z_{t+1}.
+    gammas: float64 (s,), the step size of each step (uniform 1/(t+1); line_search the chosen
+        gamma; refit 1 where the pick entered the fit, 0 where it changed nothing).
+    weights: float64 (N,), the final weights w (the subnetwork is sum_j w_j u_j; they sum to 1).
     notes: backend-specific facts worth reporting (e.g. "streamed from pinned host memory").
     """
 
     indices: torch.Tensor
     losses: torch.Tensor
     gaps: torch.Tensor
+    gammas: torch.Tensor
+    weights: torch.Tensor
     notes: dict = field(default_factory=dict)
+
+    @classmethod
+    def uniform(cls, indices, losses, gaps, n: int, notes: dict | None = None) -> "LoopResult":
+        """The result of a uniform-rule loop that returned only picks, losses and gaps."""
+        s = indices.numel()
+        gammas = 1.0 / torch.arange(1, s + 1, dtype=torch.float64, device=indices.device)
+        return cls(indices, losses, gaps, gammas, uniform_weights(indices, n), dict(notes or {}))
+
+
+def uniform_weights(indices: torch.Tensor, n: int) -> torch.Tensor:
+    """counts / steps: the uniform rule's weights."""
+    counts = torch.bincount(indices, minlength=n).double()
+    return counts / max(1, indices.numel())
 
 
 class Backend:
-    """Base class. Subclasses set the class attributes and override the methods they accelerate.
-
-    `prepare` and `dots` are the two streaming primitives (one pass over U each); the engines
-    build every step rule from them. `greedy_uniform` is the whole uniform-rule loop; the default
-    here drives it from Python with `prepare`/`dots`, and compiled backends replace it with one
-    native call.
-    """
+    """Base class. Subclasses set the class attributes and override the methods they have."""
 
     name: str = ""
     description: str = ""
     device_types: tuple[str, ...] = ("cpu",)
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+    # engine -> the step rules this backend runs there (the streaming rules are built from
+    # prepare / dots, so a streaming backend runs all three)
+    engines: dict[str, tuple[str, ...]] = {"stream": STEPS}
+    native_uniform = False  # greedy_uniform is a whole loop of the backend's own
+    native_gram: tuple[str, ...] = ()  # rules whose whole Gram loop the backend runs (gram_loop)
 
     def unavailable_reason(self) -> str | None:
         """None when usable here, else a one-line reason (e.g. "no CUDA device")."""
         return None
 
-    def supports(self, device: torch.device, dtype: torch.dtype) -> str | None:
-        """None when this backend can run on (device, dtype), else a one-line reason."""
+    def supports(self, device: torch.device, dtype: torch.dtype, engine: str = "stream",
+                 step: str = "uniform") -> str | None:
+        """None when this backend can run `step` on `engine` on (device, dtype), else a one-line
+        reason. (The Gram engine's statistics are always float64: dtype does not matter there.)"""
         reason = self.unavailable_reason()
         if reason:
             return reason
         if device.type not in self.device_types:
             return f"runs on {'/'.join(self.device_types)}, not {device.type}"
-        if dtype not in self.dtypes:
+        if engine not in self.engines:
+            return f"has no {engine} engine"
+        if step not in self.engines[engine]:
+            return f"has the {'/'.join(self.engines[engine])} rule(s) only on the {engine} engine, not {step!r}"
+        if engine == "stream" and dtype not in self.dtypes:
             return f"does not take {dtype}"
         return None
 
@@ -72,58 +108,13 @@ class Backend:
         """e = U r in the accumulation dtype (r has the accumulation dtype)."""
         raise NotImplementedError
 
-    # -- the uniform rule -----------------------------------------------------------------
-    def greedy_uniform(
-        self, U: torch.Tensor, y: torch.Tensor, k: int, replacement: bool, stop_loss: float
-    ) -> GreedyResult:
-        return uniform_loop(self, U, y, k, replacement, stop_loss)
+    # -- whole native loops (where the backend has them) ----------------------------------
+    def greedy_uniform(self, U: torch.Tensor, y: torch.Tensor, k: int, replacement: bool,
+                       stop_loss: float) -> LoopResult:
+        """The uniform rule's whole loop (when `native_uniform`)."""
+        raise NotImplementedError(f"backend {self.name!r} has no native uniform loop")
 
-
-def uniform_loop(
-    backend: Backend, U: torch.Tensor, y: torch.Tensor, k: int, replacement: bool, stop_loss: float
-) -> GreedyResult:
-    """The uniform rule driven from Python over a backend's `prepare` and `dots`.
-
-    With r = y - z_t and a_j = ||u_j||^2 - 2 <y, u_j>, the step-t loss of candidate j is
-    (||q||^2 + a_j - 2 t <r, u_j>) / (t+1)^2 for a q that does not depend on j, so the pick is
-    argmin_j a_j - 2 t e_j with e = U r (DESIGN section 2). z and r are kept in float64; the
-    reported loss is the exact ||r_{t+1}||^2 / M.
-    """
-    N, M = U.shape
-    acc = y.dtype
-    norms, b = backend.prepare(U, y)
-    a = norms.double() - 2.0 * b.double()
-    y64 = y.double()
-    z = torch.zeros_like(y64)
-    r = y64.clone()
-    e = b
-    taken = torch.zeros(N, dtype=torch.bool, device=U.device)
-    picks, losses, gaps = [], [], []
-    for t in range(k):
-        if t > 0:
-            e = backend.dots(U, r.to(acc))
-            gaps.append(_gap(e, r, z, M))
-        score = a - (2.0 * t) * e.double()
-        if not replacement:
-            score = score.masked_fill(taken, float("inf"))
-        j = int(torch.argmin(score))  # first minimum: ties go to the lowest index
-        taken[j] = True
-        z = (t * z + U[j].double()) / (t + 1)
-        r = y64 - z
-        loss = float(r @ r) / M
-        picks.append(j)
-        losses.append(loss)
-        if loss <= stop_loss:
-            break
-    gaps.append(_gap(backend.dots(U, r.to(acc)), r, z, M))
-    dev = U.device
-    return GreedyResult(
-        torch.tensor(picks, dtype=torch.int64, device=dev),
-        torch.tensor(losses, dtype=torch.float64, device=dev),
-        torch.tensor(gaps, dtype=torch.float64, device=dev),
-    )
-
-
-def _gap(e: torch.Tensor, r: torch.Tensor, z: torch.Tensor, M: int) -> float:
-    """Frank-Wolfe gap max_j <2 r, u_j - z> / M from e = U r (r = y - z)."""
-    return 2.0 * (float(e.double().max()) - float(r @ z)) / M
+    def gram_loop(self, G: torch.Tensor, b: torch.Tensor, yy: float, count: int, k: int, step: str,
+                  replacement: bool, stop_loss: float, tol: float) -> LoopResult:
+        """A whole Gram-engine loop (for the rules in `native_gram`)."""
+        raise NotImplementedError(f"backend {self.name!r} has no native Gram loop")

@@ -7,8 +7,8 @@ Each chunk's scores give a chunk winner on the device; the running best (score, 
 kept on the device too, so the chosen row is already there when the step ends and no step
 needs the host to know j*. The rest of the step (the O(N) + O(M) update, the exact float64 loss,
 the gap) is a few small device operations. Used by both GPU backends (they only provide
-`dots`); gfs.select calls `run_greedy_uniform` when a GPU backend is given a host U, which
-streams only when `fits_on_device` says U does not fit.
+`dots`); the planner (gfs.engines.plan) streams only when U does not fit in the device's free
+memory (gfs.engines.cost.fits_on_device).
 
 Without a stop loss nothing is read back until the end. With one, the host reads the step's
 loss once per step (a step is bound by the PCIe transfer of all of U, so that wait is small).
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Backend, GreedyResult, accumulation_dtype
+from .base import Backend, LoopResult, accumulation_dtype
 
 HEADROOM = 0.9  # use at most this fraction of the free device memory
 TARGET_CHUNK_BYTES = 256 << 20  # small enough for several chunks in flight, large enough for full PCIe speed
@@ -34,19 +34,6 @@ def workspace_bytes(N: int, M: int, dtype: torch.dtype) -> int:
     b, the taken mask, plus 64 MiB of slack for the allocator and the kernels' own state."""
     acc = torch.empty((), dtype=accumulation_dtype(dtype)).element_size()
     return 8 * M + 3 * acc * M + (64 + 4) * acc * N + N + (64 << 20)
-
-
-def fits_on_device(U: torch.Tensor, device: torch.device | str, *, free_bytes: int | None = None,
-                   headroom: float = HEADROOM) -> bool:
-    """True when U plus the greedy workspace fits in `headroom` of the device's free memory."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return True
-    if free_bytes is None:
-        free_bytes = torch.cuda.mem_get_info(device)[0]
-    N, M = U.shape
-    need = U.numel() * U.element_size() + workspace_bytes(N, M, U.dtype)
-    return need <= headroom * free_bytes
 
 
 @dataclass(frozen=True)
@@ -162,8 +149,8 @@ class _Streamer:
 
 def greedy_uniform_streamed(backend: Backend, U: torch.Tensor, y: torch.Tensor, k: int, replacement: bool,
                             stop_loss: float, *, device: torch.device | str | None = None,
-                            plan: ChunkPlan | None = None, free_bytes: int | None = None) -> GreedyResult:
-    """The uniform rule (same results as `base.uniform_loop`) with U on the host, streamed to
+                            plan: ChunkPlan | None = None, free_bytes: int | None = None) -> LoopResult:
+    """The uniform rule (same results as gfs.engines.uniform.stream_loop) with U on the host, streamed to
     `device` in row chunks every step. `backend` provides `dots` on the device."""
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -266,28 +253,4 @@ def greedy_uniform_streamed(backend: Backend, U: torch.Tensor, y: torch.Tensor, 
         "host_stream_rows": plan.rows,
         "host_stream_bytes": streamer.bytes_copied,
     }
-    return GreedyResult(picks[:T], losses[:T], gaps[: max(T, 1)], notes)
-
-
-def placement(U: torch.Tensor, device: torch.device | str, *, free_bytes: int | None = None) -> str:
-    """Where a backend on `device` runs over U: "resident" (U is there already), "upload" (a host
-    U that fits in the device's free memory is moved there once) or "stream" (it does not fit:
-    stream it from host memory every step)."""
-    device = torch.device(device)
-    if U.device.type == device.type and (device.index is None or U.device == device):
-        return "resident"
-    return "upload" if fits_on_device(U, device, free_bytes=free_bytes) else "stream"
-
-
-def run_greedy_uniform(backend: Backend, U: torch.Tensor, y: torch.Tensor, k: int, replacement: bool,
-                       stop_loss: float, device: torch.device | str) -> GreedyResult:
-    """The uniform rule for a GPU backend on `device`, U wherever it is (see `placement`)."""
-    where = placement(U, device)
-    if where == "stream":
-        return greedy_uniform_streamed(backend, U, y, k, replacement, stop_loss, device=device)
-    if where == "upload":
-        U = U.to(device)
-    res = backend.greedy_uniform(U, y.to(U.device), k, replacement, stop_loss)
-    if where == "upload":
-        res.notes["host_stream"] = f"U moved to {device} once (it fits in the free device memory)"
-    return res
+    return LoopResult.uniform(picks[:T], losses[:T], gaps[: max(T, 1)], N, notes)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Backend
+from .base import STEPS, Backend
 
 _CHUNK_BYTES = 64 << 20
 
@@ -27,8 +27,9 @@ def _row_dots(U: torch.Tensor, v: torch.Tensor, square: bool = False) -> torch.T
 
 class TorchBackend(Backend):
     name = "torch"
-    description = "vectorised PyTorch reference (one row-wise product per step), any device"
+    description = "vectorised PyTorch reference (one row-wise product per step; the Gram loops in torch), any device"
     device_types = ("cpu", "cuda")
+    engines = {"stream": STEPS, "gram": STEPS}  # no loops of its own: the engines' Python loops run
 
     def prepare(self, U, y):
         return _row_dots(U, y, square=True), _row_dots(U, y)

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from .base import Backend, GreedyResult
+from .base import STEPS, Backend, LoopResult
 
 
 def _interpret() -> bool:
@@ -27,6 +27,9 @@ class TritonBackend(Backend):
     description = "fused Triton step (split-M partial sums, one-program argmin), device-resident loop"
     device_types = ("cuda",)
     dtypes = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+    engines = {"stream": STEPS, "gram": ("uniform",)}
+    native_uniform = True
+    native_gram = ("uniform",)  # one persistent Triton program (triton_gram.py)
 
     def __init__(self, use_cuda_graph: bool | None = None):
         if use_cuda_graph is None:
@@ -42,8 +45,14 @@ class TritonBackend(Backend):
             return "no CUDA device"
         return None
 
-    def supports(self, device, dtype):
+    def supports(self, device, dtype, engine="stream", step="uniform"):
         device = torch.device(device)
+        if engine == "gram":
+            if device.type != "cuda":
+                return f"runs the Gram engine on cuda, not {device.type}"
+            from . import triton_gram
+
+            return triton_gram.unavailable_reason() or super().supports(device, dtype, engine, step)
         if device.type == "cpu":
             if importlib.util.find_spec("triton") is None:
                 return "triton is not installed"
@@ -52,7 +61,7 @@ class TritonBackend(Backend):
             if dtype not in self.dtypes:
                 return f"does not take {dtype}"
             return None
-        return super().supports(device, dtype)
+        return super().supports(device, dtype, engine, step)
 
     @staticmethod
     def _k():
@@ -76,4 +85,10 @@ class TritonBackend(Backend):
         loop = self._k().GreedyLoop(U, y, k, replacement, stop_loss)
         picks, losses, gaps = loop.run(use_graph=self.use_cuda_graph)
         notes = {"splits": loop.splits, "cuda_graph": bool(self.use_cuda_graph and U.is_cuda and k > 1)}
-        return GreedyResult(picks, losses, gaps, notes)
+        return LoopResult.uniform(picks, losses, gaps, U.shape[0], notes)
+
+    def gram_loop(self, G, b, yy, count, k, step, replacement, stop_loss, tol):
+        from . import triton_gram
+
+        idx, losses, gaps = triton_gram.gram_uniform(G, b, yy, count, k, replacement, stop_loss)
+        return LoopResult.uniform(idx, losses, gaps, G.shape[0], {"gram_loop": "one persistent Triton program"})

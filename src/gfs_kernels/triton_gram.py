@@ -5,7 +5,7 @@ ct = G counts (kept in a float64 scratch vector), and in the same sweep over the
 computes the Frank-Wolfe gap of the new point and the next step's scores
 G_jj - 2 (t+1) b_j + 2 ct_j and their argmin (ties to the lowest index): O(N) per step and a
 single launch for the whole selection, with no host round trip between steps. Semantics are
-those of the C++ loop (csrc/cpu/gram_cpu.cpp, "uniform") and of gfs.engines.gram.uniform_rows,
+those of the C++ loop (csrc/cpu/gram_cpu.cpp, "uniform") and of gfs.engines.uniform.gram_loop,
 the plain PyTorch reference beside which this kernel is tested (TRITON_INTERPRET=1 on a CPU).
 
 Uses Triton 3.6 language features only (tl.load/store/where/min/max, scf.if on scalars,

@@ -1,8 +1,12 @@
-"""Engines: how a selection is computed from the data.
+"""Engines: how a selection is computed, and the one place that decides how.
 
-- stream: features in memory, one pass over U per step through a backend (gfs_kernels).
-- gram: sufficient statistics (gfs.GramStats: G = U U^T, b = U y, ||y||^2, count), O(N) per step;
-  native C++ loop on CPU, a persistent Triton program on GPU (uniform rule), torch loops anywhere.
-- cost: the cost model behind engine="auto".
-The API layer (gfs.select) picks an engine and turns its result into a Selection.
+- plan: the one planner (engine, backend, placement, and why), from the registry's declared
+  capabilities and the cost model;
+- cost: the one cost model (streaming vs Gram seconds, memory, the layer statistics' method);
+- uniform, line_search, refit: the step rules, one module each, each with its streaming loop
+  (over a backend's `prepare` / `dots`) and its Gram loop (over rows of G): the readable
+  statement of the rule that the native kernels follow;
+- stream: the streaming engine (features in memory, one pass over U per step);
+- gram: the Gram engine (sufficient statistics, O(N) per step) and the build of G.
+The API layer (gfs.select) asks `plan`, runs the engine and turns its result into a Selection.
 """

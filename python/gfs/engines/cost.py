@@ -7,7 +7,7 @@ tenths of a second, cached; only when the choice is close, see `choose`):
              pass = N M itemsize / bandwidth
              (line_search / refit: more small operations per step; refit also k^2 (N + M) flops
              for its projections and for rebuilding z)
-    gram   = fixed_gram + build_flops(N, M) / gemm_rate(N)                 the product
+    gram   = fixed_gram + gram.build_flops(N, M) / gemm_rate(N)                 the product
              + N^2 * (ceil(M / chunk) * per_flush + per_n2)     float32 -> float64 sums, allocation
              + k * N * per_element                                        the native loop
              (refit: + k^2 N flops for its projections)
@@ -32,6 +32,8 @@ import time
 from dataclasses import dataclass
 
 import torch
+
+from .._validation import available_memory
 
 _SMALL = 2e-3  # seconds: below this for both engines, stay with streaming
 _CACHE: dict[tuple, "Rates"] = {}
@@ -68,14 +70,11 @@ def _best_of(fn, repeat=3) -> float:
 
 def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, backend=None) -> Rates:
     """Measure (once per process, device, dtype and streaming backend) the rates of the model."""
-    import gfs_kernels
-    from gfs.stats import GramStats, _Accumulator, build_flops
-
-    from . import gram, stream
+    from . import gram, plan, stream
 
     device = torch.device(device)
     if backend is None:
-        backend, _ = gfs_kernels.choose(device, dtype)
+        backend, _ = plan.backend_for("stream", device, dtype)
     key = (str(device), dtype, backend.name)
     if key in _CACHE:
         return _CACHE[key]
@@ -91,9 +90,10 @@ def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.flo
     # fixed costs per step and per call: small uniform runs, minus their passes
     # (cheap measurements are repeated many times: the minimum is robust to bursts of other load)
     Us, ys, steps = U[:64, :64].contiguous(), r[:64].contiguous(), 20
-    t_small = _best_of(lambda: backend.greedy_uniform(Us, ys, steps, True, -1.0), repeat=15)
+    loop = lambda k: stream.run_on(backend, Us, ys, k, step="uniform", replacement=True, stop_loss=-1.0)  # noqa: E731
+    t_small = _best_of(lambda: loop(steps), repeat=15)
     per_step = max(1e-7, t_small / steps - Us.numel() * Us.element_size() / bandwidth)
-    t_one = _best_of(lambda: (stream.dense_loss(Us, ys), backend.greedy_uniform(Us, ys, 1, True, -1.0)), repeat=15)
+    t_one = _best_of(lambda: (stream.dense_loss(Us, ys), loop(1)), repeat=15)
     fixed_stream = max(0.0, t_one - per_step)
     gkey = (str(device), acc)
     if gkey not in _GRAM:
@@ -101,12 +101,12 @@ def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.flo
         # work (allocating the statistics, the dense loss) at n = 2048, beyond the cache
         n, m = 1024, 2048 if acc == torch.float32 else 1024
         A = torch.rand(n, m, generator=g, device=device, dtype=acc)
-        buf = _Accumulator(n, device)
-        gemm = build_flops(n, m) / _best_of(lambda: buf.add(A), repeat=9)
-        small = _Accumulator(256, device)
-        gemm_small = build_flops(256, m) / _best_of(lambda: small.add(A[:256]), repeat=15)
+        buf = gram.Accumulator(n, device)
+        gemm = gram.build_flops(n, m) / _best_of(lambda: buf.add(A), repeat=9)
+        small = gram.Accumulator(256, device)
+        gemm_small = gram.build_flops(256, m) / _best_of(lambda: small.add(A[:256]), repeat=15)
         n = 2048
-        buf = _Accumulator(n, device)
+        buf = gram.Accumulator(n, device)
         buf.add(torch.rand(n, 8, generator=g, device=device, dtype=acc))
         G = torch.zeros(n, n, dtype=torch.float64, device=device)
 
@@ -118,28 +118,34 @@ def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.flo
 
         one = torch.rand(n, 1, generator=g, device=device, dtype=acc)
 
-        def setup():
-            st = GramStats(n, device=device)
-            st._acc.add(one)  # allocates the buffer
-            float(st.G.mean())
+        def setup():  # what GramStats(n) and its first product allocate and read
+            G = torch.zeros(n, n, dtype=torch.float64, device=device)
+            buf = gram.Accumulator(n, device)
+            buf.add(one)
+            buf.flush(G)
+            float(G.mean())
 
         per_n2 = max(0.0, _best_of(setup, repeat=3) / (n * n) - per_flush)
-        # the native loop, per candidate per step
+        # the loop, per candidate per step
         n, ksteps = 2048, 128
         B = torch.rand(n, 64, generator=g, device=device, dtype=torch.float64)
         GG, bb = B @ B.T, torch.rand(n, generator=g, device=device, dtype=torch.float64)
-        name, _ = gram.choose(device, "uniform")
-        t = _best_of(lambda: gram.run(GG, bb, 1e3, 64, ksteps, step="uniform", replacement=True, stop_loss=-1.0,
-                                      tol=1e-9, backend=name), repeat=9)
+        looper, _ = plan.backend_for("gram", device, torch.float64, "uniform")
+        t = _best_of(lambda: gram.run(looper, GG, bb, 1e3, 64, ksteps, step="uniform", replacement=True,
+                                      stop_loss=-1.0, tol=1e-9), repeat=9)
         per_element = t / (ksteps * n)
         # the whole Gram pipeline on a tiny problem: statistics, dense loss, loop
         Ut, yt = torch.rand(64, 64, generator=g, device=device, dtype=acc), torch.rand(64, generator=g, device=device, dtype=acc)
 
         def tiny():
-            st = GramStats(64, device=device).update(Ut, yt, _amax=1.0)  # (torch.rand: entries in [0, 1))
-            st.dense_loss
-            gram.run(st.G, st.b, st.yy, st.count, 1, step="uniform", replacement=True, stop_loss=-1.0, tol=1e-9,
-                     backend=name)
+            G = torch.zeros(64, 64, dtype=torch.float64, device=device)
+            buf = gram.Accumulator(64, device)
+            buf.add(Ut)
+            b = (Ut @ yt).double()
+            buf.flush(G)
+            float(G.mean()), float(b.mean())
+            gram.run(looper, G, b, float(yt.double() @ yt.double()), 64, 1, step="uniform", replacement=True,
+                     stop_loss=-1.0, tol=1e-9)
 
         fixed_gram = _best_of(tiny, repeat=15)
         P = torch.rand(64, 1 << 14, generator=g, device=device, dtype=torch.float64)
@@ -191,14 +197,24 @@ def free_memory(device: torch.device) -> float:
     """Bytes free on the device (MemAvailable on CPU)."""
     if device.type == "cuda":
         return float(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return float(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+    return float(available_memory())
+
+
+HEADROOM = 0.9  # a device-resident selection uses at most this fraction of the free device memory
+
+
+def fits_on_device(N: int, M: int, dtype: torch.dtype, device: torch.device, *, free_bytes: float | None = None,
+                   headroom: float = HEADROOM) -> bool:
+    """True when features (N, M) of `dtype` plus the GPU backends' workspace fit in `headroom`
+    of the device's free memory (always True off CUDA)."""
+    from gfs_kernels.host_stream import workspace_bytes
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return True
+    free = free_memory(device) if free_bytes is None else free_bytes
+    need = N * M * (torch.finfo(dtype).bits // 8) + workspace_bytes(N, M, dtype)
+    return need <= headroom * free
 
 
 @dataclass
@@ -213,7 +229,7 @@ def estimate(N: int, M: int, k: int, dtype: torch.dtype, step: str, device: torc
              rates: Rates | None = None) -> Estimate:
     """Estimated seconds of each engine (features given), and the Gram engine's memory; `rates`
     default to this machine's measured ones (`calibrate`)."""
-    from gfs.stats import DEFAULT_CHUNK, build_flops
+    from . import gram
 
     R = rates or calibrate(device, dtype, backend)
     item = torch.finfo(dtype).bits // 8
@@ -224,8 +240,8 @@ def estimate(N: int, M: int, k: int, dtype: torch.dtype, step: str, device: torc
     step_factor = {"uniform": 1.0, "line_search": 1.5, "refit": 4.0}[step]
     stream = R.fixed_stream + 2 * pass_s + k * (pass_s + step_factor * R.per_step)
     loop_factor = {"uniform": 1.0, "line_search": 3.5, "refit": 3.5}[step]
-    gram = (R.fixed_gram + build_flops(N, M) / product_rate(R, N)
-            + N * N * (math.ceil(M / DEFAULT_CHUNK) * R.per_flush + R.per_n2) + loop_factor * k * N * R.per_element)
+    gram = (R.fixed_gram + gram.build_flops(N, M) / product_rate(R, N)
+            + N * N * (math.ceil(M / gram.DEFAULT_CHUNK) * R.per_flush + R.per_n2) + loop_factor * k * N * R.per_element)
     gram_bytes = 8.0 * N * N
     if step == "refit":
         proj = kk * kk * N / R.flops  # O(N |set|) projections per step
@@ -242,15 +258,13 @@ DEFAULT = Rates(bandwidth=10e9, cached_bandwidth=20e9, per_step=80e-6, fixed_str
 _CLEAR = 4.0  # an estimate this many times the other needs no measurement
 
 
-def choose(N: int, M: int, k: int, dtype: torch.dtype, step: str, device: torch.device, backend=None) -> tuple[str, str]:
-    """("stream" | "gram", reason) for features of shape (N, M). Decides from default rates when
-    the answer is clear (one engine estimated >= 4x faster, or both under 2 ms) and measures the
-    machine (`calibrate`, once per process) only when it is close."""
-    import gfs_kernels
-
+def faster_engine(N: int, M: int, k: int, dtype: torch.dtype, step: str, device: torch.device,
+                  backend) -> tuple[str, str]:
+    """("stream" | "gram", reason) for features of shape (N, M), `backend` the streaming backend
+    that would run. Decides from default rates when the answer is clear (one engine estimated
+    >= 4x faster, or both under 2 ms) and measures the machine (`calibrate`, once per process)
+    only when it is close."""
     device = torch.device(device)
-    if backend is None:
-        backend, _ = gfs_kernels.choose(device, dtype)
     key = (N, M, k, dtype, step, str(device), backend.name)
     if key in _DECISIONS:
         return _DECISIONS[key]
@@ -285,4 +299,21 @@ def _choose(N, M, k, dtype, step, device, backend) -> tuple[str, str]:
     return "stream", f"auto: streaming engine{why}, {times}; {shape}"
 
 
-__all__ = ["Rates", "calibrate", "estimate", "choose", "free_memory", "Estimate", "DEFAULT"]
+# Grouped convolutions (the materialised contributions) run far below GEMM speed per flop on CPU:
+# on a 2-core Xeon, ResNet-50's 3x3 consumers at 224 x 224 with 64 images took 0.8-2.5 s by
+# "offsets" and 8-18 s materialised, where the flop counts are about equal.
+GROUPED_CONV_SLOWDOWN = 8
+
+
+def conv2d_method(C: int, C_out: int, K: int, positions: int = 1, has_target: bool = True) -> str:
+    """conv2d_stats' "auto" choice for a C -> C_out conv with K kernel offsets over `positions`
+    output positions: "offsets" (GEMMs on the patches, ~ positions (C K)^2 / 2 multiply-adds)
+    unless materialising (a grouped convolution, ~ positions C C_out K counted
+    GROUPED_CONV_SLOWDOWN times, then a Gram of positions C_out C^2 / 2) is cheaper."""
+    offsets = positions * (C * K) ** 2 / 2 + C_out * (C * K) ** 2 + (positions * C * K * C_out if has_target else 0)
+    materialise = positions * C * C_out * (GROUPED_CONV_SLOWDOWN * K + C / 2)
+    return "offsets" if offsets <= materialise else "materialise"
+
+
+__all__ = ["Rates", "calibrate", "estimate", "faster_engine", "free_memory", "fits_on_device", "conv2d_method",
+           "Estimate", "DEFAULT"]

@@ -45,7 +45,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..engines import gram as gram_engine
+from ..engines import line_search
+from ..engines.plan import gram_runs
 from ..select import select
 from ..selection import Selection
 from ..stats import GramStats, conv2d_stats, linear_stats
@@ -291,7 +292,7 @@ class LocalImitation(Criterion):
 
     def decide(self, ctx):
         method = self.method
-        if method == "auto" and ctx.backend not in ("auto", *gram_engine.availability(ctx.X.device, ctx.step)):
+        if method == "auto" and not gram_runs(ctx.X.device, ctx.step, ctx.backend):
             method = "materialise"  # a streaming-only backend was asked for: it needs the features
         features, y, sampled = local_problem(ctx.X, ctx.layer, ctx.target, method=method, generator=ctx.generator)
         N = ctx.group.channels
@@ -431,7 +432,7 @@ def _prefix_with_distinct(sel: Selection, keep: int, U, y=None, *, eps=None) -> 
     if sel.step == "uniform":
         weights = torch.bincount(idx, minlength=n).double() / t
     elif sel.step == "line_search":
-        weights = gram_engine.line_search_weights(idx.tolist(), gammas.tolist(), n, sel.weights.device)
+        weights = line_search.weights(idx.tolist(), gammas.tolist(), n, sel.weights.device)
     elif sel.step == "refit":
         again = select(U, y, t, replacement=True, step="refit", eps=eps, backend=sel.backend, engine=sel.engine)
         if not torch.equal(again.indices, idx):  # pragma: no cover - the greedy rule is deterministic
