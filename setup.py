@@ -12,6 +12,7 @@ Environment switches:
 Build with `pip install --no-build-isolation -e .` so the extension is compiled against the
 torch already installed.
 """
+
 import glob
 import os
 

@@ -8,6 +8,7 @@ extra_info["per_pass_s"] = min time / (STEPS + 1) is comparable with one torch.m
 Python loop over the N candidates) runs at the small size only. Timings only: no asserts on
 speed (benchmarks/ratios.py prints the ratio table).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -52,8 +53,13 @@ def test_greedy_steps(benchmark, problem, name):
     benchmark.group = f"{size}-{dtype}"
     benchmark.extra_info.update(size=size, dtype=dtype, steps=STEPS, passes=STEPS + 1)
     rounds = 2 if size == "large" else 5
-    benchmark.pedantic(stream.run_on, args=(backend, U, y, STEPS), kwargs=dict(step="uniform", replacement=True, stop_loss=-1.0),
-                       rounds=rounds, warmup_rounds=1)
+    benchmark.pedantic(
+        stream.run_on,
+        args=(backend, U, y, STEPS),
+        kwargs=dict(step="uniform", replacement=True, stop_loss=-1.0),
+        rounds=rounds,
+        warmup_rounds=1,
+    )
     _per_pass(benchmark, STEPS + 1)
 
 

@@ -24,6 +24,7 @@ Shapes: N=16384 x M=262144 (fp32: 17.2 GB, bf16: 8.6 GB; the copy needs as much 
 ResNet-50 layer4 shape: 2048 candidate channels x M = 512 * 7 * 7 * 64 (outputs x spatial x
 images) = 1,605,632.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -110,8 +111,9 @@ def count_syncs(name, U, y, k) -> dict:
         "cudaDeviceSynchronize": sum(n == "cudaDeviceSynchronize" for n in names),
         "cudaEventSynchronize": sum(n == "cudaEventSynchronize" for n in names),
         "cudaMemcpy(D2H, sync)": sum(n in ("cudaMemcpy",) for n in names),
-        "kernel launches": sum(n in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
-                               for n in names),
+        "kernel launches": sum(
+            n in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC") for n in names
+        ),
     }
 
 
@@ -130,8 +132,11 @@ def bench_case(label, N, M, dtype_name, device, backends, args) -> dict:
     q = y.to(dtype)
     mv_ms = time_ms(lambda: torch.mv(U, q), device, reps=args.reps_copy, warmup=2)
     out.update(mv_ms=mv_ms, mv_pct_of_copy_bw=100 * (nbytes / (mv_ms * 1e-3)) / copy_bw)
-    print(f"[{label} {dtype_name}] U {nbytes / 1e9:.2f} GB: copy {copy_ms:.3f} ms ({copy_bw / 1e12:.2f} TB/s r+w), "
-          f"floor per step {out['floor_step_ms']:.3f} ms, torch.mv {mv_ms:.3f} ms", flush=True)
+    print(
+        f"[{label} {dtype_name}] U {nbytes / 1e9:.2f} GB: copy {copy_ms:.3f} ms ({copy_bw / 1e12:.2f} TB/s r+w), "
+        f"floor per step {out['floor_step_ms']:.3f} ms, torch.mv {mv_ms:.3f} ms",
+        flush=True,
+    )
 
     ref_picks = None
     for name in backends:
@@ -158,13 +163,20 @@ def bench_case(label, N, M, dtype_name, device, backends, args) -> dict:
         else:
             agree = sum(a == c for a, c in zip(picks, ref_picks)) / max(1, len(ref_picks))
         out["backends"][name] = {
-            "step_ms": step_ms, "eff_GBps": eff / 1e9, "pct_of_copy_bw": 100 * eff / copy_bw,
-            "step_over_floor": step_ms / out["floor_step_ms"], f"select_k{args.k_select}_s": sel_ms / 1e3,
-            "picks_agree_with_first_backend": agree, "notes": {k: v for k, v in res.notes.items()},
+            "step_ms": step_ms,
+            "eff_GBps": eff / 1e9,
+            "pct_of_copy_bw": 100 * eff / copy_bw,
+            "step_over_floor": step_ms / out["floor_step_ms"],
+            f"select_k{args.k_select}_s": sel_ms / 1e3,
+            "picks_agree_with_first_backend": agree,
+            "notes": {k: v for k, v in res.notes.items()},
         }
-        print(f"  {name:14s} step {step_ms:8.3f} ms  {eff / 1e9:8.1f} GB/s  {100 * eff / copy_bw:5.1f}% of copy  "
-              f"select k={args.k_select}: {sel_ms / 1e3:7.3f} s" + (f"  picks agree {agree:.2f}" if agree is not None else ""),
-              flush=True)
+        print(
+            f"  {name:14s} step {step_ms:8.3f} ms  {eff / 1e9:8.1f} GB/s  {100 * eff / copy_bw:5.1f}% of copy  "
+            f"select k={args.k_select}: {sel_ms / 1e3:7.3f} s"
+            + (f"  picks agree {agree:.2f}" if agree is not None else ""),
+            flush=True,
+        )
     del U, y, q
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -174,35 +186,49 @@ def bench_case(label, N, M, dtype_name, device, backends, args) -> dict:
 def write_report(results, meta, path_base):
     with open(path_base + ".json", "w") as f:
         json.dump({"meta": meta, "results": results["cases"], "syncs": results["syncs"]}, f, indent=2)
-    lines = [f"# GPU benchmark: {meta['device']}", "",
-             f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, {meta['date']}. "
-             f"Per-step time = (select k={meta['k_step']} - select k=1) / {meta['k_step'] - 1}; "
-             "floor = bytes(U) / measured copy bandwidth (read + write).", ""]
+    lines = [
+        f"# GPU benchmark: {meta['device']}",
+        "",
+        f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, {meta['date']}. "
+        f"Per-step time = (select k={meta['k_step']} - select k=1) / {meta['k_step'] - 1}; "
+        "floor = bytes(U) / measured copy bandwidth (read + write).",
+        "",
+    ]
     for case in results["cases"]:
-        lines += [f"## {case['shape']} (N={case['N']}, M={case['M']}), {case['dtype']}: U = {case['bytes_U'] / 1e9:.2f} GB",
-                  "",
-                  f"copy {case['copy_ms']:.3f} ms = {case['copy_GBps']:.0f} GB/s (r+w); floor per step "
-                  f"{case['floor_step_ms']:.3f} ms; torch.mv {case['mv_ms']:.3f} ms "
-                  f"({case['mv_pct_of_copy_bw']:.0f}% of copy bandwidth)", "",
-                  f"| backend | step (ms) | GB/s | % of copy BW | step / floor | select k={meta['k_select']} (s) |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [
+            f"## {case['shape']} (N={case['N']}, M={case['M']}), {case['dtype']}: U = {case['bytes_U'] / 1e9:.2f} GB",
+            "",
+            f"copy {case['copy_ms']:.3f} ms = {case['copy_GBps']:.0f} GB/s (r+w); floor per step "
+            f"{case['floor_step_ms']:.3f} ms; torch.mv {case['mv_ms']:.3f} ms "
+            f"({case['mv_pct_of_copy_bw']:.0f}% of copy bandwidth)",
+            "",
+            f"| backend | step (ms) | GB/s | % of copy BW | step / floor | select k={meta['k_select']} (s) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
         for name, r in case["backends"].items():
             if "skipped" in r:
                 lines.append(f"| {name} | skipped: {r['skipped']} | | | | |")
                 continue
             sel = r["select_k%d_s" % meta["k_select"]]
-            lines.append(f"| {name} | {r['step_ms']:.3f} | {r['eff_GBps']:.0f} | {r['pct_of_copy_bw']:.1f} | "
-                         f"{r['step_over_floor']:.2f} | {sel:.3f} |")
+            lines.append(
+                f"| {name} | {r['step_ms']:.3f} | {r['eff_GBps']:.0f} | {r['pct_of_copy_bw']:.1f} | "
+                f"{r['step_over_floor']:.2f} | {sel:.3f} |"
+            )
         lines.append("")
-    lines += ["## Host synchronisations during one whole select", "",
-              "| backend | shape | cudaStreamSynchronize | cudaDeviceSynchronize | cudaEventSynchronize | launches |",
-              "| --- | --- | ---: | ---: | ---: | ---: |"]
+    lines += [
+        "## Host synchronisations during one whole select",
+        "",
+        "| backend | shape | cudaStreamSynchronize | cudaDeviceSynchronize | cudaEventSynchronize | launches |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
     for name, s in results["syncs"].items():
         if "skipped" in s:
             lines.append(f"| {name} | skipped: {s['skipped']} | | | | |")
             continue
-        lines.append(f"| {name} | {s['shape']} | {s['cudaStreamSynchronize']} | {s['cudaDeviceSynchronize']} | "
-                     f"{s['cudaEventSynchronize']} | {s['kernel launches']} |")
+        lines.append(
+            f"| {name} | {s['shape']} | {s['cudaStreamSynchronize']} | {s['cudaDeviceSynchronize']} | "
+            f"{s['cudaEventSynchronize']} | {s['kernel launches']} |"
+        )
     with open(path_base + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -210,7 +236,9 @@ def write_report(results, meta, path_base):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small shapes (about a minute)")
-    ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU: checks the script, times nothing useful")
+    ap.add_argument(
+        "--dry-run", action="store_true", help="tiny shapes on the CPU: checks the script, times nothing useful"
+    )
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--backends", default="triton,cuda,torch,triton+graph")
     ap.add_argument("--k-step", type=int, default=33, help="K of the per-step difference (select K vs select 1)")
@@ -249,10 +277,16 @@ def main(argv=None):
         triton_version = "absent"
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{platform.machine()}"
     meta = {
-        "device": dev_name, "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
-        "date": time.strftime("%Y-%m-%d %H:%M"), "k_step": args.k_step, "k_select": args.k_select,
+        "device": dev_name,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "k_step": args.k_step,
+        "k_select": args.k_select,
         "sms": torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None,
-        "dry_run": args.dry_run, "availability": gfs_kernels.availability(device, torch.float32),
+        "dry_run": args.dry_run,
+        "availability": gfs_kernels.availability(device, torch.float32),
     }
     print(json.dumps({k: meta[k] for k in ("device", "torch", "triton", "cuda", "sms")}), flush=True)
 

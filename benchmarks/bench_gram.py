@@ -3,6 +3,7 @@ issue's goals is benchmarks/gram_ratios.py).
 
     PYTHONPATH=python:src python -m pytest benchmarks/bench_gram.py --benchmark-only
 """
+
 import pytest
 import torch
 
@@ -29,8 +30,19 @@ def test_gram_build(benchmark, problem):
 
 @pytest.mark.parametrize("step", ["uniform", "line_search", "refit"])
 def test_gram_loop(benchmark, stats, step):
-    benchmark(gram.run, stats.G, stats.b, stats.yy, stats.count, K, step=step, replacement=True, stop_loss=-1.0,
-              tol=1e-4, backend="cpu")
+    benchmark(
+        gram.run,
+        stats.G,
+        stats.b,
+        stats.yy,
+        stats.count,
+        K,
+        step=step,
+        replacement=True,
+        stop_loss=-1.0,
+        tol=1e-4,
+        backend="cpu",
+    )
 
 
 def test_torch_mm_floor(benchmark, problem):

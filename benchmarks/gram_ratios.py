@@ -13,6 +13,7 @@ only. Goals:
      faster than materialising the contributions and taking their Gram (the materialised
      baseline is timed on a fraction of the batch and scaled linearly: its cost is linear in it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,22 +73,54 @@ def goal_steps_vs_build(quick):
     t_mm, _ = best(lambda: torch.mm(U, U.T), repeat=1 if not quick else 2)
     del U
     cpu = gfs_kernels.get("cpu")
-    t_steps, res = best(lambda: gram.run(cpu, st.G, st.b, st.yy, st.count, k, step="uniform", replacement=True,
-                                         stop_loss=-1.0, tol=1e-4))
+    t_steps, res = best(
+        lambda: gram.run(
+            cpu, st.G, st.b, st.yy, st.count, k, step="uniform", replacement=True, stop_loss=-1.0, tol=1e-4
+        )
+    )
     extra = {}
     for step in ("line_search", "refit"):
-        extra[step], _ = best(lambda: gram.run(cpu, st.G, st.b, st.yy, st.count, k, step=step, replacement=True,
-                                               stop_loss=-1.0, tol=1e-4), repeat=1)
-    return dict(N=N, M=M, k=k, build_s=t_build, mm_floor_s=t_mm, uniform_steps_s=t_steps,
-                ratio=t_steps / t_build, goal="<= 0.02", met=t_steps / t_build <= 0.02,
-                build_vs_mm=t_build / t_mm, line_search_steps_s=extra["line_search"], refit_steps_s=extra["refit"])
+        extra[step], _ = best(
+            lambda: gram.run(
+                cpu, st.G, st.b, st.yy, st.count, k, step=step, replacement=True, stop_loss=-1.0, tol=1e-4
+            ),
+            repeat=1,
+        )
+    return dict(
+        N=N,
+        M=M,
+        k=k,
+        build_s=t_build,
+        mm_floor_s=t_mm,
+        uniform_steps_s=t_steps,
+        ratio=t_steps / t_build,
+        goal="<= 0.02",
+        met=t_steps / t_build <= 0.02,
+        build_vs_mm=t_build / t_mm,
+        line_search_steps_s=extra["line_search"],
+        refit_steps_s=extra["refit"],
+    )
 
 
 def goal_auto(quick):
-    grid = ([(256, 1024, 16), (256, 1024, 256), (1024, 1024, 64), (1024, 4096, 8), (1024, 4096, 256),
-             (2048, 512, 512), (512, 16384, 32), (512, 16384, 512), (4096, 1024, 64), (4096, 1024, 1024),
-             (2048, 8192, 128), (128, 65536, 128)]
-            if not quick else [(256, 1024, 16), (256, 1024, 256), (1024, 1024, 64), (1024, 2048, 512)])
+    grid = (
+        [
+            (256, 1024, 16),
+            (256, 1024, 256),
+            (1024, 1024, 64),
+            (1024, 4096, 8),
+            (1024, 4096, 256),
+            (2048, 512, 512),
+            (512, 16384, 32),
+            (512, 16384, 512),
+            (4096, 1024, 64),
+            (4096, 1024, 1024),
+            (2048, 8192, 128),
+            (128, 65536, 128),
+        ]
+        if not quick
+        else [(256, 1024, 16), (256, 1024, 256), (1024, 1024, 64), (1024, 2048, 512)]
+    )
     rows = []
     g = torch.Generator().manual_seed(1)
     for N, M, k in grid:
@@ -106,10 +139,23 @@ def goal_auto(quick):
         t_stream, t_gram, t_auto = (min(runs[n]) for n in ("stream", "gram", "auto"))
         fastest = min(t_stream, t_gram)
         est = cost.estimate(N, M, k, U.dtype, "uniform", U.device)
-        rows.append(dict(N=N, M=M, k=k, stream_s=t_stream, gram_s=t_gram, auto_s=t_auto, auto_engine=sel.engine,
-                         faster_engine="stream" if t_stream <= t_gram else "gram",
-                         est_stream_s=est.stream, est_gram_s=est.gram, ratio=t_auto / fastest,
-                         met=t_auto / fastest <= 1.1, reason=sel.reason))
+        rows.append(
+            dict(
+                N=N,
+                M=M,
+                k=k,
+                stream_s=t_stream,
+                gram_s=t_gram,
+                auto_s=t_auto,
+                auto_engine=sel.engine,
+                faster_engine="stream" if t_stream <= t_gram else "gram",
+                est_stream_s=est.stream,
+                est_gram_s=est.gram,
+                ratio=t_auto / fastest,
+                met=t_auto / fastest <= 1.1,
+                reason=sel.reason,
+            )
+        )
     return rows
 
 
@@ -123,9 +169,19 @@ def goal_vs_naive(quick):
     t_one, _ = best(lambda: gfs.select(U, y, 1, backend="naive"), repeat=1)
     t_few, _ = best(lambda: gfs.select(U, y, few, backend="naive"), repeat=1)
     t_naive = t_one + (t_few - t_one) / (few - 1) * (k - 1)
-    return dict(N=N, M=M, k=k, auto_s=t_auto, auto_engine=sel.engine, auto_backend=sel.backend,
-                naive_steps_timed=few, naive_s_scaled=t_naive, ratio=t_naive / t_auto, goal=">= 300",
-                met=t_naive / t_auto >= 300)
+    return dict(
+        N=N,
+        M=M,
+        k=k,
+        auto_s=t_auto,
+        auto_engine=sel.engine,
+        auto_backend=sel.backend,
+        naive_steps_timed=few,
+        naive_s_scaled=t_naive,
+        ratio=t_naive / t_auto,
+        goal=">= 300",
+        met=t_naive / t_auto >= 300,
+    )
 
 
 def goal_layer(quick):
@@ -150,9 +206,19 @@ def goal_layer(quick):
 
         t_part, _ = best(materialise, repeat=1)
     t_mat = t_part * B / part
-    return dict(B=B, C_in=C, C_out=C_out, positions=B * H * H, layer_stats_s=t_layer, layer_stats_dense_target_s=t_dense,
-                materialised_s_scaled=t_mat, materialised_samples_timed=part, ratio=t_mat / t_layer, goal=">= 10",
-                met=t_mat / t_layer >= 10)
+    return dict(
+        B=B,
+        C_in=C,
+        C_out=C_out,
+        positions=B * H * H,
+        layer_stats_s=t_layer,
+        layer_stats_dense_target_s=t_dense,
+        materialised_s_scaled=t_mat,
+        materialised_samples_timed=part,
+        ratio=t_mat / t_layer,
+        goal=">= 10",
+        met=t_mat / t_layer >= 10,
+    )
 
 
 def main():
@@ -170,9 +236,12 @@ def main():
     cost.calibrate()
     import subprocess
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    results = dict(machine=desc, threads=torch.get_num_threads(), load_at_start=start_load, quick=args.quick,
-                   commit=commit)
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    results = dict(
+        machine=desc, threads=torch.get_num_threads(), load_at_start=start_load, quick=args.quick, commit=commit
+    )
     results["rates"] = cost.calibrate().__dict__
     results["steps_vs_build"] = r1 = goal_steps_vs_build(args.quick)
     print(f"1. {r1['k']} uniform Gram steps / build of N={r1['N']}, M={r1['M']}: {r1['ratio']:.4%}", flush=True)
@@ -189,30 +258,45 @@ def main():
     name = f"gram-cpu-{slug}" + ("-quick" if args.quick else "")
     with open(os.path.join(args.out, name + ".json"), "w") as f:
         json.dump(results, f, indent=1)
-    md = [f"# Gram engine on CPU: ratio table", "", f"Commit {commit}. Machine: {desc}; torch threads {results['threads']}; "
-          f"1-min load {start_load} at start, {results['load_at_end']} at end; one run, best of several timings each.",
-          "", "| goal | measured | target | met |", "| --- | --- | --- | --- |",
-          f"| {r1['k']} uniform Gram steps vs building G (N={r1['N']}, M={r1['M']}, float32) | {r1['ratio']:.3%} "
-          f"({r1['uniform_steps_s']:.3g} s vs {r1['build_s']:.3g} s) | <= 2% | {'yes' if r1['met'] else 'NO'} |",
-          f"| auto vs the faster engine, {len(r2)} shapes (worst) | {max(r['ratio'] for r in r2):.3f}x | <= 1.1x | "
-          f"{'yes' if all(r['met'] for r in r2) else 'NO'} |",
-          f"| naive vs auto, N={r3['N']}, M={r3['M']}, k={r3['k']} (naive: {r3['naive_steps_timed']} steps, scaled) | "
-          f"{r3['ratio']:.0f}x ({r3['naive_s_scaled']:.3g} s vs {r3['auto_s']:.3g} s, auto ran {r3['auto_engine']}) | "
-          f">= 300x | {'yes' if r3['met'] else 'NO'} |",
-          f"| materialised vs layer stats, 1x1 conv {r4['C_in']}->{r4['C_out']}, {r4['positions']} positions "
-          f"(materialised: {r4['materialised_samples_timed']}/{r4['B']} samples, scaled) | {r4['ratio']:.0f}x "
-          f"({r4['materialised_s_scaled']:.3g} s vs {r4['layer_stats_s']:.3g} s) | >= 10x | {'yes' if r4['met'] else 'NO'} |",
-          "", f"Build vs a bare torch.mm U U^T (the FLOP floor): {r1['build_vs_mm']:.2f}x the time "
-          f"(GramStats: GEMMs of the lower block triangle into a float32 buffer, added into float64). Same G: {r1['k']} line_search steps "
-          f"{r1['line_search_steps_s']:.3g} s, {r1['k']} refit steps {r1['refit_steps_s']:.3g} s.",
-          "", "## auto on the grid (float32, uniform)", "",
-          "| N | M | k | stream s | gram s | auto s | auto ran | est. stream s | est. gram s | auto / fastest |",
-          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    md = [
+        f"# Gram engine on CPU: ratio table",
+        "",
+        f"Commit {commit}. Machine: {desc}; torch threads {results['threads']}; "
+        f"1-min load {start_load} at start, {results['load_at_end']} at end; one run, best of several timings each.",
+        "",
+        "| goal | measured | target | met |",
+        "| --- | --- | --- | --- |",
+        f"| {r1['k']} uniform Gram steps vs building G (N={r1['N']}, M={r1['M']}, float32) | {r1['ratio']:.3%} "
+        f"({r1['uniform_steps_s']:.3g} s vs {r1['build_s']:.3g} s) | <= 2% | {'yes' if r1['met'] else 'NO'} |",
+        f"| auto vs the faster engine, {len(r2)} shapes (worst) | {max(r['ratio'] for r in r2):.3f}x | <= 1.1x | "
+        f"{'yes' if all(r['met'] for r in r2) else 'NO'} |",
+        f"| naive vs auto, N={r3['N']}, M={r3['M']}, k={r3['k']} (naive: {r3['naive_steps_timed']} steps, scaled) | "
+        f"{r3['ratio']:.0f}x ({r3['naive_s_scaled']:.3g} s vs {r3['auto_s']:.3g} s, auto ran {r3['auto_engine']}) | "
+        f">= 300x | {'yes' if r3['met'] else 'NO'} |",
+        f"| materialised vs layer stats, 1x1 conv {r4['C_in']}->{r4['C_out']}, {r4['positions']} positions "
+        f"(materialised: {r4['materialised_samples_timed']}/{r4['B']} samples, scaled) | {r4['ratio']:.0f}x "
+        f"({r4['materialised_s_scaled']:.3g} s vs {r4['layer_stats_s']:.3g} s) | >= 10x | {'yes' if r4['met'] else 'NO'} |",
+        "",
+        f"Build vs a bare torch.mm U U^T (the FLOP floor): {r1['build_vs_mm']:.2f}x the time "
+        f"(GramStats: GEMMs of the lower block triangle into a float32 buffer, added into float64). Same G: {r1['k']} line_search steps "
+        f"{r1['line_search_steps_s']:.3g} s, {r1['k']} refit steps {r1['refit_steps_s']:.3g} s.",
+        "",
+        "## auto on the grid (float32, uniform)",
+        "",
+        "| N | M | k | stream s | gram s | auto s | auto ran | est. stream s | est. gram s | auto / fastest |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in r2:
-        md.append(f"| {r['N']} | {r['M']} | {r['k']} | {r['stream_s']:.3g} | {r['gram_s']:.3g} | {r['auto_s']:.3g} | "
-                  f"{r['auto_engine']} | {r['est_stream_s']:.3g} | {r['est_gram_s']:.3g} | {r['ratio']:.3f} |")
-    md += ["", "Streaming backend here: " + gfs.select(torch.randn(4, 4), torch.randn(4), 1, engine="stream").backend
-           + " (the backend auto picks for the streaming engine; the cost model measures its rates)."]
+        md.append(
+            f"| {r['N']} | {r['M']} | {r['k']} | {r['stream_s']:.3g} | {r['gram_s']:.3g} | {r['auto_s']:.3g} | "
+            f"{r['auto_engine']} | {r['est_stream_s']:.3g} | {r['est_gram_s']:.3g} | {r['ratio']:.3f} |"
+        )
+    md += [
+        "",
+        "Streaming backend here: "
+        + gfs.select(torch.randn(4, 4), torch.randn(4), 1, engine="stream").backend
+        + " (the backend auto picks for the streaming engine; the cost model measures its rates).",
+    ]
     with open(os.path.join(args.out, name + ".md"), "w") as f:
         f.write("\n".join(md) + "\n")
     print("\n".join(md))

@@ -15,6 +15,7 @@ in interleaved rounds, torch.mv between them). Before measuring, the
 script waits (up to --max-wait seconds) for a 1-minute load average below --load, since the
 cores may be shared; the load before and after is recorded.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -124,8 +125,9 @@ def main():
     cpubf = (best["bfk"] - best["bf1"]) / steps
     torch32 = (best["torchk"] - best["torch1"]) / (steps // 2)
     del U, Ub
-    raw["step_4096x65536"] = dict(torch_mv_f32_s=mv, cpu_f32_s=cpu32, torch_f32_s=torch32, torch_mv_bf16_s=mv_bf,
-                                  cpu_bf16_s=cpubf)
+    raw["step_4096x65536"] = dict(
+        torch_mv_f32_s=mv, cpu_f32_s=cpu32, torch_f32_s=torch32, torch_mv_bf16_s=mv_bf, cpu_bf16_s=cpubf
+    )
     row("per step, cpu f32 / torch.mv f32 (4096x65536)", cpu32 / mv, lambda v: v <= 0.9, "goal <= 0.9")
     row("per step, cpu bf16 / torch.mv f32 (4096x65536)", cpubf / mv, lambda v: v <= 0.6, "goal <= 0.6")
     row("per step, torch backend f32 / torch.mv f32", torch32 / mv, None, "for reference")
@@ -144,8 +146,12 @@ def main():
         key = f"select_{N}x{M}_k{k}"
         raw[key] = dict(cpu_s=cpu_t, torch_s=torch_t, naive_est_s=naive_t, naive_k1_s=n1, naive_k3_s=n2)
         note = f"naive timed at k={s1},{s2} and scaled to k={k}"
-        row(f"select k={k}, naive / cpu ({N}x{M})", naive_t / cpu_t, lambda v, g=goal: v >= g,
-            f"goal >= {goal:g}; {note}")
+        row(
+            f"select k={k}, naive / cpu ({N}x{M})",
+            naive_t / cpu_t,
+            lambda v, g=goal: v >= g,
+            f"goal >= {goal:g}; {note}",
+        )
         row(f"select k={k}, naive / torch ({N}x{M})", naive_t / torch_t, None, note)
         row(f"select k={k}, torch / cpu ({N}x{M})", torch_t / cpu_t, None, "")
         del U
@@ -185,8 +191,15 @@ def main():
     with open(base + ".md", "w") as f:
         f.write("\n".join(lines))
     with open(base + ".json", "w") as f:
-        json.dump(dict(machine=machine, ratios=[dict(ratio=w, value=v, goal=o, note=n, load=ld) for w, v, o, n, ld in rows],
-                       raw=raw), f, indent=1)
+        json.dump(
+            dict(
+                machine=machine,
+                ratios=[dict(ratio=w, value=v, goal=o, note=n, load=ld) for w, v, o, n, ld in rows],
+                raw=raw,
+            ),
+            f,
+            indent=1,
+        )
     print(f"wrote {base}.md and {base}.json")
 
 

@@ -4,6 +4,7 @@ Independent of every kernel: each candidate's loss ||y - (t z + u_j)/(t+1)||^2 i
 directly (no expansion, no norms trick), in float64, on the values the backends see (half
 precision inputs are upcast first).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -63,7 +64,9 @@ def check_path(U, y, picks, losses, *, replacement=True, rtol=1e-5, atol=1e-9, d
                 f"step {t}: picked {j} (loss {loss_j[j]!r}) but {best} has loss {loss_j[best]!r}"
             )
             if distinct_ties or np.array_equal(U[j], U[best]):
-                assert loss_j[j] != loss_j[best], f"step {t}: exact tie between {best} and {j} not sent to the lowest index"
+                assert loss_j[j] != loss_j[best], (
+                    f"step {t}: exact tie between {best} and {j} not sent to the lowest index"
+                )
         assert abs(losses[t] - loss_j[j]) <= rtol * abs(loss_j[j]) + atol, (
             f"step {t}: reported loss {losses[t]!r}, true {loss_j[j]!r}"
         )
@@ -150,8 +153,7 @@ def brute_force_line_search(U, y, k, replacement=True, stop_loss=-1.0):
     return picks, np.array(losses), np.array(gaps), np.array(gammas), w
 
 
-def check_line_search_path(U, y, picks, gammas, losses, *, replacement=True, rtol=1e-7, atol=1e-10,
-                           distinct_ties=True):
+def check_line_search_path(U, y, picks, gammas, losses, *, replacement=True, rtol=1e-7, atol=1e-10, distinct_ties=True):
     """Follow a selection's own (pick, gamma) path: each pick must be a float64 argmin of the
     line-search loss up to rounding, its gamma the optimal one (where that matters), and the
     reported losses the true ones. Returns the final z."""
@@ -166,7 +168,9 @@ def check_line_search_path(U, y, picks, gammas, losses, *, replacement=True, rto
             assert j not in used, f"step {t}: {j} picked twice without replacement"
             loss_j[used] = np.inf
         best = int(np.argmin(loss_j))
-        assert loss_j[j] <= loss_j[best] + scale, f"step {t}: picked {j} (loss {loss_j[j]!r}), {best} has {loss_j[best]!r}"
+        assert loss_j[j] <= loss_j[best] + scale, (
+            f"step {t}: picked {j} (loss {loss_j[j]!r}), {best} has {loss_j[best]!r}"
+        )
         if j != best and (distinct_ties or np.array_equal(U[j], U[best])):
             assert loss_j[j] != loss_j[best], f"step {t}: exact tie between {best} and {j} not sent to the lowest index"
         z_new = z + g * (U[j] - z)
@@ -242,7 +246,9 @@ def check_refit_path(U, y, picks, losses, gaps, weights, *, replacement=True, rt
             assert j not in used, f"step {t}: {j} picked twice without replacement"
             loss_j[used] = np.inf
         best = int(np.argmin(loss_j))
-        assert loss_j[j] <= loss_j[best] + scale, f"step {t}: picked {j} (loss {loss_j[j]!r}), {best} has {loss_j[best]!r}"
+        assert loss_j[j] <= loss_j[best] + scale, (
+            f"step {t}: picked {j} (loss {loss_j[j]!r}), {best} has {loss_j[best]!r}"
+        )
         if j not in S:
             S.append(j)
         used.append(j)
@@ -255,4 +261,6 @@ def check_refit_path(U, y, picks, losses, gaps, weights, *, replacement=True, rt
     assert np.all(w[[i for i in range(N) if i not in S]] == 0), "weight outside the chosen set"
     zw = w @ U
     spread = (1 + np.abs(w).sum()) ** 2  # cancellation in sum_j w_j u_j grows with |w|
-    assert abs(float(((y - zw) ** 2).mean()) - losses[-1]) <= 10 * scale * spread, "weights do not reproduce the final loss"
+    assert abs(float(((y - zw) ** 2).mean()) - losses[-1]) <= 10 * scale * spread, (
+        "weights do not reproduce the final loss"
+    )

@@ -1,4 +1,5 @@
 """Every backend against the float64 brute-force reference, on random and adversarial problems."""
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +15,6 @@ def _run(name, U, y, k, replacement=True, eps=None):
     sel = gfs.select(U, y, k, replacement=replacement, eps=eps, backend=name)
     assert sel.backend == name
     return sel
-
 
 
 SHAPES = [(1, 1, 3), (1, 7, 4), (7, 1, 5), (5, 3, 9), (33, 65, 20), (64, 300, 40), (130, 257, 17)]

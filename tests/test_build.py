@@ -1,4 +1,5 @@
 """The compiled extension is part of an install: a missing build is a failure, not a skip."""
+
 import os
 import shutil
 

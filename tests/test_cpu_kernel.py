@@ -5,6 +5,7 @@ reference.check_path, gaps against reference.fw_gap, exact ties on integer data,
 dtype (half precision compared with the reference on the upcast values), argument errors, and
 that nothing passed in is modified.
 """
+
 from __future__ import annotations
 
 import numpy as np

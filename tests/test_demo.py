@@ -1,5 +1,6 @@
 """`gfs demo` end to end (quick sizes: the two-layer part and the CNN part), and the MNIST IDX reader on small
 files made here."""
+
 from __future__ import annotations
 
 import gzip
@@ -150,8 +151,24 @@ def test_demo_parts_can_be_skipped(tmp_path, capsys):
     from gfs.cli import main
 
     out = tmp_path / "cnn-only"
-    assert main(["demo", "--quick", "--no-two-layer", "--cnn-models", "resnet18", "--cnn-epochs", "0",
-                 "--cnn-finetune-epochs", "0", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--quick",
+                "--no-two-layer",
+                "--cnn-models",
+                "resnet18",
+                "--cnn-epochs",
+                "0",
+                "--cnn-finetune-epochs",
+                "0",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     res = json.loads((out / "results.json").read_text())
     assert "rows" not in res and [r["model"] for r in res["cnn"]] == ["resnet18"]
     assert not (out / "accuracy_vs_k.png").exists() and (out / "summary.txt").stat().st_size > 0

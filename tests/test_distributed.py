@@ -1,6 +1,7 @@
 """gfs.distributed.select_sharded: candidates split across 2 gloo ranks (CPU processes) select
 exactly what the float64 reference selects on the concatenated rows, and bad input on one rank
 raises on every rank instead of leaving the others waiting."""
+
 from __future__ import annotations
 
 import os
@@ -51,8 +52,14 @@ def _worker(rank, path, out):
     for name, (U, y, split, k, repl, eps) in _problems().items():
         lo = sum(split[:rank])
         sel = select_sharded(U[lo : lo + split[rank]], y, k, replacement=repl, eps=eps, backend="torch")
-        results[name] = dict(indices=sel.indices.tolist(), losses=sel.losses.tolist(), gaps=sel.gaps.tolist(),
-                             weights=sel.weights.tolist(), dense=sel.dense_loss, offset=sel.notes["offset"])
+        results[name] = dict(
+            indices=sel.indices.tolist(),
+            losses=sel.losses.tolist(),
+            gaps=sel.gaps.tolist(),
+            weights=sel.weights.tolist(),
+            dense=sel.dense_loss,
+            offset=sel.notes["offset"],
+        )
     errors = {}
     bad = torch.randn(3, 5)
     if rank == 1:
@@ -76,8 +83,9 @@ def _worker(rank, path, out):
 @pytest.fixture(scope="module")
 def outcome(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
-    ctx = mp.start_processes(_worker, args=(str(tmp / "rendezvous"), str(tmp)), nprocs=WORLD, join=False,
-                             start_method="spawn")
+    ctx = mp.start_processes(
+        _worker, args=(str(tmp / "rendezvous"), str(tmp)), nprocs=WORLD, join=False, start_method="spawn"
+    )
     for _ in range(240):  # 2 minutes at most: a deadlock fails the test instead of hanging CI
         if ctx.join(timeout=0.5):
             break
@@ -116,12 +124,15 @@ def test_sharded_ties_go_to_the_lowest_global_index(outcome):
     assert outcome[0]["results"]["duplicates_across_ranks"]["indices"][0] == 1
 
 
-@pytest.mark.parametrize("name,pattern", [
-    ("nan_on_one_rank", ["rank\\(s\\) \\[1\\] is invalid", "shard contains NaN or Inf"]),
-    ("targets_differ", ["targets differ between ranks"] * 2),
-    ("m_differs", ["same M"] * 2),
-    ("k_above_total", ["k=7 is larger than the 6 candidates"] * 2),
-])
+@pytest.mark.parametrize(
+    "name,pattern",
+    [
+        ("nan_on_one_rank", ["rank\\(s\\) \\[1\\] is invalid", "shard contains NaN or Inf"]),
+        ("targets_differ", ["targets differ between ranks"] * 2),
+        ("m_differs", ["same M"] * 2),
+        ("k_above_total", ["k=7 is larger than the 6 candidates"] * 2),
+    ],
+)
 def test_bad_input_on_any_rank_raises_on_every_rank(outcome, name, pattern):
     import re
 

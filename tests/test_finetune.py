@@ -1,5 +1,6 @@
 """gfs.pruning.finetune: training leaves the caller's model alone (unless inplace), learns, is
 reproducible, restores flags and random state; evaluate and time_forward."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,8 +17,9 @@ def _data(n=256, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 6, generator=g)
     y = (x[:, 0] + 0.5 * x[:, 1] > 0).long() + 2 * (x[:, 2] > 0).long()  # 4 classes
-    return DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(1)), \
-        DataLoader(TensorDataset(x, y), batch_size=64)
+    return DataLoader(
+        TensorDataset(x, y), batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(1)
+    ), DataLoader(TensorDataset(x, y), batch_size=64)
 
 
 def _net(seed=0):
@@ -77,14 +79,17 @@ def test_finetune_warmup_and_progress_bar():
     assert "tuning" in console.export_text()
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(epochs=-1), "epochs must be >= 0"),
-    (dict(epochs=1.5), "epochs must be an int"),
-    (dict(epochs=1, lr=0), "lr must be > 0"),
-    (dict(epochs=1, lr=float("nan")), "lr must be > 0"),
-    (dict(epochs=1, warmup=1.0), "warmup and label_smoothing"),
-    (dict(epochs=1, seed="a"), "seed must be an int"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(epochs=-1), "epochs must be >= 0"),
+        (dict(epochs=1.5), "epochs must be an int"),
+        (dict(epochs=1, lr=0), "lr must be > 0"),
+        (dict(epochs=1, lr=float("nan")), "lr must be > 0"),
+        (dict(epochs=1, warmup=1.0), "warmup and label_smoothing"),
+        (dict(epochs=1, seed="a"), "seed must be an int"),
+    ],
+)
 def test_finetune_validates_arguments(kwargs, match):
     train, _ = _data()
     with pytest.raises((ValueError, TypeError), match=match):

@@ -9,6 +9,7 @@
 - Host streaming: chunk planning, and the streamed loop on the CPU.
 - Tests that need a real GPU are marked `gpu` and skipped without one.
 """
+
 from __future__ import annotations
 
 import functools
@@ -71,7 +72,10 @@ def _interpreter_results() -> dict:
     )
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tests", "triton_interpret_check.py"), *INTERPRET_CASES],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     results = {}
     for line in proc.stdout.splitlines():
@@ -228,8 +232,12 @@ def test_cuda_kernels_are_sm90_and_spill_free():
 def test_plan_chunks_fits_budget_and_covers_rows():
     from gfs_kernels.host_stream import plan_chunks
 
-    for N, M, itemsize, budget in [(1000, 4096, 2, 64 << 20), (7, 3, 4, 10_000), (100_000, 262_144, 2, 6 << 30),
-                                   (5, 1000, 4, 2 * 1000 * 4)]:
+    for N, M, itemsize, budget in [
+        (1000, 4096, 2, 64 << 20),
+        (7, 3, 4, 10_000),
+        (100_000, 262_144, 2, 6 << 30),
+        (5, 1000, 4, 2 * 1000 * 4),
+    ]:
         p = plan_chunks(N, M, itemsize, budget)
         assert p.buffers * p.buffer_bytes <= budget
         r = p.ranges()
@@ -279,8 +287,9 @@ def test_streamed_loop_matches_reference_on_cpu(rows, replacement):
     res = greedy_uniform_streamed(TorchBackend(), U, y, 12, replacement, -1.0, device="cpu", plan=plan)
     rp, rl, rg, _ = brute_force_uniform(U.double().numpy(), y.double().numpy(), 12, replacement)
     assert res.indices.tolist() == rp
-    check_path(U.double().numpy(), y.double().numpy(), res.indices.tolist(), res.losses.numpy(),
-               replacement=replacement)
+    check_path(
+        U.double().numpy(), y.double().numpy(), res.indices.tolist(), res.losses.numpy(), replacement=replacement
+    )
     assert np.allclose(res.gaps.numpy(), rg, rtol=1e-6, atol=1e-9)
     assert res.notes["host_stream_chunks"] == plan.n_chunks
     assert "streamed" in res.notes["host_stream"]
@@ -405,8 +414,9 @@ def test_gpu_one_sync_per_select(name):
     U, y = _problem(4096, 8192, torch.bfloat16, 13)
     b.greedy_uniform(U, y, 8, True, -1.0)  # compile, autotune, warm the allocator
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    ) as prof:
         b.greedy_uniform(U, y, 64, True, -1.0)
     syncs = [e for e in prof.events() if e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize")]
     assert len(syncs) == 1, [e.name for e in syncs]
@@ -440,4 +450,4 @@ def test_gpu_host_stream_matches_device_resident(name):
         ref = b.greedy_uniform(U.cuda(), y.cuda(), 12, False, -1.0)
         assert res.indices.cpu().tolist() == ref.indices.cpu().tolist()
         assert torch.allclose(res.losses.cpu(), ref.losses.cpu(), rtol=1e-9)
-        assert ("pinned" in res.notes["host_stream"])
+        assert "pinned" in res.notes["host_stream"]

@@ -5,6 +5,7 @@ Magnitudes over each dtype's whole finite range, strides, byte orders, dtypes, d
 that cannot fit in memory, statistics files that lie about their sizes, and exactly duplicated
 candidates on the Gram engine, on every backend and engine that runs on this machine.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,14 @@ import gfs
 import gfs_kernels
 from gfs import _scale
 from gfs.stats import GramStats
-from reference import (brute_force_line_search, brute_force_refit, brute_force_uniform, check_line_search_path,
-                       check_path, check_refit_path)
+from reference import (
+    brute_force_line_search,
+    brute_force_refit,
+    brute_force_uniform,
+    check_line_search_path,
+    check_path,
+    check_refit_path,
+)
 
 REFERENCE = {"uniform": brute_force_uniform, "line_search": brute_force_line_search, "refit": brute_force_refit}
 
@@ -167,8 +174,10 @@ def test_strided_targets_on_the_default_backend_every_step_rule():
     """The audit: gfs.select(U, Y[:, 0], 3) crashed the cpu kernel ('y must be contiguous')."""
     U, Y = _base()
     for step in REFERENCE:
-        assert gfs.select(U, Y[:, 0], 3, step=step).indices.tolist() == \
-            gfs.select(U, Y[:, 0].contiguous(), 3, step=step).indices.tolist()
+        assert (
+            gfs.select(U, Y[:, 0], 3, step=step).indices.tolist()
+            == gfs.select(U, Y[:, 0].contiguous(), 3, step=step).indices.tolist()
+        )
 
 
 BAD = {
@@ -215,9 +224,14 @@ def _saved(tmp_path, **changes):
 
 LIES = {
     "stride-0 G claiming n=10000": (
-        dict(n=10000, G=torch.zeros(1, dtype=torch.float64).expand(10000, 10000),
-             b=torch.zeros(1, dtype=torch.float64).expand(10000), u_sum=torch.zeros(1, dtype=torch.float64).expand(10000)),
-        "G claims shape (10000, 10000) (800,000,000 bytes) but the file holds 8 bytes"),
+        dict(
+            n=10000,
+            G=torch.zeros(1, dtype=torch.float64).expand(10000, 10000),
+            b=torch.zeros(1, dtype=torch.float64).expand(10000),
+            u_sum=torch.zeros(1, dtype=torch.float64).expand(10000),
+        ),
+        "G claims shape (10000, 10000) (800,000,000 bytes) but the file holds 8 bytes",
+    ),
     "int64 G": (dict(G=torch.zeros(9, 9, dtype=torch.int64)), "G should be torch.float64, got torch.int64"),
     "complex G": (dict(G=torch.zeros(9, 9, dtype=torch.complex128)), "G should be torch.float64"),
     "non-symmetric G": (dict(G=torch.triu(torch.ones(9, 9, dtype=torch.float64))), "G is not symmetric"),

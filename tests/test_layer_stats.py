@@ -1,5 +1,6 @@
 """Layer statistics without forming N x M (gfs.stats.linear_stats / conv2d_stats / layer_stats),
 each equal to the statistics of the materialised contributions, U U^T."""
+
 import inspect
 
 import pytest
@@ -152,13 +153,41 @@ def test_auto_method_follows_the_cost_model(monkeypatch, with_target):
 
 BAD = {
     "linear width": (lambda: S.linear_stats(torch.zeros(5, 4), torch.zeros(3, 6)), ValueError, "x must be (..., 6)"),
-    "linear weight dims": (lambda: S.linear_stats(torch.zeros(5, 4), torch.zeros(3, 4, 1)), ValueError, "weight must have shape (C_out, C_in)"),
-    "conv channels": (lambda: S.conv2d_stats(torch.zeros(1, 3, 5, 5), torch.zeros(2, 4, 3, 3)), ValueError, "x must be (B, 4, H, W)"),
-    "target shape": (lambda: S.linear_stats(torch.zeros(5, 4), torch.zeros(3, 4), torch.zeros(5, 2)), ValueError, "target has shape (5, 2)"),
-    "nan input": (lambda: S.linear_stats(torch.full((5, 4), float("nan")), torch.zeros(3, 4)), ValueError, "x contains NaN or Inf"),
-    "wrong out": (lambda: S.linear_stats(torch.zeros(5, 4), torch.zeros(3, 4), out=gfs.GramStats(3)), ValueError, "out must be GramStats of n=4"),
-    "method": (lambda: S.conv2d_stats(torch.zeros(1, 4, 5, 5), torch.zeros(2, 4, 3, 3), method="fft"), ValueError, "unknown method 'fft'"),
-    "groups": (lambda: S.layer_stats(torch.nn.Conv2d(4, 4, 3, groups=2), torch.zeros(1, 4, 5, 5)), ValueError, "groups=1"),
+    "linear weight dims": (
+        lambda: S.linear_stats(torch.zeros(5, 4), torch.zeros(3, 4, 1)),
+        ValueError,
+        "weight must have shape (C_out, C_in)",
+    ),
+    "conv channels": (
+        lambda: S.conv2d_stats(torch.zeros(1, 3, 5, 5), torch.zeros(2, 4, 3, 3)),
+        ValueError,
+        "x must be (B, 4, H, W)",
+    ),
+    "target shape": (
+        lambda: S.linear_stats(torch.zeros(5, 4), torch.zeros(3, 4), torch.zeros(5, 2)),
+        ValueError,
+        "target has shape (5, 2)",
+    ),
+    "nan input": (
+        lambda: S.linear_stats(torch.full((5, 4), float("nan")), torch.zeros(3, 4)),
+        ValueError,
+        "x contains NaN or Inf",
+    ),
+    "wrong out": (
+        lambda: S.linear_stats(torch.zeros(5, 4), torch.zeros(3, 4), out=gfs.GramStats(3)),
+        ValueError,
+        "out must be GramStats of n=4",
+    ),
+    "method": (
+        lambda: S.conv2d_stats(torch.zeros(1, 4, 5, 5), torch.zeros(2, 4, 3, 3), method="fft"),
+        ValueError,
+        "unknown method 'fft'",
+    ),
+    "groups": (
+        lambda: S.layer_stats(torch.nn.Conv2d(4, 4, 3, groups=2), torch.zeros(1, 4, 5, 5)),
+        ValueError,
+        "groups=1",
+    ),
     "module": (lambda: S.layer_stats(torch.nn.ReLU(), torch.zeros(1, 4)), TypeError, "nn.Linear or nn.Conv2d"),
 }
 

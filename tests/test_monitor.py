@@ -1,4 +1,5 @@
 """gfs.monitor.EarlyTicketMonitor: plateau detection where the plateau is known."""
+
 import pytest
 import torch
 
@@ -6,7 +7,6 @@ from gfs.monitor import EarlyTicketMonitor, layer_features, linear_features
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 
 def test_linear_features_average_to_the_layer_output():
@@ -35,8 +35,15 @@ def test_controlled_plateau_is_found_exactly():
         return c * U0, c * y0
 
     seen = []
-    mon = EarlyTicketMonitor(features, k=5, every=every, patience=patience, rtol=1e-4,
-                             on_plateau=lambda m, chk: seen.append(chk.step), select_kwargs={"backend": "torch"})
+    mon = EarlyTicketMonitor(
+        features,
+        k=5,
+        every=every,
+        patience=patience,
+        rtol=1e-4,
+        on_plateau=lambda m, chk: seen.append(chk.step),
+        select_kwargs={"backend": "torch"},
+    )
     for t in range(1, 200):
         clock["t"] = t
         chk = mon.step()
@@ -60,8 +67,9 @@ def test_training_run_frozen_at_known_step():
     Y = torch.sin(X[:, :1] * 2) + X[:, 1:2] ** 2
     calib = X[:64]
     T0, every, patience = 60, 10, 2
-    mon = EarlyTicketMonitor.for_linear(model, model[2], calib, k=8, every=every, patience=patience, rtol=1e-9,
-                                        select_kwargs={"backend": "torch"})
+    mon = EarlyTicketMonitor.for_linear(
+        model, model[2], calib, k=8, every=every, patience=patience, rtol=1e-9, select_kwargs={"backend": "torch"}
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     model.train()
     for step in range(1, 121):
@@ -85,8 +93,15 @@ def test_custom_metric_and_layer_features():
     x = torch.randn(10, 4)
     U, y = layer_features(model, model[2], x)
     assert U.shape == (16, 20)
-    mon = EarlyTicketMonitor(lambda m: layer_features(m, m[2], x), k=4, model=model, every=1, patience=1,
-                             metric=lambda sel, U, y: float(sel.support.numel()), select_kwargs={"backend": "torch"})
+    mon = EarlyTicketMonitor(
+        lambda m: layer_features(m, m[2], x),
+        k=4,
+        model=model,
+        every=1,
+        patience=1,
+        metric=lambda sel, U, y: float(sel.support.numel()),
+        select_kwargs={"backend": "torch"},
+    )
     first, second = mon.step(), mon.step()
     assert first.loss == second.loss <= 4 and second.plateau and mon.plateau_step == 2
     with pytest.raises(ValueError):

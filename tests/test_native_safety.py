@@ -7,6 +7,7 @@ inside an OpenMP region, i.e. SIGABRT, or `ValueError: vector::reserve`), and SI
 running selection within a fraction of a second with a real KeyboardInterrupt (it used to run on
 until SIGKILL).
 """
+
 import os
 import queue
 import signal
@@ -132,18 +133,24 @@ class _Lines:
         return "\n".join(self.lines)
 
 
-_GRAM_SETUP = ("import gfs_kernels; U = torch.randn({n}, 16, dtype=torch.float64); y = torch.randn(16, dtype=torch.float64); "
-               "G, b = U @ U.T, U @ y")
+_GRAM_SETUP = (
+    "import gfs_kernels; U = torch.randn({n}, 16, dtype=torch.float64); y = torch.randn(16, dtype=torch.float64); "
+    "G, b = U @ U.T, U @ y"
+)
 _GRAM_CALL = "torch.ops.gfs.gram_greedy(G, b, float(y @ y), 16, 10**8, '{step}', True, -1.0, 1e-12)"
 
 CASES = {
     # the issue's reproducer through gfs.select, one thread (64 x 256 is below the threading
     # threshold): 10**7 steps of ~2 us take tens of seconds, and their outputs fit in memory
-    "select-cpu-1-thread": ("import gfs; U, y = torch.randn(64, 256), torch.randn(256)",
-                            "gfs.select(U, y, 10**7, backend='cpu')"),
+    "select-cpu-1-thread": (
+        "import gfs; U, y = torch.randn(64, 256), torch.randn(256)",
+        "gfs.select(U, y, 10**7, backend='cpu')",
+    ),
     # large enough for every OpenMP thread: all of them must leave the loop at the same step
-    "greedy_uniform-threads": ("import gfs_kernels; U, y = torch.randn(512, 256), torch.randn(256)",
-                               "torch.ops.gfs.greedy_uniform(U, y, 10**7, True, -1.0)"),
+    "greedy_uniform-threads": (
+        "import gfs_kernels; U, y = torch.randn(512, 256), torch.randn(256)",
+        "torch.ops.gfs.greedy_uniform(U, y, 10**7, True, -1.0)",
+    ),
     # the Gram loop, called directly (gfs.select's own memory check is not under test); N = 1024
     # makes a step cost a microsecond or more, so that 10**8 steps take minutes
     "gram-uniform": (_GRAM_SETUP.format(n=1024), _GRAM_CALL.format(step="uniform")),
@@ -157,8 +164,13 @@ def test_sigint_stops_a_running_native_loop(case):
     setup, call = CASES[case]
     code = _CHILD.format(setup=setup, call=call)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     out, err = _Lines(proc.stdout), _Lines(proc.stderr)
     try:
         # generous: importing torch on a busy 2-core machine can take long

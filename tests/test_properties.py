@@ -1,4 +1,5 @@
 """Property tests (hypothesis) of the greedy rule, on every CPU backend."""
+
 import numpy as np
 import pytest
 import torch

@@ -6,6 +6,7 @@ with an independently built *masked* copy of the original: each consumer's input
 multiplied by the report's scale (0 for dropped channels), which is the selected subnetwork
 sum_j w_j u_j without any slicing.
 """
+
 import copy
 import os
 import subprocess
@@ -27,15 +28,31 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mlp():
-    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 32), nn.ReLU(), nn.Linear(32, 24), nn.BatchNorm1d(24),
-                         nn.GELU(), nn.Linear(24, 10))
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(3 * 8 * 8, 32),
+        nn.ReLU(),
+        nn.Linear(32, 24),
+        nn.BatchNorm1d(24),
+        nn.GELU(),
+        nn.Linear(24, 10),
+    )
 
 
 def cnn():
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-        nn.Conv2d(16, 24, 3, padding=1, bias=False), nn.BatchNorm2d(24), nn.ReLU(inplace=True),
-        nn.Conv2d(24, 32, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 24, 3, padding=1, bias=False),
+        nn.BatchNorm2d(24),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(24, 32, 1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
     )
 
 
@@ -74,9 +91,11 @@ def build(name, train=False):
 
 
 def snapshot(model):
-    return ({k: v.detach().clone() for k, v in model.state_dict().items()},
-            {n: m.training for n, m in model.named_modules()},
-            {n: id(m) for n, m in model.named_modules()})
+    return (
+        {k: v.detach().clone() for k, v in model.state_dict().items()},
+        {n: m.training for n, m in model.named_modules()},
+        {n: id(m) for n, m in model.named_modules()},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +131,11 @@ def masked(original, result):
 def outputs_at(model, x, names):
     got, handles = {}, []
     for n in names:
-        handles.append(model.get_submodule(n).register_forward_hook(
-            lambda mod, a, out, _n=n: got.__setitem__(_n, out.detach().clone())))
+        handles.append(
+            model.get_submodule(n).register_forward_hook(
+                lambda mod, a, out, _n=n: got.__setitem__(_n, out.detach().clone())
+            )
+        )
     with torch.no_grad():
         y = model(x)
     for h in handles:
@@ -126,6 +148,7 @@ def close(a, b, rtol=1e-4):
 
 
 # ---- groups -------------------------------------------------------------------------------
+
 
 def test_groups_resnet_internal_channels_only():
     x = torch.randn(1, 3, 32, 32)
@@ -166,6 +189,7 @@ def test_groups_sequential():
 
 
 # ---- prune, run, fold, unchanged input ----------------------------------------------------
+
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_prunes_and_runs_smaller(pruned, arch):
@@ -302,12 +326,16 @@ def test_group_statistics_is_the_consumer_split_by_channel():
             # too large: a random subset of output positions, all output channels of each, computed
             # directly (no full output); it is the full matrix restricted to those positions
             Cout = layer.weight.shape[0]
-            small, ys = group_statistics(X, layer, dense, max_elements=6 * Cout * 3,
-                                         generator=torch.Generator().manual_seed(1))
+            small, ys = group_statistics(
+                X, layer, dense, max_elements=6 * Cout * 3, generator=torch.Generator().manual_seed(1)
+            )
             assert small.shape == (6, 3 * Cout) and ys.shape == (3 * Cout,)
             pos = torch.randperm(dense.numel() // Cout, generator=torch.Generator().manual_seed(1))[:3].sort().values
-            by_position = U.reshape(6, -1, Cout) if isinstance(layer, nn.Linear) else \
-                U.reshape(6, dense.shape[0], Cout, -1).transpose(2, 3).reshape(6, -1, Cout)
+            by_position = (
+                U.reshape(6, -1, Cout)
+                if isinstance(layer, nn.Linear)
+                else U.reshape(6, dense.shape[0], Cout, -1).transpose(2, 3).reshape(6, -1, Cout)
+            )
             assert torch.allclose(small, by_position[:, pos].reshape(6, -1), atol=1e-5)
             assert torch.allclose(small.mean(0), ys, atol=1e-5)
 
@@ -320,7 +348,10 @@ def _consumers():
         (nn.Conv2d(6, 5, 3, stride=2, padding=1).double(), X(3, 6, 7, 7)),
         (nn.Conv2d(6, 5, 3, padding=2, dilation=2, bias=False).double(), X(2, 6, 6, 5)),
         (nn.Conv2d(6, 7, 1).double(), X(2, 6, 4, 4)),
-        (nn.Conv2d(6, 1, 3, padding=1).double(), X(3, 6, 5, 5)),  # few outputs: materialised (gfs.engines.cost.conv2d_method)
+        (
+            nn.Conv2d(6, 1, 3, padding=1).double(),
+            X(3, 6, 5, 5),
+        ),  # few outputs: materialised (gfs.engines.cost.conv2d_method)
     ]
 
 
@@ -378,6 +409,7 @@ def test_exported_from_gfs():
 
 # ---- errors --------------------------------------------------------------------------------
 
+
 class Branchy(nn.Module):
     def __init__(self):
         super().__init__()
@@ -404,8 +436,7 @@ def test_unsupported_structures_raise_clear_errors():
     with pytest.raises(UnsupportedModelError, match="Branchy"):
         prune(Branchy(), x, ratio=0.5, progress=False)
     with pytest.raises(UnsupportedModelError, match=r"'1'.*LayerNorm|1 \(LayerNorm\)"):
-        prune(nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 2)), x, ratio=0.5,
-              progress=False)
+        prune(nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 2)), x, ratio=0.5, progress=False)
     grouped = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.Flatten())
     with pytest.raises(UnsupportedModelError, match=r"grouped convolution \(groups=2"):
         prune(grouped, torch.randn(1, 3, 5, 5), ratio=0.5, layers="0", progress=False)
@@ -444,6 +475,7 @@ def test_argument_errors_name_the_argument():
 
 
 # ---- save / load -----------------------------------------------------------------------------
+
 
 def test_save_and_reload_in_a_new_process(pruned, tmp_path):
     cases = []
@@ -497,8 +529,10 @@ def test_load_never_runs_code_from_the_file(tmp_path):
     assert "antigravity" not in sys.modules
     # a torch.save file with a pickled object that would run code: the restricted unpickler refuses
     marker = tmp_path / "ran"
-    torch.save({"format": "gfs-module/1", "gfs_architecture": "{}", "tensors": {}, "x": _Boom(str(marker))},
-               tmp_path / "evil.pt")
+    torch.save(
+        {"format": "gfs-module/1", "gfs_architecture": "{}", "tensors": {}, "x": _Boom(str(marker))},
+        tmp_path / "evil.pt",
+    )
     with pytest.raises(UnsafeFileError, match="refused to unpickle it.*Unsupported global"):
         load(tmp_path / "evil.pt")
     assert not marker.exists()

@@ -3,6 +3,7 @@ message naming the calibration batch (never a gfs internal name like "x"); float
 of another dtype than the model's are converted to the model's dtype (the caller's tensors are
 left as they are); a batch the model cannot run is a clean UnsupportedModelError with no
 traceback printed."""
+
 import pytest
 import torch
 import torch.nn as nn
@@ -14,8 +15,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def cnn():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1), nn.ReLU(),
-                         nn.Conv2d(6, 4, 1))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 1)
+    )
 
 
 def images(n=4, seed=0):
@@ -27,15 +29,21 @@ def test_non_finite_calibration_data_name_the_batch(bad):
     x = images()
     xn = x.clone()
     xn[1, 2, 3, 4] = bad
-    with pytest.raises(ValueError, match=r"calibration batch 1 \(of the calibration data passed to gfs\.prune\) "
-                                         r"contains NaN or Inf \(first at index \(1, 2, 3, 4\)\)") as info:
+    with pytest.raises(
+        ValueError,
+        match=r"calibration batch 1 \(of the calibration data passed to gfs\.prune\) "
+        r"contains NaN or Inf \(first at index \(1, 2, 3, 4\)\)",
+    ) as info:
         prune(cnn(), [x, xn], keep=2, progress=False)
     assert "x contains" not in str(info.value)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.cat([x, xn])), batch_size=4)
     with pytest.raises(ValueError, match=r"calibration batch 1 \(of the calibration data passed"):
         prune(cnn(), loader, keep=2, progress=False)
-    with pytest.raises(ValueError, match=r"calibration \(the tensor passed to gfs\.prune\) contains NaN or Inf "
-                                         r"\(first at index \(1, 2, 3, 4\)\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"calibration \(the tensor passed to gfs\.prune\) contains NaN or Inf "
+        r"\(first at index \(1, 2, 3, 4\)\)",
+    ):
         prune(cnn(), xn, keep=2, progress=False)
 
 
@@ -43,8 +51,11 @@ def test_activations_that_overflow_on_finite_data_name_the_group():
     model = cnn()
     with torch.no_grad():
         model[0].weight.fill_(1e38)  # finite weights and inputs, infinite activations
-    with pytest.raises(ValueError, match=r"group '0': the input of its consumer '2' .*contains NaN or Inf.*"
-                                         r"calibration data are finite") as info:
+    with pytest.raises(
+        ValueError,
+        match=r"group '0': the input of its consumer '2' .*contains NaN or Inf.*"
+        r"calibration data are finite",
+    ) as info:
         prune(model, images(), keep=2, progress=False)
     assert "x contains" not in str(info.value)
 

@@ -1,5 +1,6 @@
 """`gfs prune` end to end on tiny settings, resume after an interrupt, errors naming the flag;
 and the image data behind --data (digits, cifar10:DIR, imagefolder:DIR) on small files made here."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,21 @@ tv = pytest.importorskip("torchvision")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # resnet18 on 16x16 digits, a few hundred images: each run takes a second or two
-TINY = ["--model", "resnet18", "--image-size", "16", "--train-samples", "192", "--test-samples", "96",
-        "--calib-size", "48", "--batch-size", "32", "--no-progress"]
+TINY = [
+    "--model",
+    "resnet18",
+    "--image-size",
+    "16",
+    "--train-samples",
+    "192",
+    "--test-samples",
+    "96",
+    "--calib-size",
+    "48",
+    "--batch-size",
+    "32",
+    "--no-progress",
+]
 
 
 def _flat(text):
@@ -130,7 +144,10 @@ def test_prune_cli_resume_reuses_dense_weights_only_of_the_same_training(tmp_pat
 
     assert main([*common, "--out", str(out), "--resume", "--seed", "1"]) == 0  # another seed: not those weights
     printed = _flat(capsys.readouterr().out)
-    assert _flat(f"{dense} was trained with other settings (different: seed)") in printed and _flat("training afresh") in printed
+    assert (
+        _flat(f"{dense} was trained with other settings (different: seed)") in printed
+        and _flat("training afresh") in printed
+    )
     assert _flat("training resnet18 from scratch") in printed and _flat("of the interrupted run") not in printed
     fresh = tmp_path / "fresh.safetensors"
     assert main([*common, "--out", str(fresh), "--seed", "1"]) == 0
@@ -144,13 +161,19 @@ def test_prune_cli_resume_reuses_dense_weights_only_of_the_same_training(tmp_pat
     assert _flat("training resnet18 from scratch") not in printed
     assert _flat(f"trained weights of an earlier run with the same training settings, {dense}") in printed
 
-    for flags, differ in ((["--train-epochs", "2"], "train_epochs"), (["--train-lr", "0.01"], "train_lr"),
-                          (["--batch-size", "16"], "batch_size"), (["--image-size", "12"], "image_size"),
-                          (["--train-samples", "160"], "train_images, train_samples")):
+    for flags, differ in (
+        (["--train-epochs", "2"], "train_epochs"),
+        (["--train-lr", "0.01"], "train_lr"),
+        (["--batch-size", "16"], "batch_size"),
+        (["--image-size", "12"], "image_size"),
+        (["--train-samples", "160"], "train_images, train_samples"),
+    ):
         (tmp_path / "p.safetensors.ckpt").write_bytes(b"an interrupted run")  # its checkpoint: refused up front
         assert main([*common, "--out", str(out), "--resume", "--seed", "1", *flags]) == 2  # (the last flag wins)
         err = _flat(capsys.readouterr().err)
-        assert _flat(f"--resume: {dense} was trained with other settings than this command (different: {differ})") in err
+        assert (
+            _flat(f"--resume: {dense} was trained with other settings than this command (different: {differ})") in err
+        )
         assert "delete" in err and "p.safetensors.ckpt" in err
     os.remove(tmp_path / "p.safetensors.ckpt")
 
@@ -171,8 +194,21 @@ def test_prune_cli_nan_in_the_calibration_images_names_data(tmp_path, random_wei
         return batches
 
     monkeypatch.setattr(ImageData, "calibration", with_nan)
-    assert main(["prune", *TINY, "--weights", str(random_weights), "--finetune-epochs", "0",
-                 "--out", str(tmp_path / "n.safetensors")]) == 2
+    assert (
+        main(
+            [
+                "prune",
+                *TINY,
+                "--weights",
+                str(random_weights),
+                "--finetune-epochs",
+                "0",
+                "--out",
+                str(tmp_path / "n.safetensors"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "--data digits: the calibration images: calibration batch 0" in err and "NaN" in err
 
@@ -182,8 +218,27 @@ def test_prune_cli_baseline_criteria_and_keep(tmp_path, random_weights):
 
     for criterion in ("l1", "random"):
         out = tmp_path / f"{criterion}.safetensors"
-        assert main(["prune", *TINY, "--weights", str(random_weights), "--finetune-epochs", "0", "--keep", "8",
-                     "--criterion", criterion, "--layers", "layer1.*", "--out", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "prune",
+                    *TINY,
+                    "--weights",
+                    str(random_weights),
+                    "--finetune-epochs",
+                    "0",
+                    "--keep",
+                    "8",
+                    "--criterion",
+                    criterion,
+                    "--layers",
+                    "layer1.*",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         model = load(str(out))
         assert model.layer1[0].conv1.out_channels == 8 and model.layer2[0].conv1.out_channels == 128
         rep = json.loads((tmp_path / f"{criterion}.safetensors.json").read_text())
@@ -196,9 +251,29 @@ def test_prune_cli_loss_criterion(tmp_path, random_weights):
     if "loss" not in CRITERIA:
         pytest.skip("criterion 'loss' is not in this gfs.prune")
     out = tmp_path / "loss.safetensors"
-    assert main(["prune", *TINY, "--weights", str(random_weights), "--finetune-epochs", "0", "--keep", "3",
-                 "--criterion", "loss", "--loss-candidates", "5", "--layers", "layer1.0.conv1",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                *TINY,
+                "--weights",
+                str(random_weights),
+                "--finetune-epochs",
+                "0",
+                "--keep",
+                "3",
+                "--criterion",
+                "loss",
+                "--loss-candidates",
+                "5",
+                "--layers",
+                "layer1.0.conv1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rep = json.loads((tmp_path / "loss.safetensors.json").read_text())
     assert rep["channels"] == [64, 3]
 
@@ -230,10 +305,12 @@ def test_prune_cli_errors_name_the_flag(tmp_path, random_weights, capsys):
 
     assert "--loss-candidates applies to --criterion loss" in err([*base, "--loss-candidates", "4"])
     assert "--out" in err(["prune", *TINY, "--out", str(tmp_path / "no" / "such" / "dir.safetensors")])
-    assert "--layers: 'nope.conv' names no prunable" in err([*base, "--weights", str(random_weights),
-                                                              "--layers", "nope.conv"])
+    assert "--layers: 'nope.conv' names no prunable" in err(
+        [*base, "--weights", str(random_weights), "--layers", "nope.conv"]
+    )
     assert "--keep 100 is more than the channels of layer1.0.conv1 (64)" in err(
-        [*base, "--weights", str(random_weights), "--keep", "100"])
+        [*base, "--weights", str(random_weights), "--keep", "100"]
+    )
 
     for bad in (["--ratio", "1.5"], ["--ratio", "0.5", "--keep", "3"], ["--model", "vgg16"]):
         with pytest.raises(SystemExit) as exc:

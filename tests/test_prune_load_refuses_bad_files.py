@@ -1,6 +1,7 @@
 """gfs.pruning.load on files it did not write, or that were damaged or edited: every refusal is an
 UnsafeFileError that says what is wrong (never a raw UnpicklingError, RecursionError, or a model
 that fails only at its first forward pass), and nothing from the file runs."""
+
 import json
 import sys
 import zipfile
@@ -60,16 +61,19 @@ def _deep_text(kind, depth):
         return '{"format": "gfs-module/1", "root": ' + "[" * depth + "]" * depth + "}"
     if kind == "modules":  # a chain of nested Sequential modules
         head = '{"type": "%s", "attrs": {}, "params": {}, "buffers": {}, "children": {' % SEQ
-        return ('{"format": "gfs-module/1", "root": ' + (head + '"0": ') * depth + head + "}}"
-                + "}}" * depth + "}")
+        return '{"format": "gfs-module/1", "root": ' + (head + '"0": ') * depth + head + "}}" + "}}" * depth + "}"
     # an attribute holding a tuple of a tuple of ... of 1
     value = '{"tuple": [' * depth + "1" + "]}" * depth
-    return ('{"format": "gfs-module/1", "root": {"type": "torch.nn.modules.activation.ReLU", "attrs": {"inplace": '
-            + value + '}, "params": {}, "buffers": {}, "children": {}}}')
+    return (
+        '{"format": "gfs-module/1", "root": {"type": "torch.nn.modules.activation.ReLU", "attrs": {"inplace": '
+        + value
+        + '}, "params": {}, "buffers": {}, "children": {}}}'
+    )
 
 
-@pytest.mark.parametrize("kind, depth", [("json", 5000), ("modules", 5000), ("values", 5000),
-                                         ("modules", 300), ("values", 300)])
+@pytest.mark.parametrize(
+    "kind, depth", [("json", 5000), ("modules", 5000), ("values", 5000), ("modules", 300), ("values", 300)]
+)
 def test_a_deeply_nested_architecture_is_a_clear_error(tmp_path, kind, depth):
     """5000 deep: the JSON parser's recursion; 300 deep: parsed, but deeper than any model
     (gfs.pruning.io.MAX_DEPTH), refused before rebuilding recurses that far."""
@@ -110,29 +114,73 @@ def _set(module, attr, value):
 
 EDITS = {
     # (model, which module, attribute, value in the file, what the message must name)
-    "conv out_channels": (lambda: nn.Sequential(nn.Conv2d(3, 16, 3)), "0", "out_channels", 8,
-                          r"0\.out_channels.*8.*0\.weight.*\(16, 3, 3, 3\)"),
-    "conv in_channels": (lambda: nn.Sequential(nn.Conv2d(3, 16, 3)), "0", "in_channels", 4,
-                         r"0\.in_channels.*4.*0\.weight"),
-    "conv kernel_size": (lambda: nn.Sequential(nn.Conv2d(3, 16, 3)), "0", "kernel_size", {"tuple": [5, 5]},
-                         r"0\.kernel_size.*\(5, 5\).*0\.weight"),
+    "conv out_channels": (
+        lambda: nn.Sequential(nn.Conv2d(3, 16, 3)),
+        "0",
+        "out_channels",
+        8,
+        r"0\.out_channels.*8.*0\.weight.*\(16, 3, 3, 3\)",
+    ),
+    "conv in_channels": (
+        lambda: nn.Sequential(nn.Conv2d(3, 16, 3)),
+        "0",
+        "in_channels",
+        4,
+        r"0\.in_channels.*4.*0\.weight",
+    ),
+    "conv kernel_size": (
+        lambda: nn.Sequential(nn.Conv2d(3, 16, 3)),
+        "0",
+        "kernel_size",
+        {"tuple": [5, 5]},
+        r"0\.kernel_size.*\(5, 5\).*0\.weight",
+    ),
     "conv groups": (lambda: nn.Sequential(nn.Conv2d(4, 8, 3)), "0", "groups", 2, r"0\.(groups|in_channels)"),
-    "nested conv": (lambda: nn.Sequential(nn.Conv2d(3, 16, 3), nn.Sequential(nn.ReLU(), nn.Conv2d(16, 4, 1))),
-                    "1", None, None, r"1\.1\.out_channels is 5 .*1\.1\.weight"),
-    "linear in_features": (lambda: nn.Sequential(nn.Linear(6, 4)), "0", "in_features", 7,
-                           r"0\.in_features.*7.*0\.weight.*\(4, 6\)"),
-    "linear out_features": (lambda: nn.Sequential(nn.Linear(6, 4)), "0", "out_features", 3,
-                            r"0\.out_features.*3"),
-    "batchnorm": (lambda: nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16)), "1", "num_features", 8,
-                  r"1\.num_features.*8.*1\.(weight|bias|running_mean|running_var)"),
-    "layernorm": (lambda: nn.Sequential(nn.LayerNorm(6)), "0", "normalized_shape", {"tuple": [7]},
-                  r"0\.normalized_shape.*\(7,\)"),
+    "nested conv": (
+        lambda: nn.Sequential(nn.Conv2d(3, 16, 3), nn.Sequential(nn.ReLU(), nn.Conv2d(16, 4, 1))),
+        "1",
+        None,
+        None,
+        r"1\.1\.out_channels is 5 .*1\.1\.weight",
+    ),
+    "linear in_features": (
+        lambda: nn.Sequential(nn.Linear(6, 4)),
+        "0",
+        "in_features",
+        7,
+        r"0\.in_features.*7.*0\.weight.*\(4, 6\)",
+    ),
+    "linear out_features": (lambda: nn.Sequential(nn.Linear(6, 4)), "0", "out_features", 3, r"0\.out_features.*3"),
+    "batchnorm": (
+        lambda: nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16)),
+        "1",
+        "num_features",
+        8,
+        r"1\.num_features.*8.*1\.(weight|bias|running_mean|running_var)",
+    ),
+    "layernorm": (
+        lambda: nn.Sequential(nn.LayerNorm(6)),
+        "0",
+        "normalized_shape",
+        {"tuple": [7]},
+        r"0\.normalized_shape.*\(7,\)",
+    ),
     "groupnorm": (lambda: nn.Sequential(nn.GroupNorm(2, 6)), "0", "num_channels", 8, r"0\.num_channels.*8"),
     "embedding": (lambda: nn.Sequential(nn.Embedding(10, 4)), "0", "embedding_dim", 5, r"0\.embedding_dim.*5"),
-    "missing attribute": (lambda: nn.Sequential(nn.Linear(6, 4)), "0", "in_features", None,
-                          r"0\.in_features.*(missing|None)"),
-    "not a number": (lambda: nn.Sequential(nn.Conv2d(3, 16, 3)), "0", "out_channels", "sixteen",
-                     r"0\.out_channels.*'sixteen'"),
+    "missing attribute": (
+        lambda: nn.Sequential(nn.Linear(6, 4)),
+        "0",
+        "in_features",
+        None,
+        r"0\.in_features.*(missing|None)",
+    ),
+    "not a number": (
+        lambda: nn.Sequential(nn.Conv2d(3, 16, 3)),
+        "0",
+        "out_channels",
+        "sixteen",
+        r"0\.out_channels.*'sixteen'",
+    ),
 }
 
 

@@ -3,6 +3,7 @@
 Checked against brute force: the network with the consumer's input channels scaled (a masked copy
 of the original, built independently of gfs.pruning.loss) run on the calibration data.
 """
+
 import copy
 
 import pytest
@@ -47,7 +48,7 @@ def brute_loss(model, consumer, s, x, y=None):
 def brute_pick(model, consumer, N, chosen, x, y=None, among=None):
     """(j, loss): the candidate whose addition to ``chosen`` gives the lowest network loss."""
     best = None
-    for j in (among if among is not None else range(N)):
+    for j in among if among is not None else range(N):
         if j in chosen:
             continue
         s = torch.zeros(N, dtype=torch.float64)
@@ -95,8 +96,9 @@ def test_first_picks_are_the_lowest_whole_network_loss_cnn(labels):
     assert sel.indices.tolist() == [j0, j1]
     assert sel.losses.tolist() == pytest.approx([l0, l1], rel=1e-5, abs=1e-9)
     assert sel.notes["kind"] == ("cross_entropy" if labels else "mse")
-    assert sel.dense_loss == pytest.approx(brute_loss(model, "4", torch.ones(N, dtype=torch.float64), x,
-                                                      y if labels else None), rel=1e-5, abs=1e-9)
+    assert sel.dense_loss == pytest.approx(
+        brute_loss(model, "4", torch.ones(N, dtype=torch.float64), x, y if labels else None), rel=1e-5, abs=1e-9
+    )
 
 
 def test_first_pick_resnet18_stacks_the_skip_tensor():
@@ -136,8 +138,7 @@ def test_random_candidate_subsets_are_random_and_seeded(monkeypatch):
     runs = {}
     for seed in (0, 0, 5):
         seen.clear()
-        res = prune(model, [(x, y)], keep=3, criterion="loss", layers="4", loss_candidates=6, seed=seed,
-                    progress=False)
+        res = prune(model, [(x, y)], keep=3, criterion="loss", layers="4", loss_candidates=6, seed=seed, progress=False)
         runs.setdefault(seed, []).append((list(seen), res.report[0].kept.tolist()))
     (first, kept), (again, kept2) = runs[0]
     assert first == again and kept == kept2  # seeded: reproducible
@@ -171,8 +172,19 @@ def test_shortlist_and_gradient():
     evaluates T candidates a step, those with the lowest predicted change; shortlist >= N is the
     full search."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4)).double().eval()
+    model = (
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 6, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(6, 4),
+        )
+        .double()
+        .eval()
+    )
     x = torch.randn(5, 3, 6, 6, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 3, 1])
     from gfs.pruning.capture import GraphRunner

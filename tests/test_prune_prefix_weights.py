@@ -5,6 +5,7 @@ must carry the weights of its own step rule (what a run of that many steps retur
 - line_search: the weights after t steps of w <- (1 - gamma) w + gamma e_j;
 - refit: the affine least-squares refit (weights summing to 1) of the chosen set.
 """
+
 import numpy as np
 import pytest
 import torch

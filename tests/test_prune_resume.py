@@ -1,4 +1,5 @@
 """gfs.prune(..., checkpoint=PATH): interrupted runs resume to exactly the uninterrupted result."""
+
 import math
 import os
 
@@ -56,8 +57,12 @@ def identical(a, b, where="") -> None:
 
 def test_identical_compares_nested_values_exactly():
     identical({"a": [1.0, float("nan")], "b": None}, {"a": [1.0, float("nan")], "b": None})
-    for other in ({"a": [1.0, 0.0], "b": None}, {"a": [1.0 + 2**-52, float("nan")], "b": None},
-                  {"a": [1.0, float("nan")]}, {"a": [1, float("nan")], "b": None}):
+    for other in (
+        {"a": [1.0, 0.0], "b": None},
+        {"a": [1.0 + 2**-52, float("nan")], "b": None},
+        {"a": [1.0, float("nan")]},
+        {"a": [1, float("nan")], "b": None},
+    ):
         with pytest.raises(AssertionError):
             identical({"a": [1.0, float("nan")], "b": None}, other)
 
@@ -77,11 +82,14 @@ def same_result(a, b):
     assert a.params == b.params and a.flops == b.flops
 
 
-@pytest.mark.parametrize("arch, kwargs", [
-    ("resnet18", dict(ratio=0.5, criterion="random", seed=7)),  # the generator state is restored
-    ("mobilenet_v3_small", dict(ratio=0.5)),  # squeeze-excitation: the folded gate means are replayed
-    ("cnn", dict(keep=3, criterion="loss", loss_candidates=5, shortlist=3)),
-])
+@pytest.mark.parametrize(
+    "arch, kwargs",
+    [
+        ("resnet18", dict(ratio=0.5, criterion="random", seed=7)),  # the generator state is restored
+        ("mobilenet_v3_small", dict(ratio=0.5)),  # squeeze-excitation: the folded gate means are replayed
+        ("cnn", dict(keep=3, criterion="loss", loss_candidates=5, shortlist=3)),
+    ],
+)
 def test_interrupted_run_resumes_to_the_same_model(monkeypatch, tmp_path, arch, kwargs):
     model, x = build(arch)
     path = tmp_path / "run.ckpt"

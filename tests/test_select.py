@@ -1,4 +1,5 @@
 """gfs.select: the result type, input handling, and every bad input named clearly."""
+
 import numpy as np
 import pytest
 import torch
@@ -72,22 +73,45 @@ def _bad(problem, **change):
 
 
 BAD = {
-    "nan features": (lambda U, y: dict(features=U.index_put((torch.tensor([2]),), torch.tensor(float("nan")))),
-                     ValueError, "features contains NaN or Inf"),
-    "inf targets": (lambda U, y: dict(targets=torch.full_like(y, float("inf"))), ValueError, "targets contains NaN or Inf"),
+    "nan features": (
+        lambda U, y: dict(features=U.index_put((torch.tensor([2]),), torch.tensor(float("nan")))),
+        ValueError,
+        "features contains NaN or Inf",
+    ),
+    "inf targets": (
+        lambda U, y: dict(targets=torch.full_like(y, float("inf"))),
+        ValueError,
+        "targets contains NaN or Inf",
+    ),
     "shape mismatch": (lambda U, y: dict(targets=torch.zeros(14)), ValueError, "targets has shape (14,)"),
     "1-d features": (lambda U, y: dict(features=torch.zeros(15)), ValueError, "features must have shape (N, M)"),
-    "empty features": (lambda U, y: dict(features=torch.zeros(0, 15), targets=torch.zeros(15)), ValueError, "features is empty"),
+    "empty features": (
+        lambda U, y: dict(features=torch.zeros(0, 15), targets=torch.zeros(15)),
+        ValueError,
+        "features is empty",
+    ),
     "int features": (lambda U, y: dict(features=U.to(torch.int32)), TypeError, "features has dtype torch.int32"),
-    "int numpy targets": (lambda U, y: dict(targets=np.zeros((3, 5), dtype=np.int64)), TypeError, "targets has dtype int64"),
+    "int numpy targets": (
+        lambda U, y: dict(targets=np.zeros((3, 5), dtype=np.int64)),
+        TypeError,
+        "targets has dtype int64",
+    ),
     "list features": (lambda U, y: dict(features=U.tolist()), TypeError, "features must be a torch.Tensor"),
     "missing targets": (lambda U, y: dict(targets=None), ValueError, "targets is missing"),
-    "targets without data": (lambda U, y: dict(targets=torch.empty(3, 5, device="meta")), ValueError, "targets is on the meta device"),
+    "targets without data": (
+        lambda U, y: dict(targets=torch.empty(3, 5, device="meta")),
+        ValueError,
+        "targets is on the meta device",
+    ),
     "k zero": (lambda U, y: dict(k=0), ValueError, "k must be >= 1"),
     "k negative": (lambda U, y: dict(k=-2), ValueError, "k must be >= 1"),
     "k float": (lambda U, y: dict(k=2.0), TypeError, "k must be an int"),
     "k bool": (lambda U, y: dict(k=True), TypeError, "k must be an int"),
-    "k > N without replacement": (lambda U, y: dict(k=21, replacement=False), ValueError, "k=21 is larger than the 20 candidates"),
+    "k > N without replacement": (
+        lambda U, y: dict(k=21, replacement=False),
+        ValueError,
+        "k=21 is larger than the 20 candidates",
+    ),
     "unknown step": (lambda U, y: dict(step="greedy"), ValueError, "unknown step 'greedy'"),
     "unknown backend": (lambda U, y: dict(backend="fast"), ValueError, "unknown backend 'fast'"),
     "negative eps": (lambda U, y: dict(eps=-1.0), ValueError, "eps must be None or a finite number >= 0"),
@@ -171,7 +195,11 @@ def test_select_from_stats(problem):
 
 
 STATS_BAD = {
-    "targets with stats": (dict(targets=torch.zeros(15)), ValueError, "targets must be None when features is a GramStats"),
+    "targets with stats": (
+        dict(targets=torch.zeros(15)),
+        ValueError,
+        "targets must be None when features is a GramStats",
+    ),
     "stream engine with stats": (dict(engine="stream"), ValueError, "engine='stream' needs the features matrix"),
     "unknown engine": (dict(engine="fast"), ValueError, "unknown engine 'fast'"),
     "naive backend on gram": (dict(backend="naive"), ValueError, "the Gram engine has no backend 'naive'"),

@@ -1,5 +1,6 @@
 """gfs.experiments.singular_values: the paper's Appendix C (smallest singular value of the random
 hidden output) and its log-log fits."""
+
 import math
 import os
 
@@ -15,13 +16,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_loglog_fit_recovers_a_power_law():
     x = np.array([1.0, 2.0, 4.0, 8.0])
-    f = sv.loglog_fit(x, 3.0 * x ** 0.5)
+    f = sv.loglog_fit(x, 3.0 * x**0.5)
     assert abs(f["slope"] - 0.5) < 1e-12 and abs(math.exp(f["intercept"]) - 3.0) < 1e-12 and f["r2"] > 0.999999
 
 
 def test_singular_value_study_quick(tmp_path):
-    res = sv.singular_value_study(widths=(64, 128, 256), sizes=(8, 16), dims=(4, 16), repeats=2,
-                                  out=str(tmp_path))
+    res = sv.singular_value_study(widths=(64, 128, 256), sizes=(8, 16), dims=(4, 16), repeats=2, out=str(tmp_path))
     assert len(res.rows) == 12
     for name in ("csv", "json", "figure"):
         assert os.path.getsize(res.files[name]) > 0

@@ -1,4 +1,5 @@
 """GramStats: building, combining, storing, and every bad input named clearly."""
+
 import math
 import os
 
@@ -118,12 +119,24 @@ def test_damaged_files_are_named(tmp_path):
 
 
 BAD_UPDATE = {
-    "other width": (lambda U, y: (U[:4], y), ValueError, "features_batch has shape (4, 20) but these GramStats were built for n=6"),
+    "other width": (
+        lambda U, y: (U[:4], y),
+        ValueError,
+        "features_batch has shape (4, 20) but these GramStats were built for n=6",
+    ),
     "1-d batch": (lambda U, y: (U[0], y), ValueError, "but these GramStats were built for n=6"),
     "missing targets": (lambda U, y: (U, None), ValueError, "targets_batch is missing"),
     "target shape": (lambda U, y: (U, y[:7]), ValueError, "targets_batch has shape (7,)"),
-    "nan batch": (lambda U, y: (U.index_fill(1, torch.tensor([3]), float("nan")), y), ValueError, "features_batch contains NaN or Inf"),
-    "inf target": (lambda U, y: (U, y.index_fill(0, torch.tensor([0]), float("inf"))), ValueError, "targets_batch contains NaN or Inf"),
+    "nan batch": (
+        lambda U, y: (U.index_fill(1, torch.tensor([3]), float("nan")), y),
+        ValueError,
+        "features_batch contains NaN or Inf",
+    ),
+    "inf target": (
+        lambda U, y: (U, y.index_fill(0, torch.tensor([0]), float("inf"))),
+        ValueError,
+        "targets_batch contains NaN or Inf",
+    ),
     "int batch": (lambda U, y: (U.to(torch.int64), y), TypeError, "features_batch has dtype torch.int64"),
     "no data": (lambda U, y: (U.to("meta"), y.to("meta")), ValueError, "features_batch is on the meta device"),
 }

@@ -1,5 +1,6 @@
 """Every step rule on both engines against the float64 brute-force references (tests/reference.py),
 on random and adversarial problems; the two engines against each other."""
+
 import numpy as np
 import pytest
 import torch
@@ -38,13 +39,15 @@ def _check_against_reference(U, y, sel, step, replacement, strict):
         np.testing.assert_allclose(sel.gaps.numpy(), path_gaps(Un, yn, picks), rtol=1e-6, atol=1e-9)
     elif step == "line_search":
         ref = brute_force_line_search(Un, yn, k, replacement)
-        z = check_line_search_path(Un, yn, picks, sel.notes["gammas"].numpy(), sel.losses.numpy(),
-                                   replacement=replacement)
+        z = check_line_search_path(
+            Un, yn, picks, sel.notes["gammas"].numpy(), sel.losses.numpy(), replacement=replacement
+        )
         np.testing.assert_allclose(sel.weights.numpy() @ Un, z, rtol=1e-7, atol=1e-9)
     else:
         ref = brute_force_refit(Un, yn, k, replacement)
-        check_refit_path(Un, yn, picks, sel.losses.numpy(), sel.gaps.numpy(), sel.weights.numpy(),
-                         replacement=replacement)
+        check_refit_path(
+            Un, yn, picks, sel.losses.numpy(), sel.gaps.numpy(), sel.weights.numpy(), replacement=replacement
+        )
     if strict:
         assert picks == ref[0]
         np.testing.assert_allclose(sel.losses.numpy(), ref[1], rtol=1e-8, atol=1e-10)
@@ -147,11 +150,13 @@ def test_float32_engines_agree_up_to_rounding(step):
         if step == "uniform":
             check_path(Un, yn, sel.indices.tolist(), sel.losses.numpy(), rtol=1e-4)
         elif step == "line_search":
-            check_line_search_path(Un, yn, sel.indices.tolist(), sel.notes["gammas"].numpy(), sel.losses.numpy(),
-                                   rtol=1e-4)
+            check_line_search_path(
+                Un, yn, sel.indices.tolist(), sel.notes["gammas"].numpy(), sel.losses.numpy(), rtol=1e-4
+            )
         else:
-            check_refit_path(Un, yn, sel.indices.tolist(), sel.losses.numpy(), sel.gaps.numpy(),
-                             sel.weights.numpy(), rtol=1e-4)
+            check_refit_path(
+                Un, yn, sel.indices.tolist(), sel.losses.numpy(), sel.gaps.numpy(), sel.weights.numpy(), rtol=1e-4
+            )
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -185,7 +190,9 @@ def test_line_search_and_refit_do_at_least_as_well_as_uniform():
 def test_native_gram_loop_matches_its_torch_twin(step, replacement):
     """csrc/cpu/gram_cpu.cpp against gfs.engines.gram's torch loops, on well-posed and tied problems."""
     g = torch.Generator().manual_seed(12)
-    problems = [(torch.randn(150, 80, generator=g, dtype=torch.float64), torch.randn(80, generator=g, dtype=torch.float64))]
+    problems = [
+        (torch.randn(150, 80, generator=g, dtype=torch.float64), torch.randn(80, generator=g, dtype=torch.float64))
+    ]
     U, y = _integer_problem(3)
     problems.append((torch.cat([U, U, torch.zeros(2, U.shape[1])]), y))
     for U, y in problems:

@@ -1,5 +1,6 @@
 """gfs.experiments.pretraining_study: the protocol's pieces, the red line, the IDX reader, and a
 tiny study that writes its table and figure and resumes without recomputing."""
+
 import gzip
 import json
 import os
@@ -17,7 +18,6 @@ from gfs.experiments import pretraining as P
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-
 def tiny_dataset(n=300, d=6, seed=0):
     rng = np.random.default_rng(seed)
     classes = np.arange(n) % 10
@@ -27,8 +27,16 @@ def tiny_dataset(n=300, d=6, seed=0):
     return Dataset("tiny", X, y, X[:0], y[:0], 10)
 
 
-TINY = dict(widths=(8, 24), sizes=(40, 100, 200), iterations=40, prune_every=20, k=6, seeds=(0, 1), batch_size=16,
-            backend="torch")
+TINY = dict(
+    widths=(8, 24),
+    sizes=(40, 100, 200),
+    iterations=40,
+    prune_every=20,
+    k=6,
+    seeds=(0, 1),
+    batch_size=16,
+    backend="torch",
+)
 
 
 def test_balanced_nested_subsets():
@@ -75,9 +83,9 @@ def test_red_line_definition():
     its = [0, 10, 20, 30]
     table = {
         100: [0.5, 0.9, 0.95, 0.95],
-        200: [0.5, 0.8, 0.93, 0.95],   # reaches A* = 0.95 at 30
-        300: [0.5, 0.7, 0.9, 0.94],    # never
-        400: [0.5, 0.6, 0.95, 0.94],   # the full set: A* = 0.95, first at 20
+        200: [0.5, 0.8, 0.93, 0.95],  # reaches A* = 0.95 at 30
+        300: [0.5, 0.7, 0.9, 0.94],  # never
+        400: [0.5, 0.6, 0.95, 0.94],  # the full set: A* = 0.95, first at 20
     }
     acc = {(s, t): v for s, row in table.items() for t, v in zip(its, row)}
     line = red_line(_summary(acc))[5]
@@ -90,8 +98,10 @@ def test_red_line_definition():
 
 
 def test_assess_monotone_and_flat():
-    line = {1: {"sizes": [1, 2, 3], "thresholds": [10, 10, 30], "target": 0.9, "target_iteration": 30},
-            2: {"sizes": [1, 2, 3], "thresholds": [10, 10, 10], "target": 0.9, "target_iteration": 10}}
+    line = {
+        1: {"sizes": [1, 2, 3], "thresholds": [10, 10, 30], "target": 0.9, "target_iteration": 30},
+        2: {"sizes": [1, 2, 3], "thresholds": [10, 10, 10], "target": 0.9, "target_iteration": 10},
+    }
     a = P.assess(line, never_as=50)
     assert a["per_width"][1]["verdict"].startswith("grows, never decreases")
     assert a["per_width"][2]["verdict"].startswith("flat")
@@ -142,8 +152,17 @@ def test_mnist_path_end_to_end(tmp_path):
     rng = np.random.default_rng(0)
     _write_idx(str(tmp_path / "train-images-idx3-ubyte"), rng.integers(0, 256, (120, 28, 28)).astype(np.uint8), 0x08)
     _write_idx(str(tmp_path / "train-labels-idx1-ubyte"), (np.arange(120) % 10).astype(np.uint8), 0x08)
-    cfg = PretrainingConfig.paper(str(tmp_path), widths=(8,), sizes=(50, 120), iterations=10, prune_every=5, k=4,
-                                  seeds=(0,), backend="torch", threads=1)
+    cfg = PretrainingConfig.paper(
+        str(tmp_path),
+        widths=(8,),
+        sizes=(50, 120),
+        iterations=10,
+        prune_every=5,
+        k=4,
+        seeds=(0,),
+        backend="torch",
+        threads=1,
+    )
     res = pretraining_study(cfg, out=str(tmp_path / "out"), progress=False, plot=False)
     assert res.computed_cells == 2 and {r["size"] for r in res.rows} == {50, 120}
     assert json.load(open(res.files["summary_json"]))["dataset"] == {"name": "mnist", "examples": 120, "dim": 784}
@@ -180,7 +199,9 @@ def test_tiny_study_writes_table_and_figure_and_resumes(tmp_path, monkeypatch):
 def test_interrupted_study_resumes_to_the_same_result(tmp_path, monkeypatch):
     data = tiny_dataset(seed=1)
     cfg = dict(TINY, widths=(8,), seeds=(0,))
-    whole = pretraining_study(PretrainingConfig(**cfg), out=str(tmp_path / "a"), progress=False, dataset=data, plot=False)
+    whole = pretraining_study(
+        PretrainingConfig(**cfg), out=str(tmp_path / "a"), progress=False, dataset=data, plot=False
+    )
 
     real, calls = P.run_cell, []
 
@@ -196,20 +217,37 @@ def test_interrupted_study_resumes_to_the_same_result(tmp_path, monkeypatch):
     with open(tmp_path / "b" / "cells.jsonl", "a") as fh:
         fh.write('{"width": 8, "size": 2')  # a torn line, as if killed mid-write
     monkeypatch.setattr(P, "run_cell", real)
-    resumed = pretraining_study(PretrainingConfig(**cfg), out=str(tmp_path / "b"), progress=False, dataset=data, plot=False)
+    resumed = pretraining_study(
+        PretrainingConfig(**cfg), out=str(tmp_path / "b"), progress=False, dataset=data, plot=False
+    )
     assert resumed.skipped_cells == 2 and resumed.computed_cells == 1
     assert resumed.summary == whole.summary
 
 
 def test_cli_quick(tmp_path, capsys):
     out = str(tmp_path / "q")
-    argv = ["study", "pretraining", "--quick", "--out", out, "--backend", "torch", "--no-progress", "--seeds", "1",
-            "--iterations", "40"]
+    argv = [
+        "study",
+        "pretraining",
+        "--quick",
+        "--out",
+        out,
+        "--backend",
+        "torch",
+        "--no-progress",
+        "--seeds",
+        "1",
+        "--iterations",
+        "40",
+    ]
     assert study_cli.main(argv) == 0
     assert "cell(s) computed" in capsys.readouterr().out
     assert study_cli.main(argv) == 2  # cells exist, no --resume
     assert "--resume" in capsys.readouterr().err
     assert study_cli.main(argv + ["--resume"]) == 0
     assert "0 cell(s) computed, 6 resumed" in capsys.readouterr().out
-    assert study_cli.main(["study", "pretraining", "--mnist", str(tmp_path / "missing"), "--out", str(tmp_path / "m")]) == 2
+    assert (
+        study_cli.main(["study", "pretraining", "--mnist", str(tmp_path / "missing"), "--out", str(tmp_path / "m")])
+        == 2
+    )
     assert "not a folder" in capsys.readouterr().err

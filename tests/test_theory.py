@@ -1,4 +1,5 @@
 """gfs.theory: diagnostics against direct computation, the greedy bound."""
+
 import math
 
 import pytest
@@ -9,7 +10,6 @@ from gfs import theory
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 
 class Stats:
@@ -56,8 +56,8 @@ def test_spectrum_vs_svd(N, M):
 def test_losses_and_gap_from_features_and_stats():
     U, y = problem(15, 40, 2, inside=False)
     s = Stats(U, y)
-    assert abs(theory.initial_loss(y) - float((y ** 2).mean())) < 1e-12
-    assert abs(theory.initial_loss(stats=s) - float((y ** 2).mean())) < 1e-12
+    assert abs(theory.initial_loss(y) - float((y**2).mean())) < 1e-12
+    assert abs(theory.initial_loss(stats=s) - float((y**2).mean())) < 1e-12
     sel = gfs.select(U, y, 12, backend="torch")
     z = sel.weights @ U
     direct = max(float(2 * (y - z) @ (U[j] - z)) for j in range(15)) / 40

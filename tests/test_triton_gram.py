@@ -1,6 +1,7 @@
 """The persistent Triton program of the Gram engine's uniform loop (src/gfs_kernels/triton_gram.py):
 run under the Triton interpreter on the CPU against the PyTorch loop, compiled for sm_90 without
 a GPU (no register spills), and run on a GPU where there is one."""
+
 import json
 import os
 import subprocess
@@ -44,8 +45,13 @@ print(json.dumps(out))
 
 
 def test_interpreter_matches_the_torch_loop():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
-        [os.path.join(ROOT, "python"), os.path.join(ROOT, "src"), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        TRITON_INTERPRET="1",
+        PYTHONPATH=os.pathsep.join(
+            [os.path.join(ROOT, "python"), os.path.join(ROOT, "src"), os.environ.get("PYTHONPATH", "")]
+        ),
+    )
     run = subprocess.run([sys.executable, "-c", _INTERPRET], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])

@@ -6,6 +6,7 @@ triton is first imported. Prints one JSON line per case: {"case", "ok", "error",
 
     TRITON_INTERPRET=1 PYTHONPATH=python:src:tests python tests/triton_interpret_check.py [case ...]
 """
+
 from __future__ import annotations
 
 import json
@@ -210,8 +211,10 @@ def main(names):
         except Exception:  # noqa: BLE001 - reported to the parent test
             ok, err = False, traceback.format_exc()
             failed += 1
-        print(json.dumps({"case": name, "ok": ok, "error": err, "seconds": round(time.perf_counter() - t0, 2)}),
-              flush=True)
+        print(
+            json.dumps({"case": name, "ok": ok, "error": err, "seconds": round(time.perf_counter() - t0, 2)}),
+            flush=True,
+        )
     return 1 if failed else 0
 
 

@@ -5,6 +5,7 @@
 
 See DESIGN.md for the math; gfs_kernels holds the backends ("naive", "torch", "cpu", ...).
 """
+
 from .select import backends, select
 from .selection import Selection
 from .stats import GramStats

@@ -1,4 +1,5 @@
 """`python -m gfs ...` runs the `gfs` command."""
+
 import sys
 
 from gfs.cli import main

@@ -5,6 +5,7 @@ positive factor) and is exact in binary floating point unless a value leaves the
 Data whose products would overflow or underflow the accumulation dtype are brought near 1
 first, and losses are reported back in the caller's units (DESIGN section 3).
 """
+
 from __future__ import annotations
 
 import math

@@ -3,6 +3,7 @@
 Nothing here modifies what the caller passed: arrays are wrapped (torch.from_numpy shares memory,
 read only), reshaped views or contiguous copies are made only when needed.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,7 +22,9 @@ def as_tensor(x, name: str) -> torch.Tensor:
     """A tensor with data on a real device, detached from autograd (selection needs no gradients)."""
     if isinstance(x, torch.Tensor):
         if x.device.type == "meta":
-            raise ValueError(f"{name} is on the meta device (a shape without data); pass a tensor that holds its values")
+            raise ValueError(
+                f"{name} is on the meta device (a shape without data); pass a tensor that holds its values"
+            )
         return x.detach()
     if isinstance(x, np.ndarray):
         if x.dtype.kind != "f":
@@ -141,8 +144,12 @@ def available_memory() -> int:
 
 def check_int(value, name: str, lo: int = 1, hi: int | None = None) -> int:
     """value as an int, or ValueError naming `name` unless it is an int (not a bool) in [lo, hi]."""
-    if (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo
-            or (hi is not None and value > hi)):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or value < lo
+        or (hi is not None and value > hi)
+    ):
         bound = f">= {lo}" if hi is None else f"between {lo} and {hi}"
         raise ValueError(f"{name} must be an int {bound}, got {value!r}")
     return int(value)

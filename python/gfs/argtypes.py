@@ -1,5 +1,6 @@
 """argparse types shared by every `gfs` subcommand: each parses one argument or raises
 argparse.ArgumentTypeError saying what was expected."""
+
 from __future__ import annotations
 
 import argparse
@@ -22,6 +23,7 @@ def nonnegative_int(text: str) -> int:
 
 def int_list(example: str = "8,16,32"):
     """A type: comma-separated positive ints, at least one."""
+
     def parse(text: str) -> tuple[int, ...]:
         try:
             values = tuple(positive_int(part.strip()) for part in text.split(",") if part.strip())
@@ -36,6 +38,7 @@ def int_list(example: str = "8,16,32"):
 
 def names_from(choices):
     """A type: comma-separated names, each one of `choices`."""
+
     def parse(text: str) -> tuple[str, ...]:
         names = tuple(part.strip() for part in text.split(",") if part.strip())
         if not names or any(n not in choices for n in names):
@@ -47,6 +50,7 @@ def names_from(choices):
 
 def number(ok, expected: str):
     """A type: a finite float for which ok(value) holds, else an error saying `expected`."""
+
     def parse(text: str) -> float:
         try:
             value = float(text)

@@ -4,6 +4,7 @@
 Heavy modules (torch, scikit-learn, matplotlib, rich) are imported by the subcommand that needs
 them, so `gfs --help` is instant.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,32 +38,82 @@ def build_parser() -> argparse.ArgumentParser:
             "scikit-learn's built-in 8x8 digits unless --mnist names a folder of MNIST IDX files."
         ),
     )
-    demo.add_argument("--mnist", metavar="DIR", help="folder with train-images-idx3-ubyte, train-labels-idx1-ubyte, "
-                      "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (each may be .gz)")
-    demo.add_argument("--hidden", type=positive_int, metavar="N", help="hidden neurons of the dense net (default 512; 64 with --quick)")
-    demo.add_argument("--ks", type=int_list("8,16,32"), metavar="K,K,...", help="subnetwork sizes (default 8,16,32,64,128)")
+    demo.add_argument(
+        "--mnist",
+        metavar="DIR",
+        help="folder with train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+        "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (each may be .gz)",
+    )
+    demo.add_argument(
+        "--hidden",
+        type=positive_int,
+        metavar="N",
+        help="hidden neurons of the dense net (default 512; 64 with --quick)",
+    )
+    demo.add_argument(
+        "--ks", type=int_list("8,16,32"), metavar="K,K,...", help="subnetwork sizes (default 8,16,32,64,128)"
+    )
     demo.add_argument("--steps", type=positive_int, help="training steps (default 300 on digits, 800 on MNIST)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the random baselines (default 0)")
+    demo.add_argument(
+        "--seed", type=int, default=0, help="seed of the initialisation and the random baselines (default 0)"
+    )
     demo.add_argument("--out", metavar="DIR", default="runs/demo", help="output folder (default runs/demo)")
-    demo.add_argument("--backend", default="auto", metavar="NAME",
-                      help="selection backend: auto (default), torch, cpu, naive, ...")
-    demo.add_argument("--threads", type=nonnegative_int, metavar="T",
-                      help="torch CPU threads for the run (default 1; 0: torch's own choice)")
-    demo.add_argument("--quick", action="store_true", help="tiny sizes (64 neurons, k up to 32; CNNs on 160 images "
-                      "of 16x16 for 1 epoch): seconds")
+    demo.add_argument(
+        "--backend", default="auto", metavar="NAME", help="selection backend: auto (default), torch, cpu, naive, ..."
+    )
+    demo.add_argument(
+        "--threads",
+        type=nonnegative_int,
+        metavar="T",
+        help="torch CPU threads for the run (default 1; 0: torch's own choice)",
+    )
+    demo.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sizes (64 neurons, k up to 32; CNNs on 160 images of 16x16 for 1 epoch): seconds",
+    )
     demo.add_argument("--no-two-layer", dest="two_layer", action="store_false", help="skip the two-layer part")
-    demo.add_argument("--no-cnn", dest="cnn", action="store_false",
-                      help="skip the CNN part (ResNet-18 and MobileNetV2 trained, pruned by gfs 'local', fine-tuned)")
-    demo.add_argument("--cnn-models", type=names_from(_model_names()), metavar="M,M", help="CNNs of the CNN part (default "
-                      "resnet18,mobilenet_v2; any of resnet18/34/50/101, mobilenet_v2, mobilenet_v3_small/large)")
-    demo.add_argument("--cnn-epochs", dest="cnn_train_epochs", type=nonnegative_int, metavar="E",
-                      help="CNN training epochs from scratch (default 8)")
-    demo.add_argument("--cnn-finetune-epochs", dest="cnn_finetune_epochs", type=nonnegative_int, metavar="E",
-                      help="fine-tuning epochs after pruning (default 2)")
-    demo.add_argument("--cnn-image-size", dest="cnn_image_size", type=positive_int, metavar="S",
-                      help="side of the digits images for the CNNs (default 32)")
-    demo.add_argument("--cnn-samples", dest="cnn_train_samples", type=positive_int, metavar="N",
-                      help="train the CNNs on at most N of the 1438 training images (default: all)")
+    demo.add_argument(
+        "--no-cnn",
+        dest="cnn",
+        action="store_false",
+        help="skip the CNN part (ResNet-18 and MobileNetV2 trained, pruned by gfs 'local', fine-tuned)",
+    )
+    demo.add_argument(
+        "--cnn-models",
+        type=names_from(_model_names()),
+        metavar="M,M",
+        help="CNNs of the CNN part (default "
+        "resnet18,mobilenet_v2; any of resnet18/34/50/101, mobilenet_v2, mobilenet_v3_small/large)",
+    )
+    demo.add_argument(
+        "--cnn-epochs",
+        dest="cnn_train_epochs",
+        type=nonnegative_int,
+        metavar="E",
+        help="CNN training epochs from scratch (default 8)",
+    )
+    demo.add_argument(
+        "--cnn-finetune-epochs",
+        dest="cnn_finetune_epochs",
+        type=nonnegative_int,
+        metavar="E",
+        help="fine-tuning epochs after pruning (default 2)",
+    )
+    demo.add_argument(
+        "--cnn-image-size",
+        dest="cnn_image_size",
+        type=positive_int,
+        metavar="S",
+        help="side of the digits images for the CNNs (default 32)",
+    )
+    demo.add_argument(
+        "--cnn-samples",
+        dest="cnn_train_samples",
+        type=positive_int,
+        metavar="N",
+        help="train the CNNs on at most N of the 1438 training images (default: all)",
+    )
     demo.set_defaults(func=_cmd_demo)
 
     from .experiments.cli import add_study_parser
@@ -94,8 +145,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if not (cfg.two_layer or cfg.cnn):
         print("gfs demo: --no-two-layer and --no-cnn leave nothing to run", file=sys.stderr)
         return 2
-    for name in ("hidden", "ks", "steps", "threads", "cnn_models", "cnn_train_epochs", "cnn_finetune_epochs",
-                 "cnn_image_size", "cnn_train_samples"):
+    for name in (
+        "hidden",
+        "ks",
+        "steps",
+        "threads",
+        "cnn_models",
+        "cnn_train_epochs",
+        "cnn_finetune_epochs",
+        "cnn_image_size",
+        "cnn_train_samples",
+    ):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if cfg.threads == 0:

@@ -22,6 +22,7 @@ parameters, FLOPs and the measured wall time per batch of the pruned against the
 Either part can be switched off (``two_layer=False`` / ``cnn=False``; the CLI's --no-two-layer
 and --no-cnn).
 """
+
 from __future__ import annotations
 
 import json
@@ -79,9 +80,24 @@ class DemoConfig:
     @classmethod
     def quick_config(cls, **overrides) -> "DemoConfig":
         """Tiny sizes for tests and a first look (well under 30 s on 2 cores)."""
-        base = dict(hidden=64, ks=(4, 8, 16, 32), steps=120, random_seeds=5, naive_steps=8, calib=2000,
-                    quick=True, cnn_image_size=16, cnn_train_epochs=1, cnn_finetune_epochs=1, cnn_calib=32,
-                    cnn_batch=32, cnn_train_samples=160, cnn_test_samples=64, cnn_timing_batch=16, cnn_timing_rounds=1)
+        base = dict(
+            hidden=64,
+            ks=(4, 8, 16, 32),
+            steps=120,
+            random_seeds=5,
+            naive_steps=8,
+            calib=2000,
+            quick=True,
+            cnn_image_size=16,
+            cnn_train_epochs=1,
+            cnn_finetune_epochs=1,
+            cnn_calib=32,
+            cnn_batch=32,
+            cnn_train_samples=160,
+            cnn_test_samples=64,
+            cnn_timing_batch=16,
+            cnn_timing_rounds=1,
+        )
         base.update(overrides)
         return cls(**base)
 
@@ -132,8 +148,15 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((logits.argmax(1) == labels).float().mean())
 
 
-def train_dense(net: TwoLayerNet, x: torch.Tensor, y: torch.Tensor, cfg: DemoConfig, steps: int,
-                generator: torch.Generator, progress=None) -> list[float]:
+def train_dense(
+    net: TwoLayerNet,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: DemoConfig,
+    steps: int,
+    generator: torch.Generator,
+    progress=None,
+) -> list[float]:
     """Adam on the cross-entropy, full batch or mini-batch; returns the loss of every step."""
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=cfg.lr * 0.05)
@@ -205,8 +228,10 @@ def _run(cfg: DemoConfig, console) -> dict:
     console = console or _make_console()
     t_start = time.perf_counter()
     phases = {}  # seconds spent in each part of the demo
-    result = {"config": {**asdict(cfg), "ks": list(cfg.ks), "cnn_models": list(cfg.cnn_models)},
-              "torch_threads": torch.get_num_threads()}
+    result = {
+        "config": {**asdict(cfg), "ks": list(cfg.ks), "cnn_models": list(cfg.cnn_models)},
+        "torch_threads": torch.get_num_threads(),
+    }
     if not (cfg.two_layer or cfg.cnn):
         raise ValueError("nothing to run: both the two-layer part and the CNN part are switched off")
     if cfg.two_layer:
@@ -229,8 +254,11 @@ def _run(cfg: DemoConfig, console) -> dict:
     result["seconds_by_phase"] = phases
     with open(result["files"]["json"], "w") as f:
         json.dump(result, f, indent=1)
-    console.print(f"wrote {', '.join(result['files'].values())}  (total {result['seconds_total']:.1f} s: "
-                  + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()) + ")")
+    console.print(
+        f"wrote {', '.join(result['files'].values())}  (total {result['seconds_total']:.1f} s: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in phases.items())
+        + ")"
+    )
     console.save_text(result["files"]["summary"])
     return result
 
@@ -262,9 +290,13 @@ def _run_two_layer(cfg: DemoConfig, console, phases: dict) -> dict:
     net = TwoLayerNet(ds.dim, cfg.hidden, ds.classes, gen)
     t0 = time.perf_counter()
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(),
-        console=console, transient=False,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
     ) as progress:
         train_losses = train_dense(net, x_tr, y_tr, cfg, steps, gen, progress)
     train_seconds = phases["train"] = time.perf_counter() - t0
@@ -360,24 +392,46 @@ def _run_two_layer(cfg: DemoConfig, console, phases: dict) -> dict:
             f"random: {cfg.random_seeds} random subsets of k distinct neurons, uniform weights, averaged"
         ),
     )
-    for col, justify in (("k", "right"), ("subnetwork", "left"), ("neurons", "right"), ("loss", "right"),
-                         ("train acc", "right"), ("test acc", "right"), ("test vs dense", "right")):
+    for col, justify in (
+        ("k", "right"),
+        ("subnetwork", "left"),
+        ("neurons", "right"),
+        ("loss", "right"),
+        ("train acc", "right"),
+        ("test acc", "right"),
+        ("test vs dense", "right"),
+    ):
         table.add_column(col, justify=justify)
     pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731
-    table.add_row("-", "[bold]dense[/bold]", str(N), f"{dense['loss']:.4f}", pct(dense["train_acc"]),
-                  pct(dense["test_acc"]), "", end_section=True)
+    table.add_row(
+        "-",
+        "[bold]dense[/bold]",
+        str(N),
+        f"{dense['loss']:.4f}",
+        pct(dense["train_acc"]),
+        pct(dense["test_acc"]),
+        "",
+        end_section=True,
+    )
     for row in rows:
         k = row["k"]
-        for i, (label, name) in enumerate((("gfs", "GFS"), ("gfs_no_replacement", "GFS, no replacement"),
-                                           ("random", "random"))):
+        for i, (label, name) in enumerate(
+            (("gfs", "GFS"), ("gfs_no_replacement", "GFS, no replacement"), ("random", "random"))
+        ):
             r = row[label]
             if r is None:
                 continue
             style = "dim" if label == "random" else None
             table.add_row(
-                str(k) if i == 0 else "", name, str(r["distinct"]), f"{r['loss']:.4f}", pct(r["train_acc"]),
-                pct(r["test_acc"]), f"{100 * (r['test_acc'] - dense['test_acc']):+.1f}",
-                style=style, end_section=(label == "random"),
+                str(k) if i == 0 else "",
+                name,
+                str(r["distinct"]),
+                f"{r['loss']:.4f}",
+                pct(r["train_acc"]),
+                pct(r["test_acc"]),
+                f"{100 * (r['test_acc'] - dense['test_acc']):+.1f}",
+                style=style,
+                end_section=(label == "random"),
             )
     console.print(table)
 
@@ -388,8 +442,14 @@ def _run_two_layer(cfg: DemoConfig, console, phases: dict) -> dict:
 
     return {
         "steps": steps,
-        "dataset": {"name": ds.name, "n_train": len(x_tr), "n_test": len(x_te), "n_candidates_points": len(x_cal),
-                    "dim": ds.dim, "classes": ds.classes},
+        "dataset": {
+            "name": ds.name,
+            "n_train": len(x_tr),
+            "n_test": len(x_te),
+            "n_candidates_points": len(x_cal),
+            "dim": ds.dim,
+            "classes": ds.classes,
+        },
         "dense": dense,
         "rows": rows,
         "backend": backend_used,
@@ -412,57 +472,91 @@ def run_cnn_part(cfg: DemoConfig, console) -> list:
     from .workflow import TRAIN_RECIPE, Workflow, load_data, speed
 
     t0 = time.perf_counter()
-    data = load_data("digits", image_size=cfg.cnn_image_size, train_samples=cfg.cnn_train_samples,
-                     test_samples=cfg.cnn_test_samples)  # the split is fixed
+    data = load_data(
+        "digits", image_size=cfg.cnn_image_size, train_samples=cfg.cnn_train_samples, test_samples=cfg.cnn_test_samples
+    )  # the split is fixed
     flow = Workflow(data, batch_size=cfg.cnn_batch, seed=cfg.seed, progress=True, console=console)
     calib = flow.calibration(cfg.cnn_calib)
-    timing_batch = torch.cat([x for x, _ in data.loaders(cfg.cnn_timing_batch, seed=cfg.seed)[1]])[: cfg.cnn_timing_batch]
+    timing_batch = torch.cat([x for x, _ in data.loaders(cfg.cnn_timing_batch, seed=cfg.seed)[1]])[
+        : cfg.cnn_timing_batch
+    ]
     console.print(
         f"\n[bold]CNNs[/bold]: {data.describe()}; train {_plural(cfg.cnn_train_epochs, 'epoch')} from scratch (SGD, lr "
         f"{TRAIN_RECIPE['lr']}, cosine, seed {cfg.seed}), prune {1 - cfg.cnn_ratio:.0%} of the internal channels with "
         f"gfs 'local' on {sum(len(x) for x, _ in calib)} calibration images, fine-tune "
-        f"{_plural(cfg.cnn_finetune_epochs, 'epoch')} (lr {cfg.cnn_finetune_lr}); {_plural(torch.get_num_threads(), 'torch thread')}")
+        f"{_plural(cfg.cnn_finetune_epochs, 'epoch')} (lr {cfg.cnn_finetune_lr}); {_plural(torch.get_num_threads(), 'torch thread')}"
+    )
     out = []
     for name in cfg.cnn_models:
         t_model = time.perf_counter()
         dense = flow.train_dense(name, cfg.cnn_train_epochs)
-        pruned = flow.prune(dense.model, calib, ratio=cfg.cnn_ratio, criterion="local", layers=internal_layers(name),
-                            progress=False)
+        pruned = flow.prune(
+            dense.model, calib, ratio=cfg.cnn_ratio, criterion="local", layers=internal_layers(name), progress=False
+        )
         flow.finetune(pruned, cfg.cnn_finetune_epochs, lr=cfg.cnn_finetune_lr, description=f"{name}: fine-tuning")
         t_dense, t_pruned = speed(dense.model, pruned.model, timing_batch, cfg.cnn_timing_rounds)
-        out.append({
-            "model": name,
-            "groups": len(pruned.result.report),
-            "channels": pruned.channels,
-            "params": list(pruned.result.params),
-            "flops_per_image": list(pruned.result.flops),
-            "accuracy": {"dense": dense.evaluation["accuracy"], "pruned": pruned.evaluation["accuracy"],
-                         "finetuned": pruned.final["accuracy"]},
-            "seconds_per_batch": {"dense": t_dense, "pruned": t_pruned, "batch": len(timing_batch)},
-            "speedup": t_dense / t_pruned,
-            "train_history": dense.training.history,
-            "finetune_history": pruned.history,
-            "seconds": {"train": dense.training.seconds, "prune": pruned.seconds, "finetune": pruned.finetune_seconds,
-                        "total": time.perf_counter() - t_model},
-        })
+        out.append(
+            {
+                "model": name,
+                "groups": len(pruned.result.report),
+                "channels": pruned.channels,
+                "params": list(pruned.result.params),
+                "flops_per_image": list(pruned.result.flops),
+                "accuracy": {
+                    "dense": dense.evaluation["accuracy"],
+                    "pruned": pruned.evaluation["accuracy"],
+                    "finetuned": pruned.final["accuracy"],
+                },
+                "seconds_per_batch": {"dense": t_dense, "pruned": t_pruned, "batch": len(timing_batch)},
+                "speedup": t_dense / t_pruned,
+                "train_history": dense.training.history,
+                "finetune_history": pruned.history,
+                "seconds": {
+                    "train": dense.training.seconds,
+                    "prune": pruned.seconds,
+                    "finetune": pruned.finetune_seconds,
+                    "total": time.perf_counter() - t_model,
+                },
+            }
+        )
         r, a = out[-1], out[-1]["accuracy"]
         console.print(
             f"{name}: dense {a['dense']:.1%} -> pruned {a['pruned']:.1%} -> fine-tuned {a['finetuned']:.1%}; "
             f"{r['channels'][0]} -> {r['channels'][1]} internal channels; "
-            f"{t_dense * 1e3:.1f} -> {t_pruned * 1e3:.1f} ms per batch of {len(timing_batch)} (x{r['speedup']:.2f})")
+            f"{t_dense * 1e3:.1f} -> {t_pruned * 1e3:.1f} ms per batch of {len(timing_batch)} (x{r['speedup']:.2f})"
+        )
 
-    table = Table(title=f"Pruning torchvision CNNs with gfs 'local' ({1 - cfg.cnn_ratio:.0%} of the internal "
-                        f"channels removed), {data.name}",
-                  caption=f"FLOPs per image; ms: wall time per batch of {len(timing_batch)} in eval mode (best of "
-                          f"{cfg.cnn_timing_rounds} interleaved rounds), {_plural(torch.get_num_threads(), 'thread')}")
-    for col in ("model", "internal channels", "params", "FLOPs", "acc dense", "pruned", "fine-tuned",
-                "ms / batch", "speed-up"):
+    table = Table(
+        title=f"Pruning torchvision CNNs with gfs 'local' ({1 - cfg.cnn_ratio:.0%} of the internal "
+        f"channels removed), {data.name}",
+        caption=f"FLOPs per image; ms: wall time per batch of {len(timing_batch)} in eval mode (best of "
+        f"{cfg.cnn_timing_rounds} interleaved rounds), {_plural(torch.get_num_threads(), 'thread')}",
+    )
+    for col in (
+        "model",
+        "internal channels",
+        "params",
+        "FLOPs",
+        "acc dense",
+        "pruned",
+        "fine-tuned",
+        "ms / batch",
+        "speed-up",
+    ):
         table.add_column(col, justify="left" if col == "model" else "right", no_wrap=col in ("model", "speed-up"))
     for r in out:
         (pb, pa), (fb, fa), a, t = r["params"], r["flops_per_image"], r["accuracy"], r["seconds_per_batch"]
-        table.add_row(r["model"], f"{r['channels'][0]} → {r['channels'][1]}", f"{pb / 1e6:.1f}M → {pa / 1e6:.1f}M",
-                      f"{fb / 1e6:.1f}M → {fa / 1e6:.1f}M", f"{a['dense']:.1%}", f"{a['pruned']:.1%}",
-                      f"{a['finetuned']:.1%}", f"{t['dense'] * 1e3:.1f} → {t['pruned'] * 1e3:.1f}", f"x{r['speedup']:.2f}")
+        table.add_row(
+            r["model"],
+            f"{r['channels'][0]} → {r['channels'][1]}",
+            f"{pb / 1e6:.1f}M → {pa / 1e6:.1f}M",
+            f"{fb / 1e6:.1f}M → {fa / 1e6:.1f}M",
+            f"{a['dense']:.1%}",
+            f"{a['pruned']:.1%}",
+            f"{a['finetuned']:.1%}",
+            f"{t['dense'] * 1e3:.1f} → {t['pruned'] * 1e3:.1f}",
+            f"x{r['speedup']:.2f}",
+        )
     console.print(table)
     console.print(f"CNN part: {time.perf_counter() - t0:.1f} s")
     return out
@@ -507,8 +601,11 @@ def _time_backends(U, y, fast, fast_wall: float, cfg: DemoConfig, console) -> di
         "speedup": naive_scaled / fast_wall if fast_wall > 0 else float("inf"),
         "same_picks": agree,
     }
-    note = (f"first {n_naive} of {k} steps timed, {naive_wall:.2f} s, scaled x{k / n_naive:.3g}"
-            if n_naive < k else "all steps timed")
+    note = (
+        f"first {n_naive} of {k} steps timed, {naive_wall:.2f} s, scaled x{k / n_naive:.3g}"
+        if n_naive < k
+        else "all steps timed"
+    )
     best = f"best of {reps}, " if reps > 1 else ""
     console.print(
         f"[bold]timing[/bold] of one selection ({U.shape[0]} x {U.shape[1]} candidates, k = {k}, "
@@ -534,20 +631,30 @@ def _plot(result: dict, path: str) -> None:
         pts = [(r["k"], r[label][metric]) for r in rows if r[label] is not None]
         return [p[0] for p in pts], [p[1] for p in pts]
 
-    for label, name, style in (("gfs", "GFS (with replacement)", dict(color="C0", marker="o")),
-                               ("gfs_no_replacement", "GFS (without replacement)", dict(color="C2", marker="s", ls="--")),
-                               ("random", f"random subsets (mean of {rows[0]['random']['seeds']})",
-                                dict(color="C3", marker="^", ls=":"))):
+    for label, name, style in (
+        ("gfs", "GFS (with replacement)", dict(color="C0", marker="o")),
+        ("gfs_no_replacement", "GFS (without replacement)", dict(color="C2", marker="s", ls="--")),
+        ("random", f"random subsets (mean of {rows[0]['random']['seeds']})", dict(color="C3", marker="^", ls=":")),
+    ):
         ks, acc = series(label, "test_acc")
         ax1.plot(ks, [100 * a for a in acc], label=name, **style)
         ks, loss = series(label, "loss")
         ax2.plot(ks, loss, label=name, **style)
     ks = [r["k"] for r in rows]
-    ax1.fill_between(ks, [100 * r["random"]["test_acc_min"] for r in rows],
-                     [100 * r["random"]["test_acc_max"] for r in rows], color="C3", alpha=0.12,
-                     label="random: min to max")
-    ax1.axhline(100 * dense["test_acc"], color="k", lw=1,
-                label=f"dense, {dense['neurons']} neurons ({100 * dense['test_acc']:.1f}%)")
+    ax1.fill_between(
+        ks,
+        [100 * r["random"]["test_acc_min"] for r in rows],
+        [100 * r["random"]["test_acc_max"] for r in rows],
+        color="C3",
+        alpha=0.12,
+        label="random: min to max",
+    )
+    ax1.axhline(
+        100 * dense["test_acc"],
+        color="k",
+        lw=1,
+        label=f"dense, {dense['neurons']} neurons ({100 * dense['test_acc']:.1f}%)",
+    )
     ax1.set_xscale("log", base=2)
     ax1.set_xticks(ks, [str(k) for k in ks])
     ax1.set_xlabel("neurons kept (k, selection steps)")

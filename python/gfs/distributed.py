@@ -14,6 +14,7 @@ and one row of M numbers; nothing of size N crosses the network.
 Data-parallel statistics (the other way to use several processes) are
 :meth:`gfs.GramStats.all_reduce`.
 """
+
 from __future__ import annotations
 
 import math
@@ -68,7 +69,9 @@ def select_sharded(shard, targets, k, *, replacement=True, eps=None, backend="au
             "torch.distributed is not initialised: call torch.distributed.init_process_group(...) on every rank "
             "first, or use gfs.select for one process"
         )
-    comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    comm = (
+        torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    )
     rank, world = dist.get_rank(group), dist.get_world_size(group)
 
     error = None
@@ -87,7 +90,9 @@ def select_sharded(shard, targets, k, *, replacement=True, eps=None, backend="au
         raise ValueError(f"select_sharded: the input on rank(s) {failed} is invalid (see the error raised there)")
     Ms = {m for _, m, _ in sizes}
     if len(Ms) != 1:
-        raise ValueError(f"shard: every rank needs the same M (entries per candidate); got {[m for _, m, _ in sizes]} by rank")
+        raise ValueError(
+            f"shard: every rank needs the same M (entries per candidate); got {[m for _, m, _ in sizes]} by rank"
+        )
     rows = [n for n, _, _ in sizes]
     N, M = sum(rows), U.shape[1]
     offset = sum(rows[:rank])
@@ -114,8 +119,9 @@ def select_sharded(shard, targets, k, *, replacement=True, eps=None, backend="au
     stop_loss = -1.0 if eps is None else dense + math.ldexp(eps, -2 * scale)
     t2 = time.perf_counter()
 
-    res = uniform.stream_loop(chosen, U, y_acc, k, bool(replacement), stop_loss,
-                              shard=_Shard(U, offset, rows, comm, group))
+    res = uniform.stream_loop(
+        chosen, U, y_acc, k, bool(replacement), stop_loss, shard=_Shard(U, offset, rows, comm, group)
+    )
     t3 = time.perf_counter()
     indices = res.indices.cpu()
     losses, gaps = _scale.ldexp(res.losses.cpu(), 2 * scale), _scale.ldexp(res.gaps.cpu(), 2 * scale)
@@ -156,8 +162,11 @@ class _Shard(uniform.Whole):
         j = int(_reduce(self.offset + j_local if s_local == s else self.n, dist.ReduceOp.MIN, self.comm, self.group))
         owner = max(q for q in range(len(self.rows)) if self.starts[q] <= j)
         mine = self.offset <= j < self.offset + self.U.shape[0]
-        u = self.U[j - self.offset].double().to(self.comm) if mine else torch.empty(
-            self.U.shape[1], dtype=torch.float64, device=self.comm)
+        u = (
+            self.U[j - self.offset].double().to(self.comm)
+            if mine
+            else torch.empty(self.U.shape[1], dtype=torch.float64, device=self.comm)
+        )
         dist.broadcast(u, _global(owner, self.group), group=self.group)
         return j, (j - self.offset if mine else None), u
 

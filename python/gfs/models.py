@@ -6,6 +6,7 @@ classifiers built with ``weights=None``, and which of their channel groups are "
 
 Weights files (state dicts) are read and written by :mod:`gfs.weights`.
 """
+
 from __future__ import annotations
 
 MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large")

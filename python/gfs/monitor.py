@@ -15,6 +15,7 @@ consecutive checks.
         if check is not None and check.plateau:
             print(f"ticket ready at step {check.step}: loss {check.loss:.4g}"); break
 """
+
 from __future__ import annotations
 
 import math
@@ -49,7 +50,9 @@ def linear_features(layer: torch.nn.Linear, inputs: torch.Tensor) -> tuple[torch
     return U, y
 
 
-def layer_features(model: torch.nn.Module, layer: torch.nn.Linear, calibration_inputs) -> tuple[torch.Tensor, torch.Tensor]:
+def layer_features(
+    model: torch.nn.Module, layer: torch.nn.Linear, calibration_inputs
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Run `model(calibration_inputs)` (eval mode, no grad), capture what enters `layer`, and
     return `linear_features(layer, captured)`. The model's train/eval mode is restored."""
     captured = []
@@ -123,9 +126,21 @@ class EarlyTicketMonitor:
     ticket : the Selection at plateau_step.   steps : calls of step() so far.
     """
 
-    def __init__(self, features_fn: Callable, k: int, *, model: torch.nn.Module | None = None, every: int = 100,
-                 patience: int = 3, rtol: float = 0.01, atol: float = 0.0, metric: Callable | None = None,
-                 on_plateau: Callable | None = None, select_kwargs: dict | None = None, keep_selections: bool = False):
+    def __init__(
+        self,
+        features_fn: Callable,
+        k: int,
+        *,
+        model: torch.nn.Module | None = None,
+        every: int = 100,
+        patience: int = 3,
+        rtol: float = 0.01,
+        atol: float = 0.0,
+        metric: Callable | None = None,
+        on_plateau: Callable | None = None,
+        select_kwargs: dict | None = None,
+        keep_selections: bool = False,
+    ):
         if every < 1 or patience < 1:
             raise ValueError(f"every and patience must be >= 1, got every={every}, patience={patience}")
         if rtol < 0 or atol < 0:
@@ -141,7 +156,9 @@ class EarlyTicketMonitor:
         self.steps = 0
 
     @classmethod
-    def for_linear(cls, model: torch.nn.Module, layer: torch.nn.Linear, calibration_inputs, k: int, **kwargs) -> "EarlyTicketMonitor":
+    def for_linear(
+        cls, model: torch.nn.Module, layer: torch.nn.Linear, calibration_inputs, k: int, **kwargs
+    ) -> "EarlyTicketMonitor":
         """A monitor of the input units of `layer` (e.g. the hidden neurons of a two-layer
         network: pass its output Linear), on `calibration_inputs` (see `layer_features`)."""
         return cls(lambda m: layer_features(m, layer, calibration_inputs), k, model=model, **kwargs)
@@ -181,9 +198,17 @@ class EarlyTicketMonitor:
                 break
             run += 1
         plateau = stable and run + 1 >= self.patience
-        check = TicketCheck(step=step, loss=value, dense_loss=sel.dense_loss, gap=float(sel.gaps[-1]),
-                            distinct=int(sel.support.numel()), change=change, stable=stable, plateau=plateau,
-                            selection=sel if (self.keep_selections or plateau) else None)
+        check = TicketCheck(
+            step=step,
+            loss=value,
+            dense_loss=sel.dense_loss,
+            gap=float(sel.gaps[-1]),
+            distinct=int(sel.support.numel()),
+            change=change,
+            stable=stable,
+            plateau=plateau,
+            selection=sel if (self.keep_selections or plateau) else None,
+        )
         self.history.append(check)
         if plateau and self.plateau_step is None:
             self.plateau_step, self.ticket = step, sel

@@ -20,6 +20,7 @@ the same result); fine-tune for ``--finetune-epochs``; save the model with gfs.p
 (the same weights would be trained again); otherwise it trains afresh and says why, or, when
 OUT.ckpt exists (an interrupted run of those other weights), refuses with what differs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,24 +56,51 @@ def _print_report(report: dict, console) -> None:
     (ch_before, ch_after), (pb, pa), (fb, fa) = report["channels"], report["params"], report["flops_per_image"]
     rows = [
         ("dense", f"{ch_before:,}", f"{pb:,}", _human(fb), acc["dense"], loss["dense"], sec["dense"]),
-        (f"pruned ({job['criterion']})", f"{ch_after:,}", f"{pa:,} ({pa / pb:.0%})", f"{_human(fa)} ({fa / fb:.0%})",
-         acc["pruned"], loss["pruned"], sec["prune"]),
+        (
+            f"pruned ({job['criterion']})",
+            f"{ch_after:,}",
+            f"{pa:,} ({pa / pb:.0%})",
+            f"{_human(fa)} ({fa / fb:.0%})",
+            acc["pruned"],
+            loss["pruned"],
+            sec["prune"],
+        ),
     ]
     if acc["finetuned"] is not None:
-        rows.append((f"fine-tuned ({job['finetune_epochs']} ep)", f"{ch_after:,}", f"{pa:,}", _human(fa),
-                     acc["finetuned"], loss["finetuned"], sec["finetune"]))
+        rows.append(
+            (
+                f"fine-tuned ({job['finetune_epochs']} ep)",
+                f"{ch_after:,}",
+                f"{pa:,}",
+                _human(fa),
+                acc["finetuned"],
+                loss["finetuned"],
+                sec["finetune"],
+            )
+        )
     kept = f"ratio {job['ratio']}" if job["ratio"] is not None else f"keep {job['keep']}"
-    table = Table(title=f"{job['model']}, {report['groups']} channel groups pruned ({kept}, "
-                        f"{report['calibration_images']} calibration images, seed {job['seed']}); FLOPs per image",
-                  title_justify="left")
-    for col, justify in (("model", "left"), ("internal channels", "right"), ("params", "right"), ("FLOPs", "right"),
-                         ("test accuracy", "right"), ("test loss", "right"), ("seconds", "right")):
+    table = Table(
+        title=f"{job['model']}, {report['groups']} channel groups pruned ({kept}, "
+        f"{report['calibration_images']} calibration images, seed {job['seed']}); FLOPs per image",
+        title_justify="left",
+    )
+    for col, justify in (
+        ("model", "left"),
+        ("internal channels", "right"),
+        ("params", "right"),
+        ("FLOPs", "right"),
+        ("test accuracy", "right"),
+        ("test loss", "right"),
+        ("seconds", "right"),
+    ):
         table.add_column(col, justify=justify)
     for name, channels, params, flops, accuracy, test_loss, seconds in rows:
         table.add_row(name, channels, params, flops, f"{accuracy:.2%}", f"{test_loss:.3f}", f"{seconds:.1f}")
     console.print(table)
-    console.print(f"wrote {report['out']} ({report['format']}; load with `from gfs.pruning import load`) and "
-                  f"{report['out']}.json; total {sec['total']:.1f} s")
+    console.print(
+        f"wrote {report['out']} ({report['format']}; load with `from gfs.pruning import load`) and "
+        f"{report['out']}.json; total {sec['total']:.1f} s"
+    )
 
 
 # ---- argparse ---------------------------------------------------------------------------------
@@ -86,58 +114,124 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
     """Register `gfs prune` under ``subparsers``."""
 
     p = subparsers.add_parser(
-        "prune", help="prune a torchvision ResNet / MobileNet on image data (train, prune, fine-tune, save)",
+        "prune",
+        help="prune a torchvision ResNet / MobileNet on image data (train, prune, fine-tune, save)",
         description=(
             "Prune the internal channels of a torchvision classifier by greedy forward selection (or a baseline "
             "criterion) and save the smaller model. Without --weights the model is first trained from scratch on "
             "--data for --train-epochs (pruning an untrained network means nothing). Pruning is checkpointed after "
             "every channel group to OUT.ckpt; --resume continues an interrupted run and ends with the same result. "
             "The output is written with gfs.pruning.io.save (JSON architecture + tensors, no pickle; load it with "
-            "`from gfs.pruning import load`), with a JSON report at OUT.json."),
+            "`from gfs.pruning import load`), with a JSON report at OUT.json."
+        ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", required=True, choices=MODELS, help="torchvision architecture (built with weights=None)")
-    p.add_argument("--data", default="digits", metavar="DATA",
-                   help="digits (scikit-learn's digits, upsampled; no download), cifar10:DIR (DIR/cifar-10-batches-py) "
-                        "or imagefolder:DIR (class folders; DIR/train and DIR/val if present)")
+    p.add_argument(
+        "--data",
+        default="digits",
+        metavar="DATA",
+        help="digits (scikit-learn's digits, upsampled; no download), cifar10:DIR (DIR/cifar-10-batches-py) "
+        "or imagefolder:DIR (class folders; DIR/train and DIR/val if present)",
+    )
     p.add_argument("--out", required=True, metavar="PATH", help="output model file (e.g. pruned.safetensors)")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--ratio", type=_ratio, metavar="R", help="fraction of each group's channels kept (default 0.5)")
+    budget.add_argument(
+        "--ratio", type=_ratio, metavar="R", help="fraction of each group's channels kept (default 0.5)"
+    )
     budget.add_argument("--keep", type=positive_int, metavar="N", help="channels kept per group")
-    p.add_argument("--criterion", choices=tuple(CRITERIA), default="local",
-                   help="local: greedy forward selection imitating each layer (gfs); loss: greedy on the whole "
-                        "network's loss (slow); l1: largest-L1 filters; random")
-    p.add_argument("--layers", default="internal", metavar="WHICH",
-                   help="internal (the hidden channels of each block), all (every group gfs finds), or "
-                        "comma-separated layer names / glob patterns like 'layer*.conv1'")
-    p.add_argument("--weights", metavar="FILE", help="state dict of the dense model (safetensors, or torch.save read "
-                   "with weights_only=True); its classifier must match the number of classes of --data")
-    p.add_argument("--train-epochs", type=nonnegative_int, default=8, metavar="E",
-                   help="without --weights: epochs of training from scratch before pruning")
-    p.add_argument("--train-lr", type=_positive_float, default=0.05, metavar="LR", help="peak learning rate of that training")
-    p.add_argument("--finetune-epochs", type=nonnegative_int, default=2, metavar="E", help="fine-tuning epochs after pruning")
-    p.add_argument("--finetune-lr", type=_positive_float, default=0.01, metavar="LR", help="peak learning rate of fine-tuning")
-    p.add_argument("--batch-size", type=positive_int, default=64, metavar="B", help="training and calibration batch size")
-    p.add_argument("--image-size", type=positive_int, metavar="S", help="image side (default 32 for digits / CIFAR-10, "
-                   "224 for image folders)")
+    p.add_argument(
+        "--criterion",
+        choices=tuple(CRITERIA),
+        default="local",
+        help="local: greedy forward selection imitating each layer (gfs); loss: greedy on the whole "
+        "network's loss (slow); l1: largest-L1 filters; random",
+    )
+    p.add_argument(
+        "--layers",
+        default="internal",
+        metavar="WHICH",
+        help="internal (the hidden channels of each block), all (every group gfs finds), or "
+        "comma-separated layer names / glob patterns like 'layer*.conv1'",
+    )
+    p.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="state dict of the dense model (safetensors, or torch.save read "
+        "with weights_only=True); its classifier must match the number of classes of --data",
+    )
+    p.add_argument(
+        "--train-epochs",
+        type=nonnegative_int,
+        default=8,
+        metavar="E",
+        help="without --weights: epochs of training from scratch before pruning",
+    )
+    p.add_argument(
+        "--train-lr", type=_positive_float, default=0.05, metavar="LR", help="peak learning rate of that training"
+    )
+    p.add_argument(
+        "--finetune-epochs", type=nonnegative_int, default=2, metavar="E", help="fine-tuning epochs after pruning"
+    )
+    p.add_argument(
+        "--finetune-lr", type=_positive_float, default=0.01, metavar="LR", help="peak learning rate of fine-tuning"
+    )
+    p.add_argument(
+        "--batch-size", type=positive_int, default=64, metavar="B", help="training and calibration batch size"
+    )
+    p.add_argument(
+        "--image-size",
+        type=positive_int,
+        metavar="S",
+        help="image side (default 32 for digits / CIFAR-10, 224 for image folders)",
+    )
     calib = p.add_mutually_exclusive_group()
-    calib.add_argument("--calib-size", type=positive_int, default=256, metavar="N",
-                       help="calibration images (a fixed, seeded subset of the training images)")
-    calib.add_argument("--calib-batches", type=positive_int, metavar="N", help="calibration batches of --batch-size "
-                       "images (instead of --calib-size)")
-    p.add_argument("--loss-candidates", type=positive_int, metavar="N",
-                   help="--criterion loss: score a random subset of N candidate channels per step")
+    calib.add_argument(
+        "--calib-size",
+        type=positive_int,
+        default=256,
+        metavar="N",
+        help="calibration images (a fixed, seeded subset of the training images)",
+    )
+    calib.add_argument(
+        "--calib-batches",
+        type=positive_int,
+        metavar="N",
+        help="calibration batches of --batch-size images (instead of --calib-size)",
+    )
+    p.add_argument(
+        "--loss-candidates",
+        type=positive_int,
+        metavar="N",
+        help="--criterion loss: score a random subset of N candidate channels per step",
+    )
     p.add_argument("--loss-batch", type=positive_int, metavar="N", help="--criterion loss: candidates per forward pass")
-    p.add_argument("--shortlist", type=positive_int, metavar="N",
-                   help="--criterion loss: evaluate only the N best by a first-order (Taylor) estimate each step")
-    p.add_argument("--tolerance", type=_fraction, metavar="T",
-                   help="--criterion loss: stop a group once top-1 is within T (relative) of the dense network's")
+    p.add_argument(
+        "--shortlist",
+        type=positive_int,
+        metavar="N",
+        help="--criterion loss: evaluate only the N best by a first-order (Taylor) estimate each step",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=_fraction,
+        metavar="T",
+        help="--criterion loss: stop a group once top-1 is within T (relative) of the dense network's",
+    )
     p.add_argument("--train-samples", type=positive_int, metavar="N", help="use at most N training images (quick runs)")
     p.add_argument("--test-samples", type=positive_int, metavar="N", help="use at most N test images (quick runs)")
-    p.add_argument("--resume", action="store_true", help="continue the interrupted run whose checkpoint is OUT.ckpt "
-                   "(the dense weights OUT.dense.safetensors are reused when they were trained with the same settings)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, batch order, calibration subset "
-                   "and the random criteria")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted run whose checkpoint is OUT.ckpt "
+        "(the dense weights OUT.dense.safetensors are reused when they were trained with the same settings)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the initialisation, batch order, calibration subset and the random criteria",
+    )
     p.add_argument("--threads", type=positive_int, metavar="T", help="torch CPU threads (default: torch's choice)")
     p.add_argument("--workers", type=nonnegative_int, default=0, metavar="W", help="DataLoader worker processes")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
@@ -169,8 +263,11 @@ def _cmd_prune(args) -> int:
         print(f"gfs prune: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        where = (f"the finished channel groups are in {job.checkpoint}; run the same command with --resume to "
-                 f"continue" if os.path.isfile(job.checkpoint) else "no channel group had finished")
+        where = (
+            f"the finished channel groups are in {job.checkpoint}; run the same command with --resume to continue"
+            if os.path.isfile(job.checkpoint)
+            else "no channel group had finished"
+        )
         print(f"\ngfs prune: interrupted; {where}", file=sys.stderr)
         return 130
     _print_report(report, out)
@@ -179,6 +276,7 @@ def _cmd_prune(args) -> int:
 
 # ---- gfs bench prune ------------------------------------------------------------------------------
 
+
 def _bench_script() -> str:
     here = os.path.dirname(os.path.abspath(__file__))
     return os.path.normpath(os.path.join(here, "..", "..", "benchmarks", "prune_baselines.py"))
@@ -186,13 +284,19 @@ def _bench_script() -> str:
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     """Register `gfs bench prune` (runs benchmarks/prune_baselines.py of the source checkout)."""
-    bench = subparsers.add_parser("bench", help="benchmarks: `gfs bench prune` (pruning baselines on the embedded data)",
-                                  description="Benchmarks run from a source checkout of gfs.")
+    bench = subparsers.add_parser(
+        "bench",
+        help="benchmarks: `gfs bench prune` (pruning baselines on the embedded data)",
+        description="Benchmarks run from a source checkout of gfs.",
+    )
     bsub = bench.add_subparsers(dest="bench", metavar="BENCH")
     bsub.required = True
-    bp = bsub.add_parser("prune", add_help=False,
-                         help="L1 / random / gfs local / gfs loss at 50%% kept on ResNet-18 and MobileNetV2, plus the "
-                              "selection time of local vs loss (benchmarks/prune_baselines.py; --help for its flags)")
+    bp = bsub.add_parser(
+        "prune",
+        add_help=False,
+        help="L1 / random / gfs local / gfs loss at 50%% kept on ResNet-18 and MobileNetV2, plus the "
+        "selection time of local vs loss (benchmarks/prune_baselines.py; --help for its flags)",
+    )
     bp.set_defaults(func=lambda args: run_bench_prune([]))
     return bench
 
@@ -203,8 +307,11 @@ def run_bench_prune(argv) -> int:
 
     path = _bench_script()
     if not os.path.isfile(path):
-        print(f"gfs bench prune: {path} not found; it runs from a source checkout of gfs (benchmarks/ is not installed "
-              f"with the package): run python benchmarks/prune_baselines.py there", file=sys.stderr)
+        print(
+            f"gfs bench prune: {path} not found; it runs from a source checkout of gfs (benchmarks/ is not installed "
+            f"with the package): run python benchmarks/prune_baselines.py there",
+            file=sys.stderr,
+        )
         return 2
     spec = importlib.util.spec_from_file_location("gfs_prune_baselines", path)
     module = importlib.util.module_from_spec(spec)

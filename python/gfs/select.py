@@ -1,4 +1,5 @@
 """gfs.select: greedy forward selection of candidates, the one entry point."""
+
 from __future__ import annotations
 
 import math
@@ -17,9 +18,9 @@ from .selection import Selection
 from .stats import GramStats
 
 
-
-def select(features, targets=None, k=None, *, replacement=True, step="uniform", eps=None, backend="auto",
-           engine="auto") -> Selection:
+def select(
+    features, targets=None, k=None, *, replacement=True, step="uniform", eps=None, backend="auto", engine="auto"
+) -> Selection:
     """Greedy forward selection: grow a subnetwork one candidate at a time.
 
     Starting from the empty subnetwork, each step adds the candidate that lowers the loss
@@ -97,8 +98,9 @@ def select(features, targets=None, k=None, *, replacement=True, step="uniform", 
                 "targets must be None when features is a GramStats: the target is already in the statistics "
                 "(b and yy); pass gfs.select(stats, k=...)"
             )
-        p = plan(features.n, 0, 1, torch.float64, step, features.device, engine=engine, backend=backend,
-                 from_stats=True)
+        p = plan(
+            features.n, 0, 1, torch.float64, step, features.device, engine=engine, backend=backend, from_stats=True
+        )
         features.validate("stats")
         k = check.check_k(k, features.n, replacement)
         return _run_gram(p, features, k, replacement, step, eps, t0)
@@ -114,7 +116,11 @@ def select(features, targets=None, k=None, *, replacement=True, step="uniform", 
         stats = GramStats(N, device=U.device).update(U, y, _amax=amax)  # U, y validated above
         t2 = time.perf_counter()
         sel = _run_gram(p, stats, k, replacement, step, eps, t0)
-        sel.timings = {"validate": t1 - t0, "stats": t2 - t1, **{n: v for n, v in sel.timings.items() if n != "validate"}}
+        sel.timings = {
+            "validate": t1 - t0,
+            "stats": t2 - t1,
+            **{n: v for n, v in sel.timings.items() if n != "validate"},
+        }
         return sel
 
     y = y.to(accumulation_dtype(U.dtype))
@@ -131,9 +137,20 @@ def select(features, targets=None, k=None, *, replacement=True, step="uniform", 
     t3 = time.perf_counter()
     reason = p.reason + (f"; {res.notes['host_stream']}" if "host_stream" in res.notes else "")
     if e:
-        res.notes["rescaled"] = f"features and targets multiplied by 2^{-e} (exact) for {accumulation_dtype(U.dtype)} sums"
-    return _selection(res, 2 * e, _scale.ldexp_float(dense, 2 * e), p, step, replacement, reason,
-                      t3 - t0, {"validate": t1 - t0, "dense": t2 - t1, "select": t3 - t2})
+        res.notes["rescaled"] = (
+            f"features and targets multiplied by 2^{-e} (exact) for {accumulation_dtype(U.dtype)} sums"
+        )
+    return _selection(
+        res,
+        2 * e,
+        _scale.ldexp_float(dense, 2 * e),
+        p,
+        step,
+        replacement,
+        reason,
+        t3 - t0,
+        {"validate": t1 - t0, "dense": t2 - t1, "select": t3 - t2},
+    )
 
 
 def _run_gram(p, stats: GramStats, k, replacement, step, eps, t0) -> Selection:
@@ -147,8 +164,18 @@ def _run_gram(p, stats: GramStats, k, replacement, step, eps, t0) -> Selection:
         G, b, yy = _scale.ldexp(G, -e), _scale.ldexp(b, -e), math.ldexp(yy, -e)
     stop_loss = -1.0 if eps is None else math.ldexp(dense + eps, -e)
     t2 = time.perf_counter()
-    res = gram.run(p.backend, G, b, yy, stats.count, k, step=step, replacement=replacement, stop_loss=stop_loss,
-                   tol=gram.tolerance(stats.precision))
+    res = gram.run(
+        p.backend,
+        G,
+        b,
+        yy,
+        stats.count,
+        k,
+        step=step,
+        replacement=replacement,
+        stop_loss=stop_loss,
+        tol=gram.tolerance(stats.precision),
+    )
     t3 = time.perf_counter()
     losses = _scale.ldexp(res.losses.cpu(), e)
     floor = -stats.rtol * (stats.yy + float(torch.diagonal(stats.G).max())) / stats.count
@@ -159,8 +186,17 @@ def _run_gram(p, stats: GramStats, k, replacement, step, eps, t0) -> Selection:
             f"the statistics are corrupted (a damaged file, or statistics of other candidates merged in); rebuild them"
         )
     res.losses = res.losses.clamp_min(0.0)
-    return _selection(res, e, dense, p, step, replacement, p.reason, t3 - t0,
-                      {"validate": t1 - t0, "dense": t2 - t1, "select": t3 - t2})
+    return _selection(
+        res,
+        e,
+        dense,
+        p,
+        step,
+        replacement,
+        p.reason,
+        t3 - t0,
+        {"validate": t1 - t0, "dense": t2 - t1, "select": t3 - t2},
+    )
 
 
 def _selection(res, e: int, dense: float, p, step, replacement, reason, seconds, timings) -> Selection:

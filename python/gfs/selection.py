@@ -1,4 +1,5 @@
 """The one result type of every selection path."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -40,6 +40,7 @@ The Frank-Wolfe gap g(z) = max_j <2 (y - z), u_j - z> / M bounds f(z) - min_C f 
 max_k (f(z_k) - g(z_k)) is a certified lower bound of the best loss any weighting of the
 candidates can reach (`Diagnostics.hull_loss_lower_bound`).
 """
+
 from __future__ import annotations
 
 import math
@@ -81,7 +82,9 @@ def _stats(stats) -> tuple[torch.Tensor, torch.Tensor | None, float | None, int]
     """(G, b, yy, M) from a GramStats-like object."""
     missing = [a for a in ("G", "count") if not hasattr(stats, a)]
     if missing:
-        raise TypeError(f"stats needs attributes G (N x N), b (N), yy and count (M); {type(stats).__name__} lacks {missing}")
+        raise TypeError(
+            f"stats needs attributes G (N x N), b (N), yy and count (M); {type(stats).__name__} lacks {missing}"
+        )
     G = _float64(stats.G, "stats.G")
     if G.dim() != 2 or G.shape[0] != G.shape[1]:
         raise ValueError(f"stats.G must be square (N x N), got {tuple(G.shape)}")
@@ -174,7 +177,9 @@ def gram_spectrum(features=None, *, stats=None) -> Spectrum:
         G, _, _, M = _stats(stats)
         eigs = torch.linalg.eigvalsh((G + G.T) / 2)
         r = min(G.shape[0], M)
-        return _spectrum_from_eigs(eigs.sort(descending=True).values[:r], "candidates (N x N)" if G.shape[0] <= M else "data (from G, top M)")
+        return _spectrum_from_eigs(
+            eigs.sort(descending=True).values[:r], "candidates (N x N)" if G.shape[0] <= M else "data (from G, top M)"
+        )
     U, _ = _features(features)
     N, M = U.shape
     if N <= M:
@@ -251,24 +256,40 @@ class Diagnostics:
     notes: list = field(default_factory=list)
 
     def summary(self) -> str:
-        lines = [f"N={self.N} candidates, M={self.M} entries; diameter {self.diameter:.4g} (per-entry D^2 {self.diameter2:.4g})"]
+        lines = [
+            f"N={self.N} candidates, M={self.M} entries; diameter {self.diameter:.4g} (per-entry D^2 {self.diameter2:.4g})"
+        ]
         if self.initial_loss is not None:
             lines.append(f"initial loss {self.initial_loss:.4g}, dense loss {self.dense_loss:.4g}")
         if self.spectrum is not None:
             s = self.spectrum
-            lines.append(f"sigma_min {s.sigma_min:.4g}, sigma_max {s.sigma_max:.4g}, condition {s.condition:.4g} "
-                         f"(Gram: min eig {s.gram_min_eig:.4g}, condition {s.gram_condition:.4g}; {s.side})")
+            lines.append(
+                f"sigma_min {s.sigma_min:.4g}, sigma_max {s.sigma_max:.4g}, condition {s.condition:.4g} "
+                f"(Gram: min eig {s.gram_min_eig:.4g}, condition {s.gram_condition:.4g}; {s.side})"
+            )
         if self.losses is not None:
-            lines.append(f"k={len(self.losses)}: loss {float(self.losses[-1]):.4g}, gap {float(self.gaps[-1]):.4g}, "
-                         f"hull loss >= {self.hull_loss_lower_bound:.4g}")
+            lines.append(
+                f"k={len(self.losses)}: loss {float(self.losses[-1]):.4g}, gap {float(self.gaps[-1]):.4g}, "
+                f"hull loss >= {self.hull_loss_lower_bound:.4g}"
+            )
         if self.bound is not None:
-            lines.append(f"bound at k={len(self.bound)}: {float(self.bound[-1]):.4g}; holds at every step: {self.bound_holds}")
+            lines.append(
+                f"bound at k={len(self.bound)}: {float(self.bound[-1]):.4g}; holds at every step: {self.bound_holds}"
+            )
         lines += self.notes
         return "\n".join(lines)
 
 
-def diagnose(features=None, targets=None, *, stats=None, selection=None, k: int | None = None, spectrum: bool = True,
-             **select_kwargs) -> Diagnostics:
+def diagnose(
+    features=None,
+    targets=None,
+    *,
+    stats=None,
+    selection=None,
+    k: int | None = None,
+    spectrum: bool = True,
+    **select_kwargs,
+) -> Diagnostics:
     """Diagnostics from features (U, y) or Gram statistics, and of a selection on them.
 
     Parameters
@@ -302,7 +323,9 @@ def diagnose(features=None, targets=None, *, stats=None, selection=None, k: int 
         dense = (yy - 2 * float(b.mean()) + float(G.mean())) / M if (yy is not None and b is not None) else None
         spec = gram_spectrum(stats=stats) if spectrum else None
         if selection is None and k is not None:
-            raise ValueError("with stats, pass selection= (e.g. gfs.select on the same problem); k alone needs features")
+            raise ValueError(
+                "with stats, pass selection= (e.g. gfs.select on the same problem); k alone needs features"
+            )
     else:
         U, y = _features(features, targets)
         N, M = U.shape
@@ -316,8 +339,16 @@ def diagnose(features=None, targets=None, *, stats=None, selection=None, k: int 
             import gfs
 
             selection = gfs.select(features, targets, k, **select_kwargs)
-    d = Diagnostics(N=N, M=M, diameter=diameter, diameter2=diameter ** 2 / M, initial_loss=init, dense_loss=dense,
-                    spectrum=spec, notes=notes)
+    d = Diagnostics(
+        N=N,
+        M=M,
+        diameter=diameter,
+        diameter2=diameter**2 / M,
+        initial_loss=init,
+        dense_loss=dense,
+        spectrum=spec,
+        notes=notes,
+    )
     if selection is not None:
         d.losses = selection.losses.double()
         d.gaps = selection.gaps.double()
@@ -333,5 +364,13 @@ def diagnose(features=None, targets=None, *, stats=None, selection=None, k: int 
     return d
 
 
-__all__ = ["polytope_diameter", "initial_loss", "gram_spectrum", "Spectrum", "frank_wolfe_gap", "greedy_bound",
-           "Diagnostics", "diagnose"]
+__all__ = [
+    "polytope_diameter",
+    "initial_loss",
+    "gram_spectrum",
+    "Spectrum",
+    "frank_wolfe_gap",
+    "greedy_bound",
+    "Diagnostics",
+    "diagnose",
+]

@@ -13,6 +13,7 @@ The record (``training=``) is what the weights' training depended on (`gfs prune
 gfs.workflow.PruneJob.training_fingerprint): a later run reuses the file only when it would train
 the same weights.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,9 +44,11 @@ def read_state_dict(path: str, what: str = "weights file") -> dict:
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - pickle errors of all kinds
-            raise WeightsError(f"{what} {path}: torch.load(weights_only=True) cannot read it "
-                               f"({str(exc).splitlines()[0]}); expected a state dict saved with "
-                               f"torch.save(model.state_dict(), ...)") from None
+            raise WeightsError(
+                f"{what} {path}: torch.load(weights_only=True) cannot read it "
+                f"({str(exc).splitlines()[0]}); expected a state dict saved with "
+                f"torch.save(model.state_dict(), ...)"
+            ) from None
     else:
         try:
             from safetensors.torch import load_file
@@ -60,7 +63,7 @@ def read_state_dict(path: str, what: str = "weights file") -> dict:
     if not isinstance(blob, dict) or not all(isinstance(v, torch.Tensor) for v in blob.values()):
         raise WeightsError(f"{what} {path}: expected a state dict (names -> tensors), got {type(blob).__name__}")
     if blob and all(k.startswith("module.") for k in blob):  # saved from DataParallel / DDP
-        blob = {k[len("module."):]: v for k, v in blob.items()}
+        blob = {k[len("module.") :]: v for k, v in blob.items()}
     return blob
 
 
@@ -72,20 +75,27 @@ def load_weights(model, path: str, *, what: str = "weights file", label: str | N
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     extra = [k for k in sd if k not in own]
-    shapes = [f"{k} (file {tuple(sd[k].shape)}, model {tuple(own[k].shape)})" for k in own
-              if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    shapes = [
+        f"{k} (file {tuple(sd[k].shape)}, model {tuple(own[k].shape)})"
+        for k in own
+        if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)
+    ]
     if missing or extra or shapes:
         parts = []
         if shapes:
-            parts.append("shapes differ: " + "; ".join(shapes[:4]) + (f"; ... ({len(shapes)} in all)" if len(shapes) > 4 else ""))
+            parts.append(
+                "shapes differ: " + "; ".join(shapes[:4]) + (f"; ... ({len(shapes)} in all)" if len(shapes) > 4 else "")
+            )
         if missing:
             parts.append(f"missing from the file: {_few(missing)}")
         if extra:
             parts.append(f"not in the model: {_few(extra)}")
         hint = ""
         if any(k.split(".")[0] in ("fc", "classifier") for k in (s.split(" ")[0] for s in shapes)):
-            hint = (" (the classifier's size differs: the weights were trained for another number of classes than "
-                    "the model has)")
+            hint = (
+                " (the classifier's size differs: the weights were trained for another number of classes than "
+                "the model has)"
+            )
         raise WeightsError(f"{what} {path} does not fit {label or type(model).__name__}{hint}: " + "; ".join(parts))
     model.load_state_dict(sd, strict=True)
     return model

@@ -22,6 +22,7 @@ after every group to OUT.ckpt (``resume=True`` continues an interrupted run with
 result); fine-tuning; the model saved with gfs.pruning.io.save (JSON architecture + tensors, no
 pickle) and a JSON report beside it.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -46,8 +47,13 @@ from .weights import load_weights, save_weights, stored_training
 TRAIN_RECIPE = {"lr": 0.05, "warmup": 0.1}
 
 
-def load_data(spec: str = "digits", *, image_size: int | None = None, train_samples: int | None = None,
-              test_samples: int | None = None):
+def load_data(
+    spec: str = "digits",
+    *,
+    image_size: int | None = None,
+    train_samples: int | None = None,
+    test_samples: int | None = None,
+):
     """gfs.data.load_image_data(spec) with its fixed split (seed 0), cut to at most
     ``train_samples`` / ``test_samples`` images (a fixed, seeded subset) when given."""
     data = load_image_data(spec, image_size=image_size, seed=0)
@@ -138,8 +144,9 @@ class Workflow:
         Where the training bars go (default: rich's).
     """
 
-    def __init__(self, data, *, batch_size: int = 64, seed: int = 0, workers: int = 0, progress: bool = True,
-                 console=None):
+    def __init__(
+        self, data, *, batch_size: int = 64, seed: int = 0, workers: int = 0, progress: bool = True, console=None
+    ):
         self.data, self.batch_size, self.seed, self.workers = data, batch_size, seed, workers
         self.progress, self.console = progress, console
         self.test_loader = self._loaders()[1]
@@ -166,11 +173,22 @@ class Workflow:
     def train(self, model, epochs: int, *, lr: float = TRAIN_RECIPE["lr"], description: str = "training"):
         """Train ``model`` in place from scratch with TRAIN_RECIPE (peak learning rate ``lr``);
         returns the FinetuneResult (history, seconds)."""
-        return finetune(model, self.train_loader(), epochs, lr=lr, warmup=TRAIN_RECIPE["warmup"], seed=self.seed,
-                        inplace=True, progress=self.progress, description=description, console=self.console)
+        return finetune(
+            model,
+            self.train_loader(),
+            epochs,
+            lr=lr,
+            warmup=TRAIN_RECIPE["warmup"],
+            seed=self.seed,
+            inplace=True,
+            progress=self.progress,
+            description=description,
+            console=self.console,
+        )
 
-    def train_dense(self, name: str, epochs: int, *, lr: float = TRAIN_RECIPE["lr"],
-                    description: str | None = None) -> Dense:
+    def train_dense(
+        self, name: str, epochs: int, *, lr: float = TRAIN_RECIPE["lr"], description: str | None = None
+    ) -> Dense:
         """Build model ``name``, train it for ``epochs`` and evaluate it."""
         model = self.build(name)
         training = self.train(model, epochs, lr=lr, description=description or f"{name}: training")
@@ -189,8 +207,16 @@ class Workflow:
         """Fine-tune the pruned model (a copy) for ``epochs`` (none for 0) and evaluate it;
         returns ``pruned`` with ``tuned`` and ``finetuned`` set."""
         if epochs > 0:
-            pruned.tuned = finetune(pruned.result.model, self.train_loader(), epochs, lr=lr, seed=self.seed,
-                                    progress=self.progress, description=description, console=self.console)
+            pruned.tuned = finetune(
+                pruned.result.model,
+                self.train_loader(),
+                epochs,
+                lr=lr,
+                seed=self.seed,
+                progress=self.progress,
+                description=description,
+                console=self.console,
+            )
             pruned.finetuned = self.evaluate(pruned.tuned.model)
         return pruned
 
@@ -206,6 +232,7 @@ def speed(a, b, batch, rounds: int = 5) -> tuple[float, float]:
 
 
 # ---- `gfs prune`: one job end to end ----------------------------------------------------------
+
 
 class JobError(ValueError):
     """A bad setting or input file of a :class:`PruneJob`; the message names the `gfs prune` flag."""
@@ -274,8 +301,16 @@ class PruneJob:
     def prune_options(self) -> dict:
         """The budget (ratio= or keep=), the criterion and the "loss" options given, for gfs.prune."""
         budget = dict(ratio=self.ratio) if self.ratio is not None else dict(keep=self.keep)
-        loss = {k: v for k, v in (("loss_candidates", self.loss_candidates), ("loss_batch", self.loss_batch),
-                                  ("shortlist", self.shortlist), ("tolerance", self.tolerance)) if v is not None}
+        loss = {
+            k: v
+            for k, v in (
+                ("loss_candidates", self.loss_candidates),
+                ("loss_batch", self.loss_batch),
+                ("shortlist", self.shortlist),
+                ("tolerance", self.tolerance),
+            )
+            if v is not None
+        }
         return dict(criterion=self.criterion, **budget, **loss)
 
     def training_fingerprint(self, data) -> dict:
@@ -283,10 +318,19 @@ class PruneJob:
         model, the training images (data spec, image size, subset, count, classes), the seed, the
         epochs, the learning rate, the batch size and the recipe. Two jobs with the same
         fingerprint train the same weights."""
-        return {"model": self.model, "data": self.data, "image_size": data.image_size, "classes": data.classes,
-                "train_samples": self.train_samples, "train_images": len(data.train), "seed": self.seed,
-                "train_epochs": self.train_epochs, "train_lr": self.train_lr, "batch_size": self.batch_size,
-                "recipe": dict(TRAIN_RECIPE)}
+        return {
+            "model": self.model,
+            "data": self.data,
+            "image_size": data.image_size,
+            "classes": data.classes,
+            "train_samples": self.train_samples,
+            "train_images": len(data.train),
+            "seed": self.seed,
+            "train_epochs": self.train_epochs,
+            "train_lr": self.train_lr,
+            "batch_size": self.batch_size,
+            "recipe": dict(TRAIN_RECIPE),
+        }
 
     def check(self) -> None:
         """JobError naming the flag for settings that cannot work (before anything is loaded)."""
@@ -295,13 +339,18 @@ class PruneJob:
         if self.criterion not in CRITERIA:
             raise JobError(f"--criterion {self.criterion!r}: choose one of {', '.join(CRITERIA)}")
         if (self.ratio is None) == (self.keep is None):
-            raise JobError("pass exactly one of --ratio (fraction of channels kept) or --keep (channels kept per "
-                           "group)")
+            raise JobError(
+                "pass exactly one of --ratio (fraction of channels kept) or --keep (channels kept per group)"
+            )
         if self.ratio is not None and not (isinstance(self.ratio, (int, float)) and 0 < self.ratio <= 1):
             raise JobError(f"--ratio must be in (0, 1] (fraction of each group's channels kept), got {self.ratio}")
         if self.criterion != "loss":
-            for flag, value in (("--loss-candidates", self.loss_candidates), ("--loss-batch", self.loss_batch),
-                                ("--shortlist", self.shortlist), ("--tolerance", self.tolerance)):
+            for flag, value in (
+                ("--loss-candidates", self.loss_candidates),
+                ("--loss-batch", self.loss_batch),
+                ("--shortlist", self.shortlist),
+                ("--tolerance", self.tolerance),
+            ):
                 if value is not None:
                     raise JobError(f"{flag} applies to --criterion loss only (got --criterion {self.criterion})")
         if self.tolerance is not None and not 0 <= self.tolerance < 1:
@@ -311,8 +360,9 @@ class PruneJob:
                 raise JobError(f"{flag} must be a number > 0, got {value}")
         folder = os.path.dirname(os.path.abspath(self.out))
         if os.path.isdir(self.out):
-            raise JobError(f"--out {self.out}: is a folder; pass a file name, e.g. "
-                           f"{os.path.join(self.out, 'pruned.safetensors')}")
+            raise JobError(
+                f"--out {self.out}: is a folder; pass a file name, e.g. {os.path.join(self.out, 'pruned.safetensors')}"
+            )
         if not os.path.isdir(folder):
             raise JobError(f"--out {self.out}: the folder {folder} does not exist")
         if self.weights is not None and not os.path.isfile(self.weights):
@@ -330,15 +380,19 @@ def _check_groups(model, layers, job: PruneJob, image_size: int) -> None:
             hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
             if not hits:
                 why = f" ({scan.rejected[pat]})" if pat in scan.rejected else ""
-                raise JobError(f"--layers: {pat!r} names no prunable channel group of {job.model}{why}; groups are "
-                               f"named by the layer whose output channels go: {_few(names, 8)}")
+                raise JobError(
+                    f"--layers: {pat!r} names no prunable channel group of {job.model}{why}; groups are "
+                    f"named by the layer whose output channels go: {_few(names, 8)}"
+                )
             chosen += [h for h in hits if h not in chosen]
     if job.keep is not None:
         small = [(g.name, g.channels) for g in scan.groups if g.name in chosen and g.channels < job.keep]
         if small:
-            raise JobError(f"--keep {job.keep} is more than the channels of "
-                           f"{', '.join(f'{n} ({c})' for n, c in small[:3])}{' ...' if len(small) > 3 else ''}; pass a "
-                           f"smaller --keep, --ratio, or --layers to leave those out")
+            raise JobError(
+                f"--keep {job.keep} is more than the channels of "
+                f"{', '.join(f'{n} ({c})' for n, c in small[:3])}{' ...' if len(small) > 3 else ''}; pass a "
+                f"smaller --keep, --ratio, or --layers to leave those out"
+            )
 
 
 def run_job(job: PruneJob, *, say=None, console=None) -> dict:
@@ -390,23 +444,33 @@ def _dense_weights(job: PruneJob, flow: Workflow, model, say) -> str:
                 raise JobError(
                     f"--resume: {job.dense_path} was trained with other settings than this command ({why}), so "
                     f"{checkpoint} belongs to a run of other dense weights; run the interrupted command again with "
-                    f"its own flags to continue it, or delete {checkpoint} (and {job.dense_path}) to start afresh")
-            say(f"--resume: {job.dense_path} was trained with other settings ({why}); not reusing it: "
-                + ("training afresh" if job.train_epochs > 0 else "--train-epochs 0"))
+                    f"its own flags to continue it, or delete {checkpoint} (and {job.dense_path}) to start afresh"
+                )
+            say(
+                f"--resume: {job.dense_path} was trained with other settings ({why}); not reusing it: "
+                + ("training afresh" if job.train_epochs > 0 else "--train-epochs 0")
+            )
     if job.weights:
         load_weights(model, job.weights, what="--weights", label=label)
         return f"weights from {job.weights}"
     if reuse:
         load_weights(model, job.dense_path, what="the trained weights", label=label)
-        return (f"trained weights of the interrupted run, {job.dense_path}" if os.path.isfile(checkpoint)
-                else f"trained weights of an earlier run with the same training settings, {job.dense_path}")
+        return (
+            f"trained weights of the interrupted run, {job.dense_path}"
+            if os.path.isfile(checkpoint)
+            else f"trained weights of an earlier run with the same training settings, {job.dense_path}"
+        )
     if job.train_epochs > 0:
-        say(f"no --weights: training {job.model} from scratch for {_plural(job.train_epochs, 'epoch')} on {data.name} "
-            f"(lr {job.train_lr}, seed {job.seed}) before pruning; pruning an untrained network means nothing")
+        say(
+            f"no --weights: training {job.model} from scratch for {_plural(job.train_epochs, 'epoch')} on {data.name} "
+            f"(lr {job.train_lr}, seed {job.seed}) before pruning; pruning an untrained network means nothing"
+        )
         trained = flow.train(model, job.train_epochs, lr=job.train_lr)
         save_weights(model, job.dense_path, training=training)
-        return (f"trained here for {_plural(job.train_epochs, 'epoch')} ({trained.seconds:.0f} s; saved to "
-                f"{job.dense_path})")
+        return (
+            f"trained here for {_plural(job.train_epochs, 'epoch')} ({trained.seconds:.0f} s; saved to "
+            f"{job.dense_path})"
+        )
     say(f"[yellow]warning[/yellow]: no --weights and --train-epochs 0: pruning an untrained {job.model}")
     return "random initialisation (untrained)"
 
@@ -416,8 +480,14 @@ def _calibration(flow: Workflow, samples: int, console) -> list:
         return flow.calibration(samples)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
         task = bar.add_task("calibration images", total=samples)
         return flow.calibration(samples, progress=lambda n: bar.update(task, completed=n))
 
@@ -442,15 +512,19 @@ def _run_job(job: PruneJob, say, console) -> dict:
     layers = job.layer_patterns()
     checkpoint = job.checkpoint
     if os.path.exists(checkpoint) and not job.resume:
-        raise JobError(f"{checkpoint} exists: an earlier run with --out {job.out} was interrupted; pass --resume to "
-                       f"continue it, or delete that file to start afresh")
+        raise JobError(
+            f"{checkpoint} exists: an earlier run with --out {job.out} was interrupted; pass --resume to "
+            f"continue it, or delete that file to start afresh"
+        )
 
     # 1. data, model, weights ---------------------------------------------------------------
     t0 = time.perf_counter()
-    data = load_data(job.data, image_size=job.image_size, train_samples=job.train_samples,
-                     test_samples=job.test_samples)
-    flow = Workflow(data, batch_size=job.batch_size, seed=job.seed, workers=job.workers, progress=job.progress,
-                    console=console)
+    data = load_data(
+        job.data, image_size=job.image_size, train_samples=job.train_samples, test_samples=job.test_samples
+    )
+    flow = Workflow(
+        data, batch_size=job.batch_size, seed=job.seed, workers=job.workers, progress=job.progress, console=console
+    )
     say(f"[bold]gfs prune[/bold]: {job.model} on {data.describe()}")
     model = flow.build(job.model)
     _check_groups(model, layers, job, data.image_size)  # before any training: fail fast
@@ -471,8 +545,11 @@ def _run_job(job: PruneJob, say, console) -> dict:
 
     # 3. prune (checkpointed), fine-tune, save ---------------------------------------------
     if job.resume:
-        say(f"resuming from {checkpoint}" if os.path.isfile(checkpoint)
-            else f"--resume: no checkpoint {checkpoint} yet, starting afresh")
+        say(
+            f"resuming from {checkpoint}"
+            if os.path.isfile(checkpoint)
+            else f"--resume: no checkpoint {checkpoint} yet, starting afresh"
+        )
     out = _prune(job, flow, model, calib, layers)
     seconds["prune"] = out.seconds
     t0 = time.perf_counter()
@@ -492,10 +569,16 @@ def _run_job(job: PruneJob, say, console) -> dict:
         "channels": out.channels,
         "params": list(out.result.params),
         "flops_per_image": list(out.result.flops),
-        "accuracy": {"dense": dense_eval["accuracy"], "pruned": out.evaluation["accuracy"],
-                     "finetuned": tuned["accuracy"] if tuned else None},
-        "test_loss": {"dense": dense_eval["loss"], "pruned": out.evaluation["loss"],
-                      "finetuned": tuned["loss"] if tuned else None},
+        "accuracy": {
+            "dense": dense_eval["accuracy"],
+            "pruned": out.evaluation["accuracy"],
+            "finetuned": tuned["accuracy"] if tuned else None,
+        },
+        "test_loss": {
+            "dense": dense_eval["loss"],
+            "pruned": out.evaluation["loss"],
+            "finetuned": tuned["loss"] if tuned else None,
+        },
         "finetune_history": out.history,
         "seconds": seconds,
         "layers": [r.as_dict() for r in out.result.report],

@@ -13,6 +13,7 @@ and device type (data, not code paths); gfs.engines.plan chooses from it. The AP
     triton    Triton kernels, device-resident loop   one persistent program, uniform rule (GPU)
     cuda      CUDA C++, native loop                  -
 """
+
 from __future__ import annotations
 
 import torch
@@ -51,8 +52,12 @@ def get(name: str) -> Backend:
         raise ValueError(f"unknown backend {name!r}; choose one of {['auto', *_REGISTRY]}") from None
 
 
-def availability(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, engine: str = "stream",
-                 step: str = "uniform") -> dict[str, str | None]:
+def availability(
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    engine: str = "stream",
+    step: str = "uniform",
+) -> dict[str, str | None]:
     """For each registered backend: None if it can run `step` on `engine` on (device, dtype),
     else why not."""
     device = torch.device(device)

@@ -3,6 +3,7 @@ so torch.compile / FakeTensor tracing can pass through them.
 
 `load_error` is None when the extension imported, else the one-line reason it did not.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -51,8 +52,13 @@ if load_error is None:
     def _gram_greedy_fake(G, b, yy, count, k, step, replacement, stop_loss, tol):
         s = torch.library.get_ctx().new_dynamic_size(min=1, max=k)
         f64 = dict(dtype=torch.float64, device=G.device)
-        return (G.new_empty(s, dtype=torch.int64), G.new_empty(s, **f64), G.new_empty(s, **f64),
-                G.new_empty(s, **f64), G.new_empty(G.shape[0], **f64))
+        return (
+            G.new_empty(s, dtype=torch.int64),
+            G.new_empty(s, **f64),
+            G.new_empty(s, **f64),
+            G.new_empty(s, **f64),
+            G.new_empty(G.shape[0], **f64),
+        )
 
 
 class OpBackend(Backend):

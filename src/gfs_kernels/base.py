@@ -16,6 +16,7 @@ supplies the primitives they are built from and, where it has them, whole native
 - `gram_loop`: a whole Gram-engine loop from the statistics, for the rules in
   `native_gram` (otherwise the engine runs the rule's Python loop over rows of G).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -82,8 +83,9 @@ class Backend:
         """None when usable here, else a one-line reason (e.g. "no CUDA device")."""
         return None
 
-    def supports(self, device: torch.device, dtype: torch.dtype, engine: str = "stream",
-                 step: str = "uniform") -> str | None:
+    def supports(
+        self, device: torch.device, dtype: torch.dtype, engine: str = "stream", step: str = "uniform"
+    ) -> str | None:
         """None when this backend can run `step` on `engine` on (device, dtype), else a one-line
         reason. (The Gram engine's statistics are always float64: dtype does not matter there.)"""
         reason = self.unavailable_reason()
@@ -109,12 +111,23 @@ class Backend:
         raise NotImplementedError
 
     # -- whole native loops (where the backend has them) ----------------------------------
-    def greedy_uniform(self, U: torch.Tensor, y: torch.Tensor, k: int, replacement: bool,
-                       stop_loss: float) -> LoopResult:
+    def greedy_uniform(
+        self, U: torch.Tensor, y: torch.Tensor, k: int, replacement: bool, stop_loss: float
+    ) -> LoopResult:
         """The uniform rule's whole loop (when `native_uniform`)."""
         raise NotImplementedError(f"backend {self.name!r} has no native uniform loop")
 
-    def gram_loop(self, G: torch.Tensor, b: torch.Tensor, yy: float, count: int, k: int, step: str,
-                  replacement: bool, stop_loss: float, tol: float) -> LoopResult:
+    def gram_loop(
+        self,
+        G: torch.Tensor,
+        b: torch.Tensor,
+        yy: float,
+        count: int,
+        k: int,
+        step: str,
+        replacement: bool,
+        stop_loss: float,
+        tol: float,
+    ) -> LoopResult:
         """A whole Gram-engine loop (for the rules in `native_gram`)."""
         raise NotImplementedError(f"backend {self.name!r} has no native Gram loop")

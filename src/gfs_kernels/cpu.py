@@ -1,10 +1,11 @@
-""""cpu": the fused C++ kernels (csrc/cpu), OpenMP over candidates, AVX2/FMA.
+""" "cpu": the fused C++ kernels (csrc/cpu), OpenMP over candidates, AVX2/FMA.
 
 Streaming engine: one pass over U per step computes every candidate's score and the argmin (no
 N x M temporary); float32 / float64 / float16 / bfloat16 storage with float32 (float64 for
 float64) accumulation; the whole uniform k-step loop runs in one native call.
 Gram engine: the whole k-step loop of every step rule in one native call (csrc/cpu/gram_cpu.cpp).
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,9 @@ class CpuBackend(_ops.OpBackend):
         return super().supports(device, dtype, engine, step)
 
     def gram_loop(self, G, b, yy, count, k, step, replacement, stop_loss, tol):
-        out = torch.ops.gfs.gram_greedy(G, b, float(yy), int(count), int(k), step, bool(replacement),
-                                        float(stop_loss), float(tol))
+        out = torch.ops.gfs.gram_greedy(
+            G, b, float(yy), int(count), int(k), step, bool(replacement), float(stop_loss), float(tol)
+        )
         return LoopResult(*out, notes={"gram_loop": "native C++, one call"})
 
     def unavailable_reason(self):

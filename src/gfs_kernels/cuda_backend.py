@@ -1,4 +1,4 @@
-""""cuda": the fused CUDA C++ kernels (csrc/cuda/greedy_cuda.cu), registered for the CUDA
+""" "cuda": the fused CUDA C++ kernels (csrc/cuda/greedy_cuda.cu), registered for the CUDA
 dispatch key of the gfs operators.
 
 16-byte streaming loads of several rows per block, warp-shuffle reductions, deterministic
@@ -6,6 +6,7 @@ split-M partial sums, a one-block argmin (lowest index on ties); the whole k-ste
 native call with no host synchronisation until it reads the number of steps taken at the end
 (the stop loss is checked on the device). float32 / float16 / bfloat16 / float64 storage.
 """
+
 from __future__ import annotations
 
 import torch

@@ -16,6 +16,7 @@ loss once per step (a step is bound by the PCIe transfer of all of U, so that wa
 The same code runs with device="cpu" (no streams, no copies): that is how the chunk logic is
 tested without a GPU.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -66,8 +67,9 @@ class ChunkPlan:
         return out
 
 
-def plan_chunks(N: int, M: int, itemsize: int, budget_bytes: int, *, buffers: int = 2,
-                target_chunk_bytes: int = TARGET_CHUNK_BYTES) -> ChunkPlan:
+def plan_chunks(
+    N: int, M: int, itemsize: int, budget_bytes: int, *, buffers: int = 2, target_chunk_bytes: int = TARGET_CHUNK_BYTES
+) -> ChunkPlan:
     """Chunks such that `buffers` chunk buffers fit in `budget_bytes` and a chunk is about
     `target_chunk_bytes` (never more than the budget allows), of nearly equal sizes."""
     if N < 1 or M < 1:
@@ -147,9 +149,18 @@ class _Streamer:
             self.bytes_copied += n * self.plan.row_bytes
 
 
-def greedy_uniform_streamed(backend: Backend, U: torch.Tensor, y: torch.Tensor, k: int, replacement: bool,
-                            stop_loss: float, *, device: torch.device | str | None = None,
-                            plan: ChunkPlan | None = None, free_bytes: int | None = None) -> LoopResult:
+def greedy_uniform_streamed(
+    backend: Backend,
+    U: torch.Tensor,
+    y: torch.Tensor,
+    k: int,
+    replacement: bool,
+    stop_loss: float,
+    *,
+    device: torch.device | str | None = None,
+    plan: ChunkPlan | None = None,
+    free_bytes: int | None = None,
+) -> LoopResult:
     """The uniform rule (same results as gfs.engines.uniform.stream_loop) with U on the host, streamed to
     `device` in row chunks every step. `backend` provides `dots` on the device."""
     if device is None:
@@ -247,7 +258,11 @@ def greedy_uniform_streamed(backend: Backend, U: torch.Tensor, y: torch.Tensor, 
         "host_stream": (
             f"U ({U.numel() * U.element_size() / 2**30:.2f} GiB) streamed from host memory [{mode}] in "
             f"{plan.n_chunks} chunks of {plan.rows} rows per pass"
-            + (f" through {plan.buffers} device buffers, copies overlapped with compute" if device.type == "cuda" else "")
+            + (
+                f" through {plan.buffers} device buffers, copies overlapped with compute"
+                if device.type == "cuda"
+                else ""
+            )
         ),
         "host_stream_chunks": plan.n_chunks,
         "host_stream_rows": plan.rows,

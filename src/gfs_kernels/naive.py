@@ -1,4 +1,4 @@
-""""naive": the baseline every other backend is measured against.
+""" "naive": the baseline every other backend is measured against.
 
 A Python loop over candidates that evaluates each candidate's loss ||y - (t z + u_j)/(t+1)||^2
 with torch operations, one evaluation per candidate per step, as published GFS code does (as
@@ -8,6 +8,7 @@ are small integers times a power of two, and the lowest index wins).
 (The Frank-Wolfe gap, a certificate rather than part of the selection, is one vectorised
 product per step.)
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-""""torch": the vectorised PyTorch reference of the streaming step, any device, any dtype.
+""" "torch": the vectorised PyTorch reference of the streaming step, any device, any dtype.
 
 Readable rather than fast: every row's dot product is an elementwise product reduced along the
 row, one row chunk at a time (half-precision storage is upcast a slice at a time, never a full
@@ -6,6 +6,7 @@ float32 copy of U). It avoids BLAS gemv on purpose: gemv blocks rows and may rou
 identical rows differently by their position, which would break ties-to-the-lowest-index;
 a row-wise reduction rounds every row the same way.
 """
+
 from __future__ import annotations
 
 import torch

@@ -10,6 +10,7 @@ ptxas on the kernel's PTX with `-v` and read its report. When a device is presen
 
     python -m gfs_kernels.triton_aot      # table of every kernel variant
 """
+
 from __future__ import annotations
 
 import os
@@ -80,7 +81,11 @@ def kernel_resources(compiled) -> dict:
     try:
         import torch
 
-        if torch.cuda.is_available() and 10 * torch.cuda.get_device_capability()[0] + torch.cuda.get_device_capability()[1] == compiled.metadata.target.arch:
+        if (
+            torch.cuda.is_available()
+            and 10 * torch.cuda.get_device_capability()[0] + torch.cuda.get_device_capability()[1]
+            == compiled.metadata.target.arch
+        ):
             compiled._init_handles()
             stats.update(registers=compiled.n_regs, spills=compiled.n_spills, source="driver")
     except Exception:  # no driver: keep ptxas's numbers
@@ -90,8 +95,11 @@ def kernel_resources(compiled) -> dict:
 
 def count_16byte_loads(ptx: str) -> int:
     """Global loads 16 bytes wide in the PTX (ld.global.v4.b32 / .v2.b64 and variants)."""
-    return sum(1 for line in ptx.splitlines()
-               if "ld.global" in line and (".v4.b32" in line or ".v4.f32" in line or ".v2.b64" in line or ".v2.f64" in line))
+    return sum(
+        1
+        for line in ptx.splitlines()
+        if "ld.global" in line and (".v4.b32" in line or ".v4.f32" in line or ".v2.b64" in line or ".v2.f64" in line)
+    )
 
 
 def compile_all(dtypes=None):
@@ -111,5 +119,7 @@ def compile_all(dtypes=None):
 
 if __name__ == "__main__":
     for name, res in compile_all():
-        print(f"{name:60s} regs {res['registers']:4d}  spills {res['spills']:3d}  "
-              f"stack {res.get('stack_frame', 0):4d}  smem {res['shared']:6d}  16B loads {res['loads16']}")
+        print(
+            f"{name:60s} regs {res['registers']:4d}  spills {res['spills']:3d}  "
+            f"stack {res.get('stack_frame', 0):4d}  smem {res['shared']:6d}  16B loads {res['loads16']}"
+        )

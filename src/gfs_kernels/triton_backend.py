@@ -1,4 +1,4 @@
-""""triton": the fused streaming step in Triton (kernels in `triton_step`).
+""" "triton": the fused streaming step in Triton (kernels in `triton_step`).
 
 Runs on CUDA devices; on CPU tensors only under the Triton interpreter (TRITON_INTERPRET=1,
 which must be set before triton is first imported), where it is a correctness check, not a
@@ -8,6 +8,7 @@ reading anything back, and reads the number of steps taken once at the end.
 Set GFS_TRITON_GRAPH=1 (or `TritonBackend(use_cuda_graph=True)`) to capture one step in a CUDA
 graph and replay it k - 1 times (fewer launch gaps for small problems).
 """
+
 from __future__ import annotations
 
 import importlib.util

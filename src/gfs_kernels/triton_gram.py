@@ -11,6 +11,7 @@ the plain PyTorch reference beside which this kernel is tested (TRITON_INTERPRET
 Uses Triton 3.6 language features only (tl.load/store/where/min/max, scf.if on scalars,
 tl.debug_barrier).
 """
+
 from __future__ import annotations
 
 import math
@@ -47,10 +48,21 @@ if triton is not None:
 
     @triton.jit
     def gram_uniform_kernel(
-        G, diag, b, ct, taken,  # (N, N) row stride stride_g; (N,); (N,); (N,) float64 scratch = 0; (N,) int8 = 0
-        out_idx, out_loss, out_gap, n_done,  # (k,) int64, (k,) float64, (k,) float64, (1,) int64
-        N, k, stride_g,
-        yy, count, stop_loss,  # float64 scalars
+        G,
+        diag,
+        b,
+        ct,
+        taken,  # (N, N) row stride stride_g; (N,); (N,); (N,) float64 scratch = 0; (N,) int8 = 0
+        out_idx,
+        out_loss,
+        out_gap,
+        n_done,  # (k,) int64, (k,) float64, (k,) float64, (1,) int64
+        N,
+        k,
+        stride_g,
+        yy,
+        count,
+        stop_loss,  # float64 scalars
         REPLACEMENT: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
@@ -120,8 +132,17 @@ if triton is not None:
                     done = 1
 
 
-def gram_uniform(G: torch.Tensor, b: torch.Tensor, yy: float, count: int, k: int, replacement: bool,
-                 stop_loss: float, *, block: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gram_uniform(
+    G: torch.Tensor,
+    b: torch.Tensor,
+    yy: float,
+    count: int,
+    k: int,
+    replacement: bool,
+    stop_loss: float,
+    *,
+    block: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The uniform loop from (G, b, yy, count) in one launch: (indices, losses, gaps), s <= k steps.
     `block` (a power of two) overrides the tile width (tests use small tiles to sweep many)."""
     why = unavailable_reason()
@@ -139,9 +160,23 @@ def gram_uniform(G: torch.Tensor, b: torch.Tensor, yy: float, count: int, k: int
     gaps = torch.empty(k, **f64)
     n_done = torch.zeros(1, dtype=torch.int64, device=dev)
     gram_uniform_kernel[(1,)](
-        G, diag, b.double().contiguous(), ct, taken, idx, losses, gaps, n_done,
-        N, k, G.stride(0), float(yy), float(count), float(stop_loss),
-        REPLACEMENT=bool(replacement), BLOCK=block or BLOCK,
+        G,
+        diag,
+        b.double().contiguous(),
+        ct,
+        taken,
+        idx,
+        losses,
+        gaps,
+        n_done,
+        N,
+        k,
+        G.stride(0),
+        float(yy),
+        float(count),
+        float(stop_loss),
+        REPLACEMENT=bool(replacement),
+        BLOCK=block or BLOCK,
         num_warps=NUM_WARPS,
     )
     s = int(n_done.item())
@@ -155,14 +190,27 @@ def compile_for(arch: int = 90, replacement: bool = True):
     from triton.compiler import ASTSource
 
     signature = {
-        "G": "*fp64", "diag": "*fp64", "b": "*fp64", "ct": "*fp64", "taken": "*i8",
-        "out_idx": "*i64", "out_loss": "*fp64", "out_gap": "*fp64", "n_done": "*i64",
-        "N": "i32", "k": "i32", "stride_g": "i64",
-        "yy": "fp64", "count": "fp64", "stop_loss": "fp64",
-        "REPLACEMENT": "constexpr", "BLOCK": "constexpr",
+        "G": "*fp64",
+        "diag": "*fp64",
+        "b": "*fp64",
+        "ct": "*fp64",
+        "taken": "*i8",
+        "out_idx": "*i64",
+        "out_loss": "*fp64",
+        "out_gap": "*fp64",
+        "n_done": "*i64",
+        "N": "i32",
+        "k": "i32",
+        "stride_g": "i64",
+        "yy": "fp64",
+        "count": "fp64",
+        "stop_loss": "fp64",
+        "REPLACEMENT": "constexpr",
+        "BLOCK": "constexpr",
     }
-    src = ASTSource(fn=gram_uniform_kernel, signature=signature,
-                    constexprs={"REPLACEMENT": replacement, "BLOCK": BLOCK})
+    src = ASTSource(
+        fn=gram_uniform_kernel, signature=signature, constexprs={"REPLACEMENT": replacement, "BLOCK": BLOCK}
+    )
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": NUM_WARPS})
 
 
@@ -178,8 +226,19 @@ def ptxas_report(compiled, arch: int = 90) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(compiled.asm["ptx"])
     try:
-        out = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a" if arch >= 90 else f"--gpu-name=sm_{arch}",
-                              f.name, "-o", os.devnull], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [
+                ptxas,
+                "-v",
+                f"--gpu-name=sm_{arch}a" if arch >= 90 else f"--gpu-name=sm_{arch}",
+                f.name,
+                "-o",
+                os.devnull,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     finally:
         os.unlink(f.name)
     text = out.stderr + out.stdout

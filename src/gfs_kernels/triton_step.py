@@ -28,6 +28,7 @@ tensors under TRITON_INTERPRET=1 (set before triton is imported).
 
 A plain PyTorch reference of the whole step lives beside the kernels (`reference_step`).
 """
+
 from __future__ import annotations
 
 import os
@@ -54,10 +55,20 @@ MF = tl.constexpr(2)
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def dots_partial_kernel(
-    U_ptr, v_ptr, part_ptr, part2_ptr, state_ptr,
-    N, M, stride_u, part_stride, chunk,
-    CHECK_DONE: tl.constexpr, WITH_NORMS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    U_ptr,
+    v_ptr,
+    part_ptr,
+    part2_ptr,
+    state_ptr,
+    N,
+    M,
+    stride_u,
+    part_stride,
+    chunk,
+    CHECK_DONE: tl.constexpr,
+    WITH_NORMS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """part[s, i] = sum over split s of U[i, m] v[m] (and part2[s, i] = sum U[i, m]^2).
 
@@ -105,9 +116,20 @@ def reduce_splits_kernel(part_ptr, out_ptr, n_splits, part_stride, N, BLOCK: tl.
 
 @triton.jit
 def select_kernel(
-    part_ptr, norms_ptr, b_ptr, taken_ptr, state_ptr, fstate_ptr, picks_ptr, gaps_ptr,
-    n_splits, part_stride, N,
-    REPLACEMENT: tl.constexpr, FINAL: tl.constexpr, BLOCK: tl.constexpr,
+    part_ptr,
+    norms_ptr,
+    b_ptr,
+    taken_ptr,
+    state_ptr,
+    fstate_ptr,
+    picks_ptr,
+    gaps_ptr,
+    n_splits,
+    part_stride,
+    N,
+    REPLACEMENT: tl.constexpr,
+    FINAL: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """One program. d = sum of the splits; pick argmin norms - 2 d (lowest index on ties,
     taken rows masked without replacement); gap at z_t from max_j (d_j - b_j) / t.
@@ -317,8 +339,13 @@ def launch_dots_partial(U, v, part, part2, state, splits, chunk, *, check_done, 
     cfg = config or prepare_config_for(v.dtype)
     grid = (triton.cdiv(N, cfg.block_n), splits)
     dots_partial_kernel[grid](
-        *common, CHECK_DONE=check_done, WITH_NORMS=with_norms, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        *common,
+        CHECK_DONE=check_done,
+        WITH_NORMS=with_norms,
+        BLOCK_N=cfg.block_n,
+        BLOCK_M=cfg.block_m,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
 
 
@@ -335,8 +362,18 @@ def prepare(U: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     splits, chunk = split_plan(N, M, U.device)
     part = torch.empty(2, splits, N, dtype=y.dtype, device=U.device)
     state = torch.zeros(4, dtype=torch.int64, device=U.device)
-    launch_dots_partial(U, y, part[0], part[1], state, splits, chunk, check_done=False, with_norms=True,
-                        config=prepare_config_for(y.dtype))
+    launch_dots_partial(
+        U,
+        y,
+        part[0],
+        part[1],
+        state,
+        splits,
+        chunk,
+        check_done=False,
+        with_norms=True,
+        config=prepare_config_for(y.dtype),
+    )
     norms = torch.empty(N, dtype=y.dtype, device=U.device)
     b = torch.empty_like(norms)
     _reduce_splits(part[1], norms, splits)
@@ -391,26 +428,57 @@ class GreedyLoop:
 
     def _select(self, final: bool):
         select_kernel[(1,)](
-            self.part, self.norms, self.b, self.taken, self.state, self.fstate, self.picks, self.gaps,
-            self.splits, self.part.stride(0), self.N,
-            REPLACEMENT=self.replacement, FINAL=final, BLOCK=SELECT_BLOCK, num_warps=SELECT_WARPS,
+            self.part,
+            self.norms,
+            self.b,
+            self.taken,
+            self.state,
+            self.fstate,
+            self.picks,
+            self.gaps,
+            self.splits,
+            self.part.stride(0),
+            self.N,
+            REPLACEMENT=self.replacement,
+            FINAL=final,
+            BLOCK=SELECT_BLOCK,
+            num_warps=SELECT_WARPS,
         )
 
     def step(self):
-        launch_dots_partial(self.U, self.q, self.part, self.part, self.state, self.splits, self.chunk,
-                            check_done=True, with_norms=False)
+        launch_dots_partial(
+            self.U, self.q, self.part, self.part, self.state, self.splits, self.chunk, check_done=True, with_norms=False
+        )
         self._select(final=False)
         update_kernel[(self.n_update,)](
-            self.U, self.y, self.S, self.q, self.lpart, self.state, self.U.stride(0), self.M,
-            BLOCK=UPDATE_BLOCK, num_warps=UPDATE_WARPS,
+            self.U,
+            self.y,
+            self.S,
+            self.q,
+            self.lpart,
+            self.state,
+            self.U.stride(0),
+            self.M,
+            BLOCK=UPDATE_BLOCK,
+            num_warps=UPDATE_WARPS,
         )
-        loss_kernel[(1,)](self.lpart, self.state, self.fstate, self.losses, self.n_update, BLOCK=LOSS_BLOCK,
-                          num_warps=LOSS_WARPS)
+        loss_kernel[(1,)](
+            self.lpart, self.state, self.fstate, self.losses, self.n_update, BLOCK=LOSS_BLOCK, num_warps=LOSS_WARPS
+        )
 
     def finish(self):
         """The gap at the last z (one more pass over U, run whatever the stop flag says)."""
-        launch_dots_partial(self.U, self.q, self.part, self.part, self.state, self.splits, self.chunk,
-                            check_done=False, with_norms=False)
+        launch_dots_partial(
+            self.U,
+            self.q,
+            self.part,
+            self.part,
+            self.state,
+            self.splits,
+            self.chunk,
+            check_done=False,
+            with_norms=False,
+        )
         self._select(final=True)
 
     def run(self, use_graph: bool = False):
@@ -484,47 +552,123 @@ def sm90_compile_specs(dtypes=(torch.float32, torch.bfloat16, torch.float16, tor
         for c in consts:
             full[c] = "constexpr"
         attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
-        specs.append(dict(name=name, fn=fn, signature=full, constexprs=dict(consts), attrs=attrs,
-                          options=dict(num_warps=warps, num_stages=stages)))
+        specs.append(
+            dict(
+                name=name,
+                fn=fn,
+                signature=full,
+                constexprs=dict(consts),
+                attrs=attrs,
+                options=dict(num_warps=warps, num_stages=stages),
+            )
+        )
 
     for dt in dtypes:
         acc = "fp64" if dt == torch.float64 else "fp32"
         st = _TT[dt]
-        dsig = {"U_ptr": f"*{st}", "v_ptr": f"*{acc}", "part_ptr": f"*{acc}", "part2_ptr": f"*{acc}",
-                "state_ptr": "*i64", "N": "i32", "M": "i32", "stride_u": "i32", "part_stride": "i32", "chunk": "i32"}
+        dsig = {
+            "U_ptr": f"*{st}",
+            "v_ptr": f"*{acc}",
+            "part_ptr": f"*{acc}",
+            "part2_ptr": f"*{acc}",
+            "state_ptr": "*i64",
+            "N": "i32",
+            "M": "i32",
+            "stride_u": "i32",
+            "part_stride": "i32",
+            "chunk": "i32",
+        }
         aligned = ("U_ptr", "v_ptr", "part_ptr", "part2_ptr", "state_ptr", "M", "stride_u", "chunk")
         for cfg in configs_for(dt):
             for check_done in (True, False):
-                add(f"dots_partial[{st},{cfg.block_n}x{cfg.block_m},w{cfg.num_warps}s{cfg.num_stages},"
+                add(
+                    f"dots_partial[{st},{cfg.block_n}x{cfg.block_m},w{cfg.num_warps}s{cfg.num_stages},"
                     f"{'step' if check_done else 'dots'}]",
-                    dots_partial_kernel, dsig,
+                    dots_partial_kernel,
+                    dsig,
                     {"CHECK_DONE": check_done, "WITH_NORMS": False, "BLOCK_N": cfg.block_n, "BLOCK_M": cfg.block_m},
-                    cfg.num_warps, cfg.num_stages, aligned)
+                    cfg.num_warps,
+                    cfg.num_stages,
+                    aligned,
+                )
         cfg = PREPARE_CONFIG_F64 if dt == torch.float64 else PREPARE_CONFIG
-        add(f"dots_partial[{st},{cfg.block_n}x{cfg.block_m},prepare]", dots_partial_kernel, dsig,
+        add(
+            f"dots_partial[{st},{cfg.block_n}x{cfg.block_m},prepare]",
+            dots_partial_kernel,
+            dsig,
             {"CHECK_DONE": False, "WITH_NORMS": True, "BLOCK_N": cfg.block_n, "BLOCK_M": cfg.block_m},
-            cfg.num_warps, cfg.num_stages, aligned)
+            cfg.num_warps,
+            cfg.num_stages,
+            aligned,
+        )
         cfg = configs_for(dt)[0]  # the unaligned path (M not a multiple of 16 bytes)
-        add(f"dots_partial[{st},{cfg.block_n}x{cfg.block_m},unaligned]", dots_partial_kernel, dsig,
+        add(
+            f"dots_partial[{st},{cfg.block_n}x{cfg.block_m},unaligned]",
+            dots_partial_kernel,
+            dsig,
             {"CHECK_DONE": True, "WITH_NORMS": False, "BLOCK_N": cfg.block_n, "BLOCK_M": cfg.block_m},
-            cfg.num_warps, cfg.num_stages, ("v_ptr", "part_ptr", "state_ptr"))
-        add(f"update[{st}]", update_kernel,
-            {"U_ptr": f"*{st}", "y_ptr": f"*{acc}", "S_ptr": "*fp64", "q_ptr": f"*{acc}", "lpart_ptr": "*fp64",
-             "state_ptr": "*i64", "stride_u": "i32", "M": "i32"},
-            {"BLOCK": UPDATE_BLOCK}, UPDATE_WARPS, 1, ("U_ptr", "y_ptr", "S_ptr", "q_ptr", "lpart_ptr", "state_ptr"))
+            cfg.num_warps,
+            cfg.num_stages,
+            ("v_ptr", "part_ptr", "state_ptr"),
+        )
+        add(
+            f"update[{st}]",
+            update_kernel,
+            {
+                "U_ptr": f"*{st}",
+                "y_ptr": f"*{acc}",
+                "S_ptr": "*fp64",
+                "q_ptr": f"*{acc}",
+                "lpart_ptr": "*fp64",
+                "state_ptr": "*i64",
+                "stride_u": "i32",
+                "M": "i32",
+            },
+            {"BLOCK": UPDATE_BLOCK},
+            UPDATE_WARPS,
+            1,
+            ("U_ptr", "y_ptr", "S_ptr", "q_ptr", "lpart_ptr", "state_ptr"),
+        )
     for acc in sorted({"fp64" if dt == torch.float64 else "fp32" for dt in dtypes}):
         for repl in (True, False):
-            for final in ((False, True) if repl else (False,)):
-                add(f"select[{acc},{'repl' if repl else 'norepl'}{',final' if final else ''}]", select_kernel,
-                    {"part_ptr": f"*{acc}", "norms_ptr": f"*{acc}", "b_ptr": f"*{acc}", "taken_ptr": "*i8",
-                     "state_ptr": "*i64", "fstate_ptr": "*fp64", "picks_ptr": "*i64", "gaps_ptr": "*fp64",
-                     "n_splits": "i32", "part_stride": "i32", "N": "i32"},
-                    {"REPLACEMENT": repl, "FINAL": final, "BLOCK": SELECT_BLOCK}, SELECT_WARPS, 1,
-                    ("part_ptr", "norms_ptr", "b_ptr", "taken_ptr", "state_ptr", "fstate_ptr", "picks_ptr", "gaps_ptr"))
-        add(f"reduce_splits[{acc}]", reduce_splits_kernel,
+            for final in (False, True) if repl else (False,):
+                add(
+                    f"select[{acc},{'repl' if repl else 'norepl'}{',final' if final else ''}]",
+                    select_kernel,
+                    {
+                        "part_ptr": f"*{acc}",
+                        "norms_ptr": f"*{acc}",
+                        "b_ptr": f"*{acc}",
+                        "taken_ptr": "*i8",
+                        "state_ptr": "*i64",
+                        "fstate_ptr": "*fp64",
+                        "picks_ptr": "*i64",
+                        "gaps_ptr": "*fp64",
+                        "n_splits": "i32",
+                        "part_stride": "i32",
+                        "N": "i32",
+                    },
+                    {"REPLACEMENT": repl, "FINAL": final, "BLOCK": SELECT_BLOCK},
+                    SELECT_WARPS,
+                    1,
+                    ("part_ptr", "norms_ptr", "b_ptr", "taken_ptr", "state_ptr", "fstate_ptr", "picks_ptr", "gaps_ptr"),
+                )
+        add(
+            f"reduce_splits[{acc}]",
+            reduce_splits_kernel,
             {"part_ptr": f"*{acc}", "out_ptr": f"*{acc}", "n_splits": "i32", "part_stride": "i32", "N": "i32"},
-            {"BLOCK": REDUCE_BLOCK}, REDUCE_WARPS, 1, ("part_ptr", "out_ptr"))
-    add("loss", loss_kernel,
+            {"BLOCK": REDUCE_BLOCK},
+            REDUCE_WARPS,
+            1,
+            ("part_ptr", "out_ptr"),
+        )
+    add(
+        "loss",
+        loss_kernel,
         {"lpart_ptr": "*fp64", "state_ptr": "*i64", "fstate_ptr": "*fp64", "losses_ptr": "*fp64", "n_parts": "i32"},
-        {"BLOCK": LOSS_BLOCK}, LOSS_WARPS, 1, ("lpart_ptr", "state_ptr", "fstate_ptr", "losses_ptr"))
+        {"BLOCK": LOSS_BLOCK},
+        LOSS_WARPS,
+        1,
+        ("lpart_ptr", "state_ptr", "fstate_ptr", "losses_ptr"),
+    )
     return specs

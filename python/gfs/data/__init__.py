@@ -8,11 +8,27 @@
   (`load_image_data`: digits, cifar10:DIR, imagefolder:DIR).
 - `splits`: which examples go where (a stratified split, class-balanced nested subsets).
 """
+
 from .idx import MNIST_FILES, IdxError, load_mnist_idx, read_idx, write_idx
 from .images import DATA_SPECS, DataSpecError, ImageData, load_image_data
 from .splits import balanced_quotas, balanced_subsets, stratified_split
 from .tabular import Dataset, load_digits, load_digits_split, standardise
 
-__all__ = ["Dataset", "load_digits_split", "load_digits", "standardise", "ImageData", "load_image_data",
-           "DataSpecError", "DATA_SPECS", "load_mnist_idx", "read_idx", "write_idx", "IdxError", "MNIST_FILES",
-           "stratified_split", "balanced_quotas", "balanced_subsets"]
+__all__ = [
+    "Dataset",
+    "load_digits_split",
+    "load_digits",
+    "standardise",
+    "ImageData",
+    "load_image_data",
+    "DataSpecError",
+    "DATA_SPECS",
+    "load_mnist_idx",
+    "read_idx",
+    "write_idx",
+    "IdxError",
+    "MNIST_FILES",
+    "stratified_split",
+    "balanced_quotas",
+    "balanced_subsets",
+]

@@ -4,6 +4,7 @@
   small IDX files), plain or gzipped, with the magic number, dimensions and file size checked.
 - `load_mnist_idx`: real MNIST (or any data set in MNIST's four-file layout) from a local folder.
 """
+
 from __future__ import annotations
 
 import gzip

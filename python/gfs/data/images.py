@@ -6,6 +6,7 @@ from a spec string (the CLI's ``--data``):
 - ``cifar10:DIR``: CIFAR-10 from local files in torchvision's layout;
 - ``imagefolder:DIR``: torchvision's ImageFolder (one sub-folder of images per class).
 """
+
 from __future__ import annotations
 
 import os
@@ -58,8 +59,10 @@ class ImageData:
     spec: str
 
     def describe(self) -> str:
-        return (f"{self.name}: {len(self.train)} train / {len(self.test)} test images of 3x{self.image_size}x"
-                f"{self.image_size}, {self.classes} classes")
+        return (
+            f"{self.name}: {len(self.train)} train / {len(self.test)} test images of 3x{self.image_size}x"
+            f"{self.image_size}, {self.classes} classes"
+        )
 
     def loaders(self, batch_size: int = 64, *, seed: int = 0, workers: int = 0, test_batch_size: int | None = None):
         """(train loader, test loader). The train loader shuffles with a generator seeded by
@@ -80,8 +83,14 @@ class ImageData:
 
         batch_size = check_int(batch_size, "batch_size")
         g = torch.Generator().manual_seed(int(seed))
-        train = DataLoader(self.train, batch_size=batch_size, shuffle=True, generator=g, num_workers=workers,
-                           drop_last=len(self.train) > batch_size)
+        train = DataLoader(
+            self.train,
+            batch_size=batch_size,
+            shuffle=True,
+            generator=g,
+            num_workers=workers,
+            drop_last=len(self.train) > batch_size,
+        )
         test = DataLoader(self.test, batch_size=test_batch_size or 2 * batch_size, shuffle=False, num_workers=workers)
         return train, test
 
@@ -118,8 +127,14 @@ class ImageData:
             return Subset(ds, torch.randperm(len(ds), generator=g)[:n].tolist())
 
         name = self.name + (f", subset {train or len(self.train)} / {test or len(self.test)}" if train or test else "")
-        return ImageData(name, take(self.train, train, "train"), take(self.test, test, "test"), self.classes,
-                         self.image_size, self.spec)
+        return ImageData(
+            name,
+            take(self.train, train, "train"),
+            take(self.test, test, "test"),
+            self.classes,
+            self.image_size,
+            self.spec,
+        )
 
 
 def _digits_images(image_size: int, test_fraction: float, seed: int) -> ImageData:
@@ -138,9 +153,14 @@ def _digits_images(image_size: int, test_fraction: float, seed: int) -> ImageDat
     mean, std = x_train.mean(), x_train.std()  # one value for every pixel: the images are grey
     x_train, x_test = ((x_train - mean) / std).contiguous(), ((x_test - mean) / std).contiguous()
     yt = torch.from_numpy(y)
-    return ImageData(f"digits (scikit-learn 8x8, upsampled to {image_size}x{image_size}, 3 channels)",
-                     TensorDataset(x_train, yt[torch.from_numpy(train_idx)]),
-                     TensorDataset(x_test, yt[torch.from_numpy(test_idx)]), 10, image_size, "digits")
+    return ImageData(
+        f"digits (scikit-learn 8x8, upsampled to {image_size}x{image_size}, 3 channels)",
+        TensorDataset(x_train, yt[torch.from_numpy(train_idx)]),
+        TensorDataset(x_test, yt[torch.from_numpy(test_idx)]),
+        10,
+        image_size,
+        "digits",
+    )
 
 
 def _transform(image_size: int, native: int | None, mean, std):
@@ -158,8 +178,10 @@ def _cifar10(directory: str, image_size: int, what: str) -> ImageData:
     import torchvision
 
     folder = os.path.join(directory, "cifar-10-batches-py")
-    expected = ("cifar10:DIR expects DIR/cifar-10-batches-py holding data_batch_1 .. data_batch_5, test_batch and "
-                "batches.meta (the folder torchvision.datasets.CIFAR10(root=DIR) reads; nothing is downloaded)")
+    expected = (
+        "cifar10:DIR expects DIR/cifar-10-batches-py holding data_batch_1 .. data_batch_5, test_batch and "
+        "batches.meta (the folder torchvision.datasets.CIFAR10(root=DIR) reads; nothing is downloaded)"
+    )
     if not os.path.isdir(directory):
         raise DataSpecError(f"{what} cifar10:{directory}: {directory!r} is not a folder; {expected}")
     if not os.path.isdir(folder):
@@ -169,17 +191,27 @@ def _cifar10(directory: str, image_size: int, what: str) -> ImageData:
         train = torchvision.datasets.CIFAR10(directory, train=True, transform=tf, download=False)
         test = torchvision.datasets.CIFAR10(directory, train=False, transform=tf, download=False)
     except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted"
-        raise DataSpecError(f"{what} cifar10:{directory}: torchvision cannot read {folder!r} ({exc}); {expected}") from None
-    return ImageData(f"CIFAR-10 ({folder}, {image_size}x{image_size})", train, test, len(train.classes), image_size,
-                     f"cifar10:{directory}")
+        raise DataSpecError(
+            f"{what} cifar10:{directory}: torchvision cannot read {folder!r} ({exc}); {expected}"
+        ) from None
+    return ImageData(
+        f"CIFAR-10 ({folder}, {image_size}x{image_size})",
+        train,
+        test,
+        len(train.classes),
+        image_size,
+        f"cifar10:{directory}",
+    )
 
 
 def _imagefolder(directory: str, image_size: int, test_fraction: float, seed: int, what: str) -> ImageData:
     import torchvision
     from torch.utils.data import Subset
 
-    expected = ("imagefolder:DIR expects one sub-folder of images per class, in DIR/train and DIR/val "
-                "(or DIR/test), or directly in DIR (then split into train and test by a seeded, stratified shuffle)")
+    expected = (
+        "imagefolder:DIR expects one sub-folder of images per class, in DIR/train and DIR/val "
+        "(or DIR/test), or directly in DIR (then split into train and test by a seeded, stratified shuffle)"
+    )
     if not os.path.isdir(directory):
         raise DataSpecError(f"{what} imagefolder:{directory}: {directory!r} is not a folder; {expected}")
     tf = _transform(image_size, None, _IMAGENET_MEAN, _IMAGENET_STD)
@@ -191,29 +223,40 @@ def _imagefolder(directory: str, image_size: int, test_fraction: float, seed: in
             raise DataSpecError(f"{what} imagefolder:{directory}: {path!r}: {exc}; {expected}") from None
 
     train_dir = os.path.join(directory, "train")
-    val_dir = next((os.path.join(directory, v) for v in ("val", "test") if os.path.isdir(os.path.join(directory, v))),
-                   None)
+    val_dir = next(
+        (os.path.join(directory, v) for v in ("val", "test") if os.path.isdir(os.path.join(directory, v))), None
+    )
     if os.path.isdir(train_dir) and val_dir is not None:
         train, test = folder(train_dir), folder(val_dir)
         if train.classes != test.classes:
             raise DataSpecError(
                 f"{what} imagefolder:{directory}: the class folders differ between {train_dir!r} "
-                f"({_few(train.classes)}) and {val_dir!r} ({_few(test.classes)}); both need the same classes")
+                f"({_few(train.classes)}) and {val_dir!r} ({_few(test.classes)}); both need the same classes"
+            )
         where = f"{train_dir} / {val_dir}"
     elif os.path.isdir(train_dir):
-        raise DataSpecError(f"{what} imagefolder:{directory}: {train_dir!r} exists but no DIR/val or DIR/test beside it; "
-                            f"{expected}")
+        raise DataSpecError(
+            f"{what} imagefolder:{directory}: {train_dir!r} exists but no DIR/val or DIR/test beside it; {expected}"
+        )
     else:
         full = folder(directory)
         tr, te = stratified_split(np.asarray(full.targets, dtype=np.int64), test_fraction, seed)
         if len(tr) == 0 or len(te) == 0:
-            raise DataSpecError(f"{what} imagefolder:{directory}: {len(full)} images are too few to split into train "
-                                f"and test; add images or give DIR/train and DIR/val")
+            raise DataSpecError(
+                f"{what} imagefolder:{directory}: {len(full)} images are too few to split into train "
+                f"and test; add images or give DIR/train and DIR/val"
+            )
         train, test = Subset(full, tr.tolist()), Subset(full, te.tolist())
         train.classes = test.classes = full.classes
         where = f"{directory}, split {1 - test_fraction:.0%} / {test_fraction:.0%} with seed {seed}"
-    return ImageData(f"image folder ({where}, {image_size}x{image_size})", train, test, len(train.classes), image_size,
-                     f"imagefolder:{directory}")
+    return ImageData(
+        f"image folder ({where}, {image_size}x{image_size})",
+        train,
+        test,
+        len(train.classes),
+        image_size,
+        f"imagefolder:{directory}",
+    )
 
 
 def _few(names, n=5):
@@ -221,8 +264,14 @@ def _few(names, n=5):
     return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
 
 
-def load_image_data(spec: str | None = "digits", *, image_size: int | None = None, test_fraction: float = 0.2,
-                    seed: int = 0, what: str = "--data") -> ImageData:
+def load_image_data(
+    spec: str | None = "digits",
+    *,
+    image_size: int | None = None,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    what: str = "--data",
+) -> ImageData:
     """Image classification data from a spec string (the CLI's ``--data``).
 
     Parameters

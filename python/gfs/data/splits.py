@@ -3,6 +3,7 @@
 Both take class labels (a numpy int array) and a seed, and return indices; the same seed gives
 the same indices on every machine.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -7,6 +7,7 @@ holds it (gfs.demo's two-layer network, gfs.experiments' studies).
 - `load_digits`: the same 1797 images, scaled to [0, 1], all in the training split (the studies
   draw their own sub-data-sets from it).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

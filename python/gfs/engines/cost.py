@@ -24,6 +24,7 @@ plus 8 N k for refit) would take more than half the free memory of the device. W
 estimates are under 2 ms the streaming engine is kept (nothing to win; it never allocates N x N
 and keeps z exactly).
 """
+
 from __future__ import annotations
 
 import math
@@ -131,11 +132,18 @@ def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.flo
         B = torch.rand(n, 64, generator=g, device=device, dtype=torch.float64)
         GG, bb = B @ B.T, torch.rand(n, generator=g, device=device, dtype=torch.float64)
         looper, _ = plan.backend_for("gram", device, torch.float64, "uniform")
-        t = _best_of(lambda: gram.run(looper, GG, bb, 1e3, 64, ksteps, step="uniform", replacement=True,
-                                      stop_loss=-1.0, tol=1e-9), repeat=9)
+        t = _best_of(
+            lambda: gram.run(
+                looper, GG, bb, 1e3, 64, ksteps, step="uniform", replacement=True, stop_loss=-1.0, tol=1e-9
+            ),
+            repeat=9,
+        )
         per_element = t / (ksteps * n)
         # the whole Gram pipeline on a tiny problem: statistics, dense loss, loop
-        Ut, yt = torch.rand(64, 64, generator=g, device=device, dtype=acc), torch.rand(64, generator=g, device=device, dtype=acc)
+        Ut, yt = (
+            torch.rand(64, 64, generator=g, device=device, dtype=acc),
+            torch.rand(64, generator=g, device=device, dtype=acc),
+        )
 
         def tiny():
             G = torch.zeros(64, 64, dtype=torch.float64, device=device)
@@ -144,8 +152,18 @@ def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.flo
             b = (Ut @ yt).double()
             buf.flush(G)
             float(G.mean()), float(b.mean())
-            gram.run(looper, G, b, float(yt.double() @ yt.double()), 64, 1, step="uniform", replacement=True,
-                     stop_loss=-1.0, tol=1e-9)
+            gram.run(
+                looper,
+                G,
+                b,
+                float(yt.double() @ yt.double()),
+                64,
+                1,
+                step="uniform",
+                replacement=True,
+                stop_loss=-1.0,
+                tol=1e-9,
+            )
 
         fixed_gram = _best_of(tiny, repeat=15)
         P = torch.rand(64, 1 << 14, generator=g, device=device, dtype=torch.float64)
@@ -153,8 +171,19 @@ def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.flo
         flops = 2 * P.numel() / _best_of(lambda: l @ P, repeat=5)
         _GRAM[gkey] = (gemm, gemm_small, per_flush, per_n2, fixed_gram, per_element, flops)
     gemm, gemm_small, per_flush, per_n2, fixed_gram, per_element, flops = _GRAM[gkey]
-    out = Rates(bandwidth, cached_bandwidth, per_step, fixed_stream, gemm, gemm_small, per_flush, per_n2,
-                fixed_gram, per_element, flops)
+    out = Rates(
+        bandwidth,
+        cached_bandwidth,
+        per_step,
+        fixed_stream,
+        gemm,
+        gemm_small,
+        per_flush,
+        per_n2,
+        fixed_gram,
+        per_element,
+        flops,
+    )
     _CACHE[key] = out
     return out
 
@@ -203,8 +232,15 @@ def free_memory(device: torch.device) -> float:
 HEADROOM = 0.9  # a device-resident selection uses at most this fraction of the free device memory
 
 
-def fits_on_device(N: int, M: int, dtype: torch.dtype, device: torch.device, *, free_bytes: float | None = None,
-                   headroom: float = HEADROOM) -> bool:
+def fits_on_device(
+    N: int,
+    M: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    free_bytes: float | None = None,
+    headroom: float = HEADROOM,
+) -> bool:
     """True when features (N, M) of `dtype` plus the GPU backends' workspace fit in `headroom`
     of the device's free memory (always True off CUDA)."""
     from gfs_kernels.host_stream import workspace_bytes
@@ -225,8 +261,16 @@ class Estimate:
     free_bytes: float
 
 
-def estimate(N: int, M: int, k: int, dtype: torch.dtype, step: str, device: torch.device, backend=None,
-             rates: Rates | None = None) -> Estimate:
+def estimate(
+    N: int,
+    M: int,
+    k: int,
+    dtype: torch.dtype,
+    step: str,
+    device: torch.device,
+    backend=None,
+    rates: Rates | None = None,
+) -> Estimate:
     """Estimated seconds of each engine (features given), and the Gram engine's memory; `rates`
     default to this machine's measured ones (`calibrate`)."""
     from . import gram
@@ -240,8 +284,12 @@ def estimate(N: int, M: int, k: int, dtype: torch.dtype, step: str, device: torc
     step_factor = {"uniform": 1.0, "line_search": 1.5, "refit": 4.0}[step]
     stream = R.fixed_stream + 2 * pass_s + k * (pass_s + step_factor * R.per_step)
     loop_factor = {"uniform": 1.0, "line_search": 3.5, "refit": 3.5}[step]
-    gram = (R.fixed_gram + gram.build_flops(N, M) / product_rate(R, N)
-            + N * N * (math.ceil(M / gram.DEFAULT_CHUNK) * R.per_flush + R.per_n2) + loop_factor * k * N * R.per_element)
+    gram = (
+        R.fixed_gram
+        + gram.build_flops(N, M) / product_rate(R, N)
+        + N * N * (math.ceil(M / gram.DEFAULT_CHUNK) * R.per_flush + R.per_n2)
+        + loop_factor * k * N * R.per_element
+    )
     gram_bytes = 8.0 * N * N
     if step == "refit":
         proj = kk * kk * N / R.flops  # O(N |set|) projections per step
@@ -253,13 +301,25 @@ def estimate(N: int, M: int, k: int, dtype: torch.dtype, step: str, device: torc
 
 
 # Rough rates of a small CPU, used to decide without measuring when the answer is clear.
-DEFAULT = Rates(bandwidth=10e9, cached_bandwidth=20e9, per_step=80e-6, fixed_stream=1e-3, gemm=60e9, gemm_small=30e9,
-                per_flush=5e-9, per_n2=5e-9, fixed_gram=2e-3, per_element=2e-9, flops=5e9)
+DEFAULT = Rates(
+    bandwidth=10e9,
+    cached_bandwidth=20e9,
+    per_step=80e-6,
+    fixed_stream=1e-3,
+    gemm=60e9,
+    gemm_small=30e9,
+    per_flush=5e-9,
+    per_n2=5e-9,
+    fixed_gram=2e-3,
+    per_element=2e-9,
+    flops=5e9,
+)
 _CLEAR = 4.0  # an estimate this many times the other needs no measurement
 
 
-def faster_engine(N: int, M: int, k: int, dtype: torch.dtype, step: str, device: torch.device,
-                  backend) -> tuple[str, str]:
+def faster_engine(
+    N: int, M: int, k: int, dtype: torch.dtype, step: str, device: torch.device, backend
+) -> tuple[str, str]:
     """("stream" | "gram", reason) for features of shape (N, M), `backend` the streaming backend
     that would run. Decides from default rates when the answer is clear (one engine estimated
     >= 4x faster, or both under 2 ms) and measures the machine (`calibrate`, once per process)
@@ -291,8 +351,10 @@ def _choose(N, M, k, dtype, step, device, backend) -> tuple[str, str]:
     shape = f"N={N}, M={M}, k={k}, {str(dtype).removeprefix('torch.')}, {step}"
     times = f"estimated {est.gram:.3g} s Gram vs {est.stream:.3g} s streaming ({source})"
     if est.gram_bytes > 0.5 * est.free_bytes:  # (free_bytes is read only when G is large)
-        return "stream", (f"auto: streaming engine, the N x N statistics ({est.gram_bytes / 2**30:.3g} GiB) "
-                          f"exceed half the free memory ({est.free_bytes / 2**30:.3g} GiB); {shape}")
+        return "stream", (
+            f"auto: streaming engine, the N x N statistics ({est.gram_bytes / 2**30:.3g} GiB) "
+            f"exceed half the free memory ({est.free_bytes / 2**30:.3g} GiB); {shape}"
+        )
     if est.gram < est.stream and est.stream >= _SMALL:
         return "gram", f"auto: Gram engine, {times}; {shape}"
     why = "" if est.gram >= est.stream else " (both under 2 ms)"
@@ -315,5 +377,14 @@ def conv2d_method(C: int, C_out: int, K: int, positions: int = 1, has_target: bo
     return "offsets" if offsets <= materialise else "materialise"
 
 
-__all__ = ["Rates", "calibrate", "estimate", "faster_engine", "free_memory", "fits_on_device", "conv2d_method",
-           "Estimate", "DEFAULT"]
+__all__ = [
+    "Rates",
+    "calibrate",
+    "estimate",
+    "faster_engine",
+    "free_memory",
+    "fits_on_device",
+    "conv2d_method",
+    "Estimate",
+    "DEFAULT",
+]

@@ -10,6 +10,7 @@ device). Every loop works in float64 and ties go to the lowest index.
 Building G is here too: the block-triangle product (`Accumulator`) that gfs.GramStats and the
 layer statistics use, and whose rate the cost model measures.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,13 +28,33 @@ def tolerance(precision: torch.dtype) -> float:
     return 1e-9 if precision == torch.float64 else 1e-4
 
 
-def run(backend: Backend, G: torch.Tensor, b: torch.Tensor, yy: float, count: int, k: int, *, step: str,
-        replacement: bool, stop_loss: float, tol: float) -> LoopResult:
+def run(
+    backend: Backend,
+    G: torch.Tensor,
+    b: torch.Tensor,
+    yy: float,
+    count: int,
+    k: int,
+    *,
+    step: str,
+    replacement: bool,
+    stop_loss: float,
+    tol: float,
+) -> LoopResult:
     """Run `step` for at most k steps from (G, b, yy, count) on `backend` (planned by gfs.engines.plan)."""
     if step in backend.native_gram:
         return backend.gram_loop(G, b, yy, count, k, step, replacement, stop_loss, tol)
-    res = LOOPS[step](lambda j: G[j], torch.diagonal(G).contiguous(), b, yy, count, k, replacement=replacement,
-                      stop_loss=stop_loss, tol=tol)
+    res = LOOPS[step](
+        lambda j: G[j],
+        torch.diagonal(G).contiguous(),
+        b,
+        yy,
+        count,
+        k,
+        replacement=replacement,
+        stop_loss=stop_loss,
+        tol=tol,
+    )
     res.notes["gram_loop"] = "Python loop over torch operations"
     return res
 

@@ -10,6 +10,7 @@ Both loops keep c_j = <z, u_j>, zz = ||z||^2 and zb = <z, y>: `stream_loop` gets
 from one `dots` pass per step (z itself kept in float64 for the exact loss), `gram_loop` updates
 c from one row of G. csrc/cpu/gram_cpu.cpp follows `gram_loop`.
 """
+
 from __future__ import annotations
 
 import math

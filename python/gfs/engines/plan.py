@@ -6,6 +6,7 @@ and preference order (gfs_kernels' registry) and one cost model (gfs.engines.cos
 streaming vs Gram and for whether features fit in device memory). Each decision carries a
 one-line `reason` that ends up in Selection.reason.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,8 +38,9 @@ class Plan:
     placement: str = "resident"
 
 
-def backend_for(engine: str, device: torch.device, dtype: torch.dtype, step: str = "uniform",
-                backend: str = "auto") -> tuple[Backend, str]:
+def backend_for(
+    engine: str, device: torch.device, dtype: torch.dtype, step: str = "uniform", backend: str = "auto"
+) -> tuple[Backend, str]:
     """(backend, reason) for `engine` on (device, dtype, step): the requested one, checked, or the
     first usable one in the registry's preference order, with why the faster ones were skipped."""
     device = torch.device(device)
@@ -47,27 +49,46 @@ def backend_for(engine: str, device: torch.device, dtype: torch.dtype, step: str
         why_not = chosen.supports(device, dtype, engine, step)
         if engine == "gram" and "gram" not in chosen.engines:
             known = [n for n in gfs_kernels.names() if "gram" in gfs_kernels.get(n).engines]
-            raise ValueError(f"the Gram engine has no backend {backend!r}; choose one of {['auto', *known]} "
-                             f"(or engine='stream' to use the streaming backend {backend!r})")
+            raise ValueError(
+                f"the Gram engine has no backend {backend!r}; choose one of {['auto', *known]} "
+                f"(or engine='stream' to use the streaming backend {backend!r})"
+            )
         if why_not:
             what = "Gram backend" if engine == "gram" else "backend"
-            raise ValueError(f"{what} {backend!r} cannot run here: {why_not}; use backend='auto'"
-                             + ("" if engine == "gram" else f" or another of {gfs_kernels.names()}"))
+            raise ValueError(
+                f"{what} {backend!r} cannot run here: {why_not}; use backend='auto'"
+                + ("" if engine == "gram" else f" or another of {gfs_kernels.names()}")
+            )
         return chosen, "requested"
     skipped = []
     for name in gfs_kernels.PREFERENCE[engine].get(device.type, ["torch"]):
         candidate = gfs_kernels.get(name)
         why_not = candidate.supports(device, dtype, engine, step)
         if why_not is None:
-            what = f"{name} is the fastest usable Gram backend for {device.type}/{step}" if engine == "gram" else (
-                f"auto: {name} is the fastest usable backend for {device.type}/{str(dtype).removeprefix('torch.')}")
+            what = (
+                f"{name} is the fastest usable Gram backend for {device.type}/{step}"
+                if engine == "gram"
+                else (
+                    f"auto: {name} is the fastest usable backend for {device.type}/{str(dtype).removeprefix('torch.')}"
+                )
+            )
             return candidate, what + (" (skipped " + "; ".join(skipped) + ")" if skipped else "")
         skipped.append(f"{name}: {why_not}")
     raise RuntimeError(f"no {engine} backend can run here: " + "; ".join(skipped))
 
 
-def plan(N: int, M: int, k: int, dtype: torch.dtype, step: str, device: torch.device, *, engine: str = "auto",
-         backend: str = "auto", from_stats: bool = False) -> Plan:
+def plan(
+    N: int,
+    M: int,
+    k: int,
+    dtype: torch.dtype,
+    step: str,
+    device: torch.device,
+    *,
+    engine: str = "auto",
+    backend: str = "auto",
+    from_stats: bool = False,
+) -> Plan:
     """The plan of gfs.select for features (N, M) of `dtype` on `device` (or statistics of N
     candidates, `from_stats`), k steps of `step`, with the caller's engine and backend names."""
     if engine not in ENGINES:
@@ -79,14 +100,20 @@ def plan(N: int, M: int, k: int, dtype: torch.dtype, step: str, device: torch.de
                 "engine='stream' needs the features matrix, and a GramStats holds only statistics; "
                 "use engine='gram' (or 'auto'), or pass the features and targets"
             )
-        why = "Gram engine: statistics given (the only engine that needs no features)" if engine == "auto" else (
-            "gram engine requested")
+        why = (
+            "Gram engine: statistics given (the only engine that needs no features)"
+            if engine == "auto"
+            else ("gram engine requested")
+        )
         chosen, reason = backend_for("gram", device, torch.float64, step, backend)
         return Plan("gram", chosen, f"{why}; backend: {reason}")
     if engine == "auto":
         if backend != "auto":
             gfs_kernels.get(backend)  # an unknown name is an error before anything else
-            engine, why = "stream", f"streaming engine: backend {backend!r} requested (engine='gram' runs the Gram engine)"
+            engine, why = (
+                "stream",
+                f"streaming engine: backend {backend!r} requested (engine='gram' runs the Gram engine)",
+            )
         else:
             engine, why = cost.faster_engine(N, M, k, dtype, step, device, backend_for("stream", device, dtype)[0])
     else:

@@ -11,6 +11,7 @@ the fit is unchanged (gamma 0).
 as G[j, :] = U u_j with one `dots` pass (and rebuilds z from the weights for the exact loss).
 csrc/cpu/gram_cpu.cpp follows `RefitState` and `gram_loop`.
 """
+
 from __future__ import annotations
 
 import math
@@ -85,8 +86,9 @@ class RefitState:
     def weights(self, n, device) -> torch.Tensor:
         w = torch.zeros(n, dtype=torch.float64)
         if self.t:
-            beta = torch.linalg.solve_triangular(self.L.T, torch.tensor(self.t, dtype=torch.float64)[:, None],
-                                                 upper=True)[:, 0]
+            beta = torch.linalg.solve_triangular(
+                self.L.T, torch.tensor(self.t, dtype=torch.float64)[:, None], upper=True
+            )[:, 0]
             w[self.members[1:]] = beta
             w[self.s0] = 1.0 - float(beta.sum())
         else:
@@ -94,8 +96,19 @@ class RefitState:
         return w.to(device)
 
 
-def gram_loop(rows: Rows, diag, b, yy, count, k, *, replacement=True, stop_loss=-1.0, tol=1e-9,
-               exact_loss: Callable[[RefitState], float] | None = None) -> LoopResult:
+def gram_loop(
+    rows: Rows,
+    diag,
+    b,
+    yy,
+    count,
+    k,
+    *,
+    replacement=True,
+    stop_loss=-1.0,
+    tol=1e-9,
+    exact_loss: Callable[[RefitState], float] | None = None,
+) -> LoopResult:
     """Refit: after each addition the chosen set's weights are re-fit by affine least squares
     (weights sum to 1, any sign). A step adds the candidate whose addition lowers the refit loss
     most (step 0: the single best candidate). `exact_loss(state)`, when given, replaces the loss
@@ -143,5 +156,15 @@ def stream_loop(backend: Backend, U, y, k, replacement, stop_loss, tol) -> LoopR
         r = y64 - z
         return float(r @ r) / M
 
-    return gram_loop(rows, norms.double(), b.double(), float(y64 @ y64), M, k, replacement=replacement,
-                     stop_loss=stop_loss, tol=tol, exact_loss=exact_loss)
+    return gram_loop(
+        rows,
+        norms.double(),
+        b.double(),
+        float(y64 @ y64),
+        M,
+        k,
+        replacement=replacement,
+        stop_loss=stop_loss,
+        tol=tol,
+        exact_loss=exact_loss,
+    )

@@ -5,6 +5,7 @@ loop where it has one (else gfs.engines.uniform's loop over `prepare` / `dots`),
 refit through their modules' streaming loops. Features in host memory for a GPU backend are
 moved there once, or streamed from the host every step (gfs_kernels.host_stream), as planned.
 """
+
 from __future__ import annotations
 
 import torch
@@ -16,22 +17,25 @@ from . import gram, line_search, refit, uniform
 from .plan import Plan
 
 
-def run(p: Plan, U: torch.Tensor, y: torch.Tensor, k: int, *, step: str, replacement: bool,
-        stop_loss: float) -> LoopResult:
+def run(
+    p: Plan, U: torch.Tensor, y: torch.Tensor, k: int, *, step: str, replacement: bool, stop_loss: float
+) -> LoopResult:
     """Run `step` for at most k steps on plan `p`; U (N, M) contiguous, y (M,) in the
     accumulation dtype. notes["host_stream"] says where host features went."""
     if p.placement == "stream":
         return host_stream.greedy_uniform_streamed(p.backend, U, y, k, replacement, stop_loss, device=p.device)
     if p.placement == "upload":
-        res = run_on(p.backend, U.to(p.device), y.to(p.device), k, step=step, replacement=replacement,
-                     stop_loss=stop_loss)
+        res = run_on(
+            p.backend, U.to(p.device), y.to(p.device), k, step=step, replacement=replacement, stop_loss=stop_loss
+        )
         res.notes["host_stream"] = f"U moved to {p.device} once (it fits in the free device memory)"
         return res
     return run_on(p.backend, U, y, k, step=step, replacement=replacement, stop_loss=stop_loss)
 
 
-def run_on(backend: Backend, U: torch.Tensor, y: torch.Tensor, k: int, *, step: str, replacement: bool,
-           stop_loss: float) -> LoopResult:
+def run_on(
+    backend: Backend, U: torch.Tensor, y: torch.Tensor, k: int, *, step: str, replacement: bool, stop_loss: float
+) -> LoopResult:
     """Run `step` with `backend` on U where it is."""
     if step == "uniform":
         if backend.native_uniform:

@@ -13,6 +13,7 @@ Two loops, the readable statement of the rule that the native kernels follow ste
   sharded across processes (gfs.distributed passes a `Shard` that agrees on each pick);
 - `gram_loop`: from the statistics, one row of G per step.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,8 +42,15 @@ class Whole:
         return value
 
 
-def stream_loop(backend: Backend, U: torch.Tensor, y: torch.Tensor, k: int, replacement: bool, stop_loss: float,
-                shard: Whole | None = None) -> LoopResult:
+def stream_loop(
+    backend: Backend,
+    U: torch.Tensor,
+    y: torch.Tensor,
+    k: int,
+    replacement: bool,
+    stop_loss: float,
+    shard: Whole | None = None,
+) -> LoopResult:
     """The uniform rule driven from Python over `backend.prepare` / `backend.dots`. z and r are
     kept in float64; the reported loss is the exact ||r_{t+1}||^2 / M. `shard` (default: all of
     U in this process) picks the winner and reduces the gap's max."""
@@ -121,5 +129,10 @@ def gram_loop(rows: Rows, diag, b, yy, count, k, *, replacement=True, stop_loss=
 def pack(picks, losses, gaps, gammas, w, device) -> LoopResult:
     """A LoopResult from the Python lists of a loop."""
     f64 = dict(dtype=torch.float64, device=device)
-    return LoopResult(torch.tensor(picks, dtype=torch.int64, device=device), torch.tensor(losses, **f64),
-                      torch.tensor(gaps, **f64), torch.tensor(gammas, **f64), w)
+    return LoopResult(
+        torch.tensor(picks, dtype=torch.int64, device=device),
+        torch.tensor(losses, **f64),
+        torch.tensor(gaps, **f64),
+        torch.tensor(gammas, **f64),
+        w,
+    )

@@ -10,8 +10,18 @@ gfs.data; their least-squares fits from `gfs.experiments.fits`.
 
 Command line: `gfs study pretraining|singular-values ...` (or `python -m gfs.experiments study ...`).
 """
+
 from .pretraining import PretrainingConfig, StudyResult, plot_study, pretraining_study, red_line, summarise
 from .singular_values import SingularValueResult, plot_singular_values, singular_value_study
 
-__all__ = ["pretraining_study", "PretrainingConfig", "StudyResult", "red_line", "summarise", "plot_study",
-           "singular_value_study", "SingularValueResult", "plot_singular_values"]
+__all__ = [
+    "pretraining_study",
+    "PretrainingConfig",
+    "StudyResult",
+    "red_line",
+    "summarise",
+    "plot_study",
+    "singular_value_study",
+    "SingularValueResult",
+    "plot_singular_values",
+]

@@ -1,4 +1,5 @@
 """python -m gfs.experiments study pretraining|singular-values [...]"""
+
 import sys
 
 from .cli import main

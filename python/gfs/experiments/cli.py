@@ -8,6 +8,7 @@ Wire into gfs.cli with:
 Each subcommand sets `func` (args -> exit code), like `gfs demo`. Heavy modules are imported by
 the handler, so `--help` stays instant.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,45 +20,69 @@ from ..argtypes import int_list, positive_int
 def add_study_parser(subparsers) -> argparse.ArgumentParser:
     """Register `study pretraining` and `study singular-values` under `subparsers`."""
     study = subparsers.add_parser(
-        "study", help="the papers' studies: pre-training sufficiency (Figure 1), singular values (Appendix C)",
-        description="Reproduce the studies of 'How Much Pre-training Is Enough to Discover a Good Subnetwork?'.")
+        "study",
+        help="the papers' studies: pre-training sufficiency (Figure 1), singular values (Appendix C)",
+        description="Reproduce the studies of 'How Much Pre-training Is Enough to Discover a Good Subnetwork?'.",
+    )
     ssub = study.add_subparsers(dest="study", metavar="STUDY")
     ssub.required = True
 
     pre = ssub.add_parser(
-        "pretraining", help="pruned accuracy vs data-set size and pre-training iterations, with the red line",
+        "pretraining",
+        help="pruned accuracy vs data-set size and pre-training iterations, with the red line",
         description=(
             "Pre-train mean-field two-layer ReLU networks (sigmoid output, BCE, labels digit<5 vs >=5) on class-balanced "
             "sub-data-sets of growing size; every P iterations prune the hidden layer by greedy forward selection (no "
             "fine-tuning) and record the pruned accuracy on the training sub-set. Writes cells.jsonl (resumable), "
             "results.csv, summary.csv, summary.json and figure.png to --out, and prints the finding: does the "
             "pre-training threshold (red line) not decrease as the data set grows? Default: scikit-learn's digits "
-            "(a few minutes on 2 CPU cores); --mnist DIR runs the paper's MNIST scale."))
-    pre.add_argument("--mnist", metavar="DIR", help="folder with train-images-idx3-ubyte and train-labels-idx1-ubyte "
-                     "(each may be .gz): the paper's scale (sizes 1K,5K..50K, 8000 iterations, prune every 1000 to 200)")
-    pre.add_argument("--out", metavar="DIR", default=None, help="output folder (default runs/study-pretraining, "
-                     "runs/study-pretraining-quick with --quick, runs/study-pretraining-mnist with --mnist)")
+            "(a few minutes on 2 CPU cores); --mnist DIR runs the paper's MNIST scale."
+        ),
+    )
+    pre.add_argument(
+        "--mnist",
+        metavar="DIR",
+        help="folder with train-images-idx3-ubyte and train-labels-idx1-ubyte "
+        "(each may be .gz): the paper's scale (sizes 1K,5K..50K, 8000 iterations, prune every 1000 to 200)",
+    )
+    pre.add_argument(
+        "--out",
+        metavar="DIR",
+        default=None,
+        help="output folder (default runs/study-pretraining, "
+        "runs/study-pretraining-quick with --quick, runs/study-pretraining-mnist with --mnist)",
+    )
     pre.add_argument("--quick", action="store_true", help="a seconds-long smoke run (2 widths, 3 sizes, 1 seed)")
     pre.add_argument("--resume", action="store_true", help="keep the cells already in --out and compute the rest")
     pre.add_argument("--overwrite", action="store_true", help="discard cells already in --out")
     pre.add_argument("--widths", type=int_list("64,256"), metavar="W,W,...", help="hidden widths")
-    pre.add_argument("--sizes", type=int_list("64,256"), metavar="S,S,...", help="sub-data-set sizes (the largest is the 'full' set)")
+    pre.add_argument(
+        "--sizes", type=int_list("64,256"), metavar="S,S,...", help="sub-data-set sizes (the largest is the 'full' set)"
+    )
     pre.add_argument("--seeds", type=positive_int, metavar="N", help="number of seeds (0..N-1)")
     pre.add_argument("--iterations", type=positive_int, help="pre-training iterations")
     pre.add_argument("--prune-every", type=positive_int, metavar="P", help="prune every P iterations")
     pre.add_argument("--k", type=positive_int, help="GFS steps: neurons kept, at most")
     pre.add_argument("--backend", default="auto", metavar="NAME", help="selection backend (default auto)")
-    pre.add_argument("--threads", type=int, metavar="T", help="torch threads while it runs (default 1 on digits: small "
-                     "matrices; 0 = torch's own setting, the default with --mnist)")
+    pre.add_argument(
+        "--threads",
+        type=int,
+        metavar="T",
+        help="torch threads while it runs (default 1 on digits: small "
+        "matrices; 0 = torch's own setting, the default with --mnist)",
+    )
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
     pre.set_defaults(func=_cmd_pretraining)
 
     sv = ssub.add_parser(
-        "singular-values", help="smallest singular value of the random hidden output vs width, size, dimension",
+        "singular-values",
+        help="smallest singular value of the random hidden output vs width, size, dimension",
         description=(
             "Appendix C: sigma_min of H = act(X W^T) for random Gaussian data (on the unit sphere) and weights, over "
             "widths N, data-set sizes M and input dimensions d, with log-log least-squares fits. Writes "
-            "singular_values.csv/.json/.png to --out."))
+            "singular_values.csv/.json/.png to --out."
+        ),
+    )
     sv.add_argument("--out", metavar="DIR", default="runs/study-singular-values", help="output folder")
     sv.add_argument("--quick", action="store_true", help="a small grid, 3 repeats: seconds")
     sv.add_argument("--repeats", type=positive_int, help="draws per grid point (default 10)")
@@ -71,8 +96,9 @@ def _cmd_pretraining(args: argparse.Namespace) -> int:
     from .pretraining import PretrainingConfig, pretraining_study
 
     if args.mnist and args.quick:
-        cfg = PretrainingConfig.paper(args.mnist, widths=(64, 256), sizes=(1000, 5000), iterations=200, prune_every=100,
-                                      k=32, seeds=(0,))
+        cfg = PretrainingConfig.paper(
+            args.mnist, widths=(64, 256), sizes=(1000, 5000), iterations=200, prune_every=100, k=32, seeds=(0,)
+        )
         out = args.out or "runs/study-pretraining-mnist-quick"
     elif args.mnist:
         cfg = PretrainingConfig.paper(args.mnist)
@@ -83,8 +109,13 @@ def _cmd_pretraining(args: argparse.Namespace) -> int:
     else:
         cfg = PretrainingConfig.default()
         out = args.out or "runs/study-pretraining"
-    for name, field in (("widths", "widths"), ("sizes", "sizes"), ("iterations", "iterations"),
-                        ("prune_every", "prune_every"), ("k", "k")):
+    for name, field in (
+        ("widths", "widths"),
+        ("sizes", "sizes"),
+        ("iterations", "iterations"),
+        ("prune_every", "prune_every"),
+        ("k", "k"),
+    ):
         if getattr(args, name) is not None:
             setattr(cfg, field, getattr(args, name))
     if args.seeds is not None:
@@ -93,13 +124,17 @@ def _cmd_pretraining(args: argparse.Namespace) -> int:
     if args.threads is not None:
         cfg.threads = args.threads
     try:
-        res = pretraining_study(cfg, out=out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+        res = pretraining_study(
+            cfg, out=out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
+        )
     except (IdxError, FileExistsError, ValueError) as exc:
         print(f"gfs study pretraining: {exc}", file=sys.stderr)
         return 2
     print(res.finding)
-    print(f"{res.computed_cells} cell(s) computed, {res.skipped_cells} resumed, {res.seconds:.1f} s; wrote "
-          + ", ".join(res.files.values()))
+    print(
+        f"{res.computed_cells} cell(s) computed, {res.skipped_cells} resumed, {res.seconds:.1f} s; wrote "
+        + ", ".join(res.files.values())
+    )
     return 0
 
 

@@ -1,4 +1,5 @@
 """Least-squares fits the studies report (the red line's trend, the Appendix C exponents)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +11,7 @@ def least_squares(A, t) -> tuple[np.ndarray, float]:
     coef, *_ = np.linalg.lstsq(A, t, rcond=None)
     resid = t - A @ coef
     ss = float(((t - t.mean()) ** 2).sum())
-    return coef, (1 - float((resid ** 2).sum()) / ss) if ss > 0 else float("nan")
+    return coef, (1 - float((resid**2).sum()) / ss) if ss > 0 else float("nan")
 
 
 def line_fit(x, t) -> tuple[float, float, float]:

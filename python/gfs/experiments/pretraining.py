@@ -32,6 +32,7 @@ Results are written as they come: `cells.jsonl` (one line per finished cell) mak
 resumable; `results.csv` (every seed and checkpoint), `summary.csv` (mean and spread over
 seeds), `summary.json` (config, table, red line, finding, runtime) and `figure.png` at the end.
 """
+
 from __future__ import annotations
 
 import csv
@@ -80,7 +81,9 @@ class PretrainingConfig:
 
     @classmethod
     def quick(cls, **overrides) -> "PretrainingConfig":
-        base = dict(widths=(16, 48), sizes=(60, 150, 300), iterations=60, prune_every=20, k=8, seeds=(0,), batch_size=32)
+        base = dict(
+            widths=(16, 48), sizes=(60, 150, 300), iterations=60, prune_every=20, k=8, seeds=(0,), batch_size=32
+        )
         base.update(overrides)
         return cls(**base)
 
@@ -88,8 +91,18 @@ class PretrainingConfig:
     def paper(cls, mnist_dir: str, **overrides) -> "PretrainingConfig":
         """Sizes 1K, 5K, ..., 50K, 8000 iterations, pruning every 1000 to 200 neurons, 3 seeds.
         The paper's widths were lost in extraction: (500, 1000, 2000) stand in."""
-        base = dict(dataset="mnist", mnist_dir=mnist_dir, widths=(500, 1000, 2000), sizes=MNIST_SIZES,
-                    iterations=8000, prune_every=1000, k=200, seeds=(0, 1, 2), batch_size=128, threads=0)
+        base = dict(
+            dataset="mnist",
+            mnist_dir=mnist_dir,
+            widths=(500, 1000, 2000),
+            sizes=MNIST_SIZES,
+            iterations=8000,
+            prune_every=1000,
+            k=200,
+            seeds=(0, 1, 2),
+            batch_size=128,
+            threads=0,
+        )
         base.update(overrides)
         return cls(**base)
 
@@ -139,8 +152,9 @@ class TwoLayer:
     @classmethod
     def init(cls, width: int, dim: int, seed: int) -> "TwoLayer":
         g = torch.Generator().manual_seed(1_000_003 * int(seed) + int(width))
-        return cls(torch.randn(width, dim, generator=g), torch.randn(width, generator=g),
-                   torch.randn(width, generator=g))
+        return cls(
+            torch.randn(width, dim, generator=g), torch.randn(width, generator=g), torch.randn(width, generator=g)
+        )
 
     def parameters(self):
         return [self.w, self.c, self.a]
@@ -166,8 +180,9 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(((logits > 0).to(labels.dtype) == labels).double().mean())
 
 
-def prune_and_score(net: TwoLayer, X: torch.Tensor, labels: torch.Tensor, k: int, *, replacement: bool = True,
-                    backend: str = "auto") -> dict:
+def prune_and_score(
+    net: TwoLayer, X: torch.Tensor, labels: torch.Tensor, k: int, *, replacement: bool = True, backend: str = "auto"
+) -> dict:
     """Prune the hidden layer by GFS on (X, labels) and score pruned and dense networks on it."""
     import gfs
 
@@ -232,14 +247,16 @@ def run_cell(data_X: torch.Tensor, labels: torch.Tensor, width: int, seed: int, 
 # --------------------------------------------------------------------------------------------
 
 
-def summarise(rows: list[dict], metrics=("pruned_acc", "dense_acc", "pruned_bce", "dense_bce", "imitation_loss", "distinct")) -> list[dict]:
+def summarise(
+    rows: list[dict], metrics=("pruned_acc", "dense_acc", "pruned_bce", "dense_bce", "imitation_loss", "distinct")
+) -> list[dict]:
     """Mean and spread (sample standard deviation; 0 for one seed) over seeds per
     (width, size, iteration)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["width"], r["size"], r["iteration"]), []).append(r)
     out = []
-    for (w, s, it) in sorted(groups):
+    for w, s, it in sorted(groups):
         g = groups[(w, s, it)]
         rec = {"width": w, "size": s, "iteration": it, "seeds": len(g)}
         for m in metrics:
@@ -273,13 +290,18 @@ def red_line(summary: list[dict], tol: float = 0.0, metric: str = "pruned_acc_me
         for s in sizes:
             hit = [t for t in its if (w, s, t) in table and table[(w, s, t)] >= target - tol - _ACCURACY_SLACK]
             thresholds.append(hit[0] if hit else None)
-        out[int(w)] = {"target": float(target), "sizes": [int(s) for s in sizes], "thresholds": thresholds,
-                       "target_iteration": thresholds[-1]}
+        out[int(w)] = {
+            "target": float(target),
+            "sizes": [int(s) for s in sizes],
+            "thresholds": thresholds,
+            "target_iteration": thresholds[-1],
+        }
     return out
 
 
 def _spearman(x, y) -> float:
     """Spearman rank correlation with average ranks for ties; nan if either side is constant."""
+
     def ranks(v):
         v = np.asarray(v, dtype=np.float64)
         order = np.argsort(v, kind="mergesort")
@@ -289,6 +311,7 @@ def _spearman(x, y) -> float:
             m = v == val
             r[m] = r[m].mean()
         return r
+
     rx, ry = ranks(x), ranks(y)
     if rx.std() == 0 or ry.std() == 0:
         return float("nan")
@@ -320,8 +343,17 @@ def assess(line: dict[int, dict], never_as: float, trend_rho: float = 0.5) -> di
     for w, rec in line.items():
         sizes = rec["sizes"]
         t = [never_as if v is None else float(v) for v in rec["thresholds"]]
-        drops = [{"from_size": sizes[i], "to_size": sizes[i + 1], "from": rec["thresholds"][i], "to": rec["thresholds"][i + 1],
-                  "by": t[i] - t[i + 1]} for i in range(len(t) - 1) if t[i + 1] < t[i]]
+        drops = [
+            {
+                "from_size": sizes[i],
+                "to_size": sizes[i + 1],
+                "from": rec["thresholds"][i],
+                "to": rec["thresholds"][i + 1],
+                "by": t[i] - t[i + 1],
+            }
+            for i in range(len(t) - 1)
+            if t[i + 1] < t[i]
+        ]
         rho = _spearman(sizes, t)
         grows = t[-1] > t[0]
         if not drops and grows:
@@ -335,37 +367,55 @@ def assess(line: dict[int, dict], never_as: float, trend_rho: float = 0.5) -> di
         fits = {}
         if None not in rec["thresholds"] and len(sizes) > 2:
             fits = {"linear_in_size": _fit(sizes, t), "linear_in_log_size": _fit(np.log(sizes), t)}
-        per_width[w] = {"non_decreasing": not drops, "grows": grows, "decreases": drops, "spearman": rho,
-                        "smallest_size_threshold": rec["thresholds"][0], "largest_size_threshold": rec["thresholds"][-1],
-                        "fits": fits, "verdict": verdict}
+        per_width[w] = {
+            "non_decreasing": not drops,
+            "grows": grows,
+            "decreases": drops,
+            "spearman": rho,
+            "smallest_size_threshold": rec["thresholds"][0],
+            "largest_size_threshold": rec["thresholds"][-1],
+            "fits": fits,
+            "verdict": verdict,
+        }
     vals = per_width.values()
-    return {"per_width": per_width, "widths": len(per_width),
-            "widths_non_decreasing": sum(v["non_decreasing"] for v in vals),
-            "widths_strict": sum(v["verdict"].startswith("grows, never") for v in vals),
-            "widths_trend": sum(v["verdict"].startswith("grows") for v in vals),
-            "trend_rho": trend_rho}
+    return {
+        "per_width": per_width,
+        "widths": len(per_width),
+        "widths_non_decreasing": sum(v["non_decreasing"] for v in vals),
+        "widths_strict": sum(v["verdict"].startswith("grows, never") for v in vals),
+        "widths_trend": sum(v["verdict"].startswith("grows") for v in vals),
+        "trend_rho": trend_rho,
+    }
 
 
 def _fmt_t(t) -> str:
     return "never" if t is None else str(t)
 
 
-def finding_text(line: dict[int, dict], verdict: dict, per_seed: dict | None = None, prune_every: int | None = None) -> str:
+def finding_text(
+    line: dict[int, dict], verdict: dict, per_seed: dict | None = None, prune_every: int | None = None
+) -> str:
     """The finding in words, with the numbers behind it."""
     n = verdict["widths"]
     strict, trend = verdict["widths_strict"], verdict["widths_trend"]
     drops = [d for v in verdict["per_width"].values() for d in v["decreases"]]
     rhos = [v["spearman"] for v in verdict["per_width"].values() if not math.isnan(v["spearman"])]
-    rho_txt = f"rank correlation of threshold with size {min(rhos):.2f} to {max(rhos):.2f}" if rhos else "no rank correlation"
+    rho_txt = (
+        f"rank correlation of threshold with size {min(rhos):.2f} to {max(rhos):.2f}" if rhos else "no rank correlation"
+    )
     if strict == n:
-        head = (f"Reproduced: for all {n} widths the pre-training threshold (red line) never decreases as the "
-                f"sub-data-set grows and is later on the largest set than on the smallest ({rho_txt}).")
+        head = (
+            f"Reproduced: for all {n} widths the pre-training threshold (red line) never decreases as the "
+            f"sub-data-set grows and is later on the largest set than on the smallest ({rho_txt})."
+        )
     elif trend == n:
         biggest = max(d["by"] for d in drops)
         steps = f" = {biggest / prune_every:g} checkpoint interval(s)" if prune_every else ""
-        head = (f"Reproduced as a trend, not strictly: for all {n} widths the threshold grows with the data-set size "
-                f"({rho_txt}), but it is not monotone: {len(drops)} decrease(s) between neighbouring sizes in all, "
-                f"the largest {biggest:g} iterations{steps}.")
+        head = (
+            f"Reproduced as a trend, not strictly: for all {n} widths the threshold grows with the data-set size "
+            f"({rho_txt}), but it is not monotone: {len(drops)} decrease(s) between neighbouring sizes in all, "
+            f"the largest {biggest:g} iterations{steps}."
+        )
     elif trend:
         head = f"Mixed: the threshold grows with size for {trend} of {n} widths ({rho_txt}); not for the others."
     else:
@@ -378,15 +428,21 @@ def finding_text(line: dict[int, dict], verdict: dict, per_seed: dict | None = N
         fit = ""
         if v["fits"]:
             lin, log = v["fits"]["linear_in_size"], v["fits"]["linear_in_log_size"]
-            fit = (f"; fit t = {log['alpha']:.0f} + {log['beta']:.0f} ln(size) R^2 {log['r2']:.2f} "
-                   f"(linear in size: R^2 {lin['r2']:.2f})")
-        lines.append(f"  width {w}: A* = {100 * rec['target']:.2f}% (best mean pruned accuracy on the full set, first at "
-                     f"iteration {rec['target_iteration']}); threshold by size {pairs}; rank corr {rho}{fit}; {v['verdict']}")
+            fit = (
+                f"; fit t = {log['alpha']:.0f} + {log['beta']:.0f} ln(size) R^2 {log['r2']:.2f} "
+                f"(linear in size: R^2 {lin['r2']:.2f})"
+            )
+        lines.append(
+            f"  width {w}: A* = {100 * rec['target']:.2f}% (best mean pruned accuracy on the full set, first at "
+            f"iteration {rec['target_iteration']}); threshold by size {pairs}; rank corr {rho}{fit}; {v['verdict']}"
+        )
     if per_seed:
         for w, ps in per_seed.items():
-            lines.append(f"  width {w}, seed by seed (each seed's own A*): {ps['non_decreasing']} of {ps['seeds']} "
-                         f"never decrease, {ps['growing']} of {ps['seeds']} later on the largest set than the smallest; "
-                         f"mean rank corr {ps['mean_spearman']}")
+            lines.append(
+                f"  width {w}, seed by seed (each seed's own A*): {ps['non_decreasing']} of {ps['seeds']} "
+                f"never decrease, {ps['growing']} of {ps['seeds']} later on the largest set than the smallest; "
+                f"mean rank corr {ps['mean_spearman']}"
+            )
     return "\n".join(lines)
 
 
@@ -405,8 +461,13 @@ def per_seed_lines(rows: list[dict], tol: float, never_as: float) -> dict:
             if not math.isnan(a["spearman"]):
                 rhos.append(a["spearman"])
             thresholds[int(sd)] = line["thresholds"]
-        out[int(w)] = {"seeds": len(seeds), "non_decreasing": nd, "growing": grow, "thresholds": thresholds,
-                       "mean_spearman": (f"{np.mean(rhos):.2f}" if rhos else "n/a")}
+        out[int(w)] = {
+            "seeds": len(seeds),
+            "non_decreasing": nd,
+            "growing": grow,
+            "thresholds": thresholds,
+            "mean_spearman": (f"{np.mean(rhos):.2f}" if rhos else "n/a"),
+        }
     return out
 
 
@@ -487,7 +548,9 @@ def plot_study(summary: list[dict], line: dict[int, dict], cfg: PretrainingConfi
     trained = np.array([v for (_, _, t), v in acc.items() if t > 0]) if len(its) > 1 else vals
     # the colour scale follows the trained checkpoints: iteration 0 (chance level) would flatten it
     vmin, vmax = float(np.percentile(trained, 2)), float(vals.max())
-    fig, axes = plt.subplots(1, len(widths), figsize=(4.6 * len(widths) + 1.2, 4.8), squeeze=False, constrained_layout=True)
+    fig, axes = plt.subplots(
+        1, len(widths), figsize=(4.6 * len(widths) + 1.2, 4.8), squeeze=False, constrained_layout=True
+    )
     annotate = len(sizes) * len(its) <= 160
     for ax, w in zip(axes[0], widths):
         grid = np.full((len(its), len(sizes)), np.nan)
@@ -500,8 +563,15 @@ def plot_study(summary: list[dict], line: dict[int, dict], cfg: PretrainingConfi
                 for j in range(len(sizes)):
                     if not np.isnan(grid[i, j]):
                         v = grid[i, j]
-                        ax.text(j, i, f"{100 * v:.0f}" if vmax - vmin > 0.05 else f"{100 * v:.1f}", ha="center",
-                                va="center", fontsize=6, color="white" if v < (vmin + vmax) / 2 else "black")
+                        ax.text(
+                            j,
+                            i,
+                            f"{100 * v:.0f}" if vmax - vmin > 0.05 else f"{100 * v:.1f}",
+                            ha="center",
+                            va="center",
+                            fontsize=6,
+                            color="white" if v < (vmin + vmax) / 2 else "black",
+                        )
         rec = line[w]
         xs, ys, never = [], [], []
         for j, (s, t) in enumerate(zip(rec["sizes"], rec["thresholds"])):
@@ -520,9 +590,13 @@ def plot_study(summary: list[dict], line: dict[int, dict], cfg: PretrainingConfi
         ax.set_ylabel("pre-training iterations")
         ax.set_title(f"width {w} -> GFS k={cfg.k}", fontsize=10)
         ax.legend(loc="lower right", fontsize=7, framealpha=0.8)
-    fig.colorbar(im, ax=axes[0].tolist(), extend="min", label="pruned accuracy on its training sub-set (mean over seeds)")
-    fig.suptitle(f"{cfg.dataset}: pruned (no fine-tuning) accuracy vs data-set size and pre-training; "
-                 f"{len(cfg.seeds)} seed(s)", fontsize=10)
+    fig.colorbar(
+        im, ax=axes[0].tolist(), extend="min", label="pruned accuracy on its training sub-set (mean over seeds)"
+    )
+    fig.suptitle(
+        f"{cfg.dataset}: pruned (no fine-tuning) accuracy vs data-set size and pre-training; {len(cfg.seeds)} seed(s)",
+        fontsize=10,
+    )
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path
@@ -578,17 +652,37 @@ def _run_with_progress(work, todo, skipped, progress):
     if not (todo and progress):
         work(lambda *a: None)
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    with Progress(TextColumn("[bold]study[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TimeRemainingColumn()) as bar:
+    with Progress(
+        TextColumn("[bold]study[/] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ) as bar:
         task = bar.add_task(f"{len(todo)} cells ({skipped} resumed)", total=len(todo))
         work(lambda w, s, sd: bar.update(task, advance=1, description=f"width {w} size {s} seed {sd}"))
 
 
-def pretraining_study(config: PretrainingConfig | None = None, *, out: str = "runs/study-pretraining",
-                      resume: bool = True, overwrite: bool = False, progress: bool = True,
-                      dataset: Dataset | None = None, plot: bool = True, **overrides) -> StudyResult:
+def pretraining_study(
+    config: PretrainingConfig | None = None,
+    *,
+    out: str = "runs/study-pretraining",
+    resume: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+    dataset: Dataset | None = None,
+    plot: bool = True,
+    **overrides,
+) -> StudyResult:
     """Run (or resume) the pre-training study and write its table and figure to `out`.
 
     Parameters
@@ -643,14 +737,18 @@ def pretraining_study(config: PretrainingConfig | None = None, *, out: str = "ru
     existing = _read_cells(cells_path)
     if existing and not resume:
         if not overwrite:
-            raise FileExistsError(f"{out} already holds {len(existing)} completed cell(s); resume them (resume=True, "
-                                  f"--resume), start afresh (overwrite=True, --overwrite) or choose another out folder")
+            raise FileExistsError(
+                f"{out} already holds {len(existing)} completed cell(s); resume them (resume=True, "
+                f"--resume), start afresh (overwrite=True, --overwrite) or choose another out folder"
+            )
         os.remove(cells_path)
         existing = []
     other = {c.get("config_hash") for c in existing} - {chash}
     if other:
-        raise ValueError(f"{out} holds cells of different settings (config hash {sorted(other)} vs {chash}); "
-                         f"use another out folder, or overwrite=True to discard them")
+        raise ValueError(
+            f"{out} holds cells of different settings (config hash {sorted(other)} vs {chash}); "
+            f"use another out folder, or overwrite=True to discard them"
+        )
     done = {(c["width"], c["size"], c["seed"]): c for c in existing}
 
     X_all = torch.from_numpy(normalise(data.x_train.numpy()))
@@ -660,12 +758,18 @@ def pretraining_study(config: PretrainingConfig | None = None, *, out: str = "ru
     skipped = len(done)
 
     def work(advance):
-        for (w, s, sd) in todo:
+        for w, s, sd in todo:
             t0 = time.perf_counter()
             idx = torch.from_numpy(subsets[sd][s])
             rows = run_cell(X_all[idx], y_all[idx], w, sd, cfg)
-            cell = {"width": w, "size": s, "seed": sd, "config_hash": chash, "seconds": time.perf_counter() - t0,
-                    "rows": rows}
+            cell = {
+                "width": w,
+                "size": s,
+                "seed": sd,
+                "config_hash": chash,
+                "seconds": time.perf_counter() - t0,
+                "rows": rows,
+            }
             _append_cell(cells_path, cell)
             done[(w, s, sd)] = cell
             advance(w, s, sd)
@@ -679,9 +783,8 @@ def pretraining_study(config: PretrainingConfig | None = None, *, out: str = "ru
     finally:
         torch.set_num_threads(threads)
 
-
     rows = []
-    for (w, s, sd) in sorted(done):
+    for w, s, sd in sorted(done):
         if w in cfg.widths and s in cfg.sizes and sd in cfg.seeds:
             for r in done[(w, s, sd)]["rows"]:
                 rows.append({"width": w, "size": s, "seed": sd, **r})
@@ -694,22 +797,46 @@ def pretraining_study(config: PretrainingConfig | None = None, *, out: str = "ru
     seconds = time.perf_counter() - t_start
     cell_seconds = sum(done[key]["seconds"] for key in done)
 
-    files = {"cells": cells_path, "results": os.path.join(out, "results.csv"), "summary_csv": os.path.join(out, "summary.csv"),
-             "summary_json": os.path.join(out, "summary.json")}
+    files = {
+        "cells": cells_path,
+        "results": os.path.join(out, "results.csv"),
+        "summary_csv": os.path.join(out, "summary.csv"),
+        "summary_json": os.path.join(out, "summary.json"),
+    }
     _write_csv(files["results"], rows)
     _write_csv(files["summary_csv"], summary)
     if plot:
         files["figure"] = plot_study(summary, line, cfg, os.path.join(out, "figure.png"))
-    _write_json(files["summary_json"], {
-        "config": asdict(cfg), "config_hash": chash, "dataset": {"name": data.name, "examples": examples, "dim": int(data.dim)},
-        "red_line": {str(w): v for w, v in line.items()},
-        "red_line_definition": red_line.__doc__.split("Returns")[0].strip(),
-        "assessment": {**verdict, "per_width": {str(w): v for w, v in verdict["per_width"].items()}},
-        "per_seed": {str(w): v for w, v in (per_seed or {}).items()},
-        "finding": finding,
-        "runtime": {"this_call_seconds": seconds, "sum_of_cell_seconds": cell_seconds, "computed_cells": len(todo),
-                    "resumed_cells": skipped, "torch_threads": threads_used},
-        "summary": summary,
-    })
-    return StudyResult(config=cfg, rows=rows, summary=summary, red_line=line, assessment=verdict, finding=finding,
-                       computed_cells=len(todo), skipped_cells=skipped, seconds=seconds, files=files)
+    _write_json(
+        files["summary_json"],
+        {
+            "config": asdict(cfg),
+            "config_hash": chash,
+            "dataset": {"name": data.name, "examples": examples, "dim": int(data.dim)},
+            "red_line": {str(w): v for w, v in line.items()},
+            "red_line_definition": red_line.__doc__.split("Returns")[0].strip(),
+            "assessment": {**verdict, "per_width": {str(w): v for w, v in verdict["per_width"].items()}},
+            "per_seed": {str(w): v for w, v in (per_seed or {}).items()},
+            "finding": finding,
+            "runtime": {
+                "this_call_seconds": seconds,
+                "sum_of_cell_seconds": cell_seconds,
+                "computed_cells": len(todo),
+                "resumed_cells": skipped,
+                "torch_threads": threads_used,
+            },
+            "summary": summary,
+        },
+    )
+    return StudyResult(
+        config=cfg,
+        rows=rows,
+        summary=summary,
+        red_line=line,
+        assessment=verdict,
+        finding=finding,
+        computed_cells=len(todo),
+        skipped_cells=skipped,
+        seconds=seconds,
+        files=files,
+    )

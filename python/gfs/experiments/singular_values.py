@@ -5,6 +5,7 @@ at random initialisation, against the width N, the data-set size M and the input
 in log-log (`gfs.experiments.fits.loglog_fit`), writes a table, the fits and a figure
 (`plot_singular_values`), and states the finding. Command line: `gfs study singular-values`.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,7 +37,9 @@ def activation_std(activation: str = "relu") -> float:
     return math.sqrt(max(float(torch.trapezoid(pdf * v * v, x)) - m * m, 0.0))
 
 
-def hidden_output(M: int, N: int, d: int, *, activation: str = "relu", generator: torch.Generator | None = None) -> torch.Tensor:
+def hidden_output(
+    M: int, N: int, d: int, *, activation: str = "relu", generator: torch.Generator | None = None
+) -> torch.Tensor:
     """H = act(X W^T), (M x N): M inputs x_i ~ N(0, I_d) scaled to unit norm, N first-layer
     weights w_j ~ N(0, I_d), so every pre-activation w_j . x_i is N(0, 1) (float64)."""
     act = _activation(activation)
@@ -58,9 +61,18 @@ class SingularValueResult:
     files: dict = field(default_factory=dict)
 
 
-def singular_value_study(widths=(256, 512, 1024, 2048, 4096), sizes=(32, 64, 128), dims=(8, 32, 128), *,
-                         repeats: int = 10, activation: str = "relu", seed: int = 0, out: str | None = None,
-                         progress: bool = False, threads: int | None = 1) -> SingularValueResult:
+def singular_value_study(
+    widths=(256, 512, 1024, 2048, 4096),
+    sizes=(32, 64, 128),
+    dims=(8, 32, 128),
+    *,
+    repeats: int = 10,
+    activation: str = "relu",
+    seed: int = 0,
+    out: str | None = None,
+    progress: bool = False,
+    threads: int | None = 1,
+) -> SingularValueResult:
     """The paper's Appendix C: sigma_min(H) of the hidden output H = act(X W^T) (M x N) at random
     Gaussian initialisation (`hidden_output`), for every width N, data-set size M and input
     dimension d, `repeats` draws each (mean and standard deviation), with the condition number
@@ -90,16 +102,25 @@ def singular_value_study(widths=(256, 512, 1024, 2048, 4096), sizes=(32, 64, 128
             bar = Progress()
             bar.start()
             task = bar.add_task("singular values", total=len(grid))
-        for (N, M, d) in grid:
+        for N, M, d in grid:
             smin, cond = [], []
             for _ in range(repeats):
                 sv = torch.linalg.svdvals(hidden_output(M, N, d, activation=activation, generator=g))
                 smin.append(float(sv[-1]))
                 cond.append(float(sv[0] / sv[-1]) if sv[-1] > 0 else math.inf)
-            rows.append({"width": N, "size": M, "dim": d, "sigma_min_mean": float(np.mean(smin)),
-                         "sigma_min_std": float(np.std(smin, ddof=1)) if repeats > 1 else 0.0,
-                         "condition_mean": float(np.mean(cond)), "condition_std": float(np.std(cond, ddof=1)) if repeats > 1 else 0.0,
-                         "rmt_prediction": std * abs(math.sqrt(N) - math.sqrt(M)), "repeats": repeats})
+            rows.append(
+                {
+                    "width": N,
+                    "size": M,
+                    "dim": d,
+                    "sigma_min_mean": float(np.mean(smin)),
+                    "sigma_min_std": float(np.std(smin, ddof=1)) if repeats > 1 else 0.0,
+                    "condition_mean": float(np.mean(cond)),
+                    "condition_std": float(np.std(cond, ddof=1)) if repeats > 1 else 0.0,
+                    "rmt_prediction": std * abs(math.sqrt(N) - math.sqrt(M)),
+                    "repeats": repeats,
+                }
+            )
             if bar is not None:
                 bar.update(task, advance=1)
         if bar is not None:
@@ -143,8 +164,13 @@ def _singular_value_fits(rows, widths, sizes, dims) -> dict:
     free = [0] + [i + 1 for i, v in enumerate((widths, sizes, dims)) if len(v) > 1]
     coef = np.zeros(4)
     coef[free], r2 = least_squares(A[:, free], ly)
-    fits["joint"] = {"intercept": float(coef[0]), "width_exponent": float(coef[1]), "size_exponent": float(coef[2]),
-                     "dim_exponent": float(coef[3]), "r2": r2}
+    fits["joint"] = {
+        "intercept": float(coef[0]),
+        "width_exponent": float(coef[1]),
+        "size_exponent": float(coef[2]),
+        "dim_exponent": float(coef[3]),
+        "r2": r2,
+    }
     return fits
 
 
@@ -156,17 +182,27 @@ def _singular_value_finding(fits, activation) -> str:
     j = fits["joint"]
     lines = [f"sigma_min of act(X W^T) ({activation}), log-log least squares:"]
     if fits["vs_width"]:
-        lines.append(f"  exponent of width N (per size and dim): {_range([f['slope'] for f in fits['vs_width']])} "
-                     f"(paper: sigma_min ~ sqrt(N), exponent 0.5, for N >> M)")
-        lines.append(f"  sigma_min = c (sqrt(N) - sqrt(M)) over the widths, c by least squares per size and dim: "
-                     f"c {_range([f['sqrt_scale'] for f in fits['vs_width']])}, largest relative error "
-                     f"{max(f['sqrt_max_rel_err'] for f in fits['vs_width']):.1%}")
+        lines.append(
+            f"  exponent of width N (per size and dim): {_range([f['slope'] for f in fits['vs_width']])} "
+            f"(paper: sigma_min ~ sqrt(N), exponent 0.5, for N >> M)"
+        )
+        lines.append(
+            f"  sigma_min = c (sqrt(N) - sqrt(M)) over the widths, c by least squares per size and dim: "
+            f"c {_range([f['sqrt_scale'] for f in fits['vs_width']])}, largest relative error "
+            f"{max(f['sqrt_max_rel_err'] for f in fits['vs_width']):.1%}"
+        )
     if fits["vs_size"]:
-        lines.append(f"  exponent of data-set size M (per width and dim): {_range([f['slope'] for f in fits['vs_size']])}")
+        lines.append(
+            f"  exponent of data-set size M (per width and dim): {_range([f['slope'] for f in fits['vs_size']])}"
+        )
     if fits["vs_dim"]:
-        lines.append(f"  exponent of input dimension d (per width and size): {_range([f['slope'] for f in fits['vs_dim']])}")
-    lines.append(f"  joint fit: sigma_min ~ {math.exp(j['intercept']):.3g} N^{j['width_exponent']:.2f} "
-                 f"M^{j['size_exponent']:.2f} d^{j['dim_exponent']:.2f} (R^2 {j['r2']:.3f})")
+        lines.append(
+            f"  exponent of input dimension d (per width and size): {_range([f['slope'] for f in fits['vs_dim']])}"
+        )
+    lines.append(
+        f"  joint fit: sigma_min ~ {math.exp(j['intercept']):.3g} N^{j['width_exponent']:.2f} "
+        f"M^{j['size_exponent']:.2f} d^{j['dim_exponent']:.2f} (R^2 {j['r2']:.3f})"
+    )
     return "\n".join(lines)
 
 
@@ -176,15 +212,28 @@ def _write_singular_values(res: SingularValueResult, out: str, activation: str, 
     import os
 
     os.makedirs(out, exist_ok=True)
-    files = {"csv": os.path.join(out, "singular_values.csv"), "json": os.path.join(out, "singular_values.json"),
-             "figure": os.path.join(out, "singular_values.png")}
+    files = {
+        "csv": os.path.join(out, "singular_values.csv"),
+        "json": os.path.join(out, "singular_values.json"),
+        "figure": os.path.join(out, "singular_values.png"),
+    }
     with open(files["csv"], "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(res.rows[0]))
         w.writeheader()
         w.writerows(res.rows)
     with open(files["json"], "w") as fh:
-        json.dump({"activation": activation, "activation_std": std, "rows": res.rows, "fits": res.fits,
-                   "finding": res.finding, "seconds": res.seconds}, fh, indent=1)
+        json.dump(
+            {
+                "activation": activation,
+                "activation_std": std,
+                "rows": res.rows,
+                "fits": res.fits,
+                "finding": res.finding,
+                "seconds": res.seconds,
+            },
+            fh,
+            indent=1,
+        )
     plot_singular_values(res.rows, res.fits, files["figure"], activation)
     return files
 
@@ -208,17 +257,36 @@ def plot_singular_values(rows, fits, path: str, activation: str = "relu") -> str
     for M in sizes:
         rs = [t[(N, M, d_mid)] for N in widths]
         lab = f"M={M}" + (f" (slope {slope[(M, d_mid)]:.2f})" if (M, d_mid) in slope else "")
-        line = axes[0].errorbar(widths, [r["sigma_min_mean"] for r in rs], yerr=[r["sigma_min_std"] for r in rs],
-                                marker="o", ms=4, capsize=2, label=lab)
+        line = axes[0].errorbar(
+            widths,
+            [r["sigma_min_mean"] for r in rs],
+            yerr=[r["sigma_min_std"] for r in rs],
+            marker="o",
+            ms=4,
+            capsize=2,
+            label=lab,
+        )
         if (M, d_mid) in scale:
-            axes[0].plot(widths, [scale[(M, d_mid)] * abs(math.sqrt(N) - math.sqrt(M)) for N in widths], ls="--",
-                         color=line[0].get_color(), lw=1)
+            axes[0].plot(
+                widths,
+                [scale[(M, d_mid)] * abs(math.sqrt(N) - math.sqrt(M)) for N in widths],
+                ls="--",
+                color=line[0].get_color(),
+                lw=1,
+            )
     axes[0].set_title(f"sigma_min vs width, d={d_mid} (dashed: fitted c (sqrt N - sqrt M))", fontsize=9)
     for d in dims:
         rs = [t[(N, m_mid, d)] for N in widths]
         lab = f"d={d}" + (f" (slope {slope[(m_mid, d)]:.2f})" if (m_mid, d) in slope else "")
-        axes[1].errorbar(widths, [r["sigma_min_mean"] for r in rs], yerr=[r["sigma_min_std"] for r in rs], marker="o",
-                         ms=4, capsize=2, label=lab)
+        axes[1].errorbar(
+            widths,
+            [r["sigma_min_mean"] for r in rs],
+            yerr=[r["sigma_min_std"] for r in rs],
+            marker="o",
+            ms=4,
+            capsize=2,
+            label=lab,
+        )
     axes[1].set_title(f"sigma_min vs width, M={m_mid}", fontsize=9)
     for M in sizes:
         rs = [t[(N, M, d_mid)] for N in widths]
@@ -233,11 +301,19 @@ def plot_singular_values(rows, fits, path: str, activation: str = "relu") -> str
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("smallest singular value of H")
-    fig.suptitle(f"Hidden output H = {activation}(X W^T) at random Gaussian initialisation (x on the unit sphere)", fontsize=10)
+    fig.suptitle(
+        f"Hidden output H = {activation}(X W^T) at random Gaussian initialisation (x on the unit sphere)", fontsize=10
+    )
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
-__all__ = ["singular_value_study", "SingularValueResult", "hidden_output", "activation_std", "loglog_fit",
-           "plot_singular_values"]
+__all__ = [
+    "singular_value_study",
+    "SingularValueResult",
+    "hidden_output",
+    "activation_std",
+    "loglog_fit",
+    "plot_singular_values",
+]

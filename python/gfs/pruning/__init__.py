@@ -14,6 +14,7 @@ load without pickle), run (PruneRun: one call's state, one group at a time: capt
 and selection, fold, fold check, report), result (PruneResult, LayerReport), api (prune: the
 arguments checked, then a PruneRun), finetune (training, evaluation, timing).
 """
+
 from .api import prune
 from .result import LayerReport, PruneResult
 from .run import PruneRun
@@ -21,5 +22,20 @@ from .criteria import CRITERIA, Decision, gram_statistics, group_statistics
 from .groups import ChannelGroup, GroupScan, UnsupportedModelError, find_groups
 from .io import UnsafeFileError, load, save
 
-__all__ = ["prune", "PruneResult", "LayerReport", "PruneRun", "find_groups", "ChannelGroup", "GroupScan",
-           "UnsupportedModelError", "group_statistics", "gram_statistics", "Decision", "CRITERIA", "save", "load", "UnsafeFileError"]
+__all__ = [
+    "prune",
+    "PruneResult",
+    "LayerReport",
+    "PruneRun",
+    "find_groups",
+    "ChannelGroup",
+    "GroupScan",
+    "UnsupportedModelError",
+    "group_statistics",
+    "gram_statistics",
+    "Decision",
+    "CRITERIA",
+    "save",
+    "load",
+    "UnsafeFileError",
+]

@@ -4,6 +4,7 @@ The arguments are checked here, at the edge; the run itself is a gfs.pruning.run
 channel group at a time (capture, statistics and selection, fold, fold check, report), fresh
 and resumed runs alike.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,10 +24,13 @@ __all__ = ["prune", "PruneResult", "LayerReport"]
 
 # ---- validation ------------------------------------------------------------------------------
 
+
 def _check_budget(keep, ratio):
     if (keep is None) == (ratio is None):
-        raise ValueError("pass exactly one of keep= (channels kept per group) or ratio= (fraction kept, in (0, 1]); "
-                         f"got keep={keep!r}, ratio={ratio!r}")
+        raise ValueError(
+            "pass exactly one of keep= (channels kept per group) or ratio= (fraction kept, in (0, 1]); "
+            f"got keep={keep!r}, ratio={ratio!r}"
+        )
     if keep is not None:
         if isinstance(keep, bool) or not isinstance(keep, numbers.Integral):
             raise TypeError(f"keep must be an int (channels kept per group), got {type(keep).__name__} {keep!r}")
@@ -54,21 +58,35 @@ def _positive_int(value, name, what):
 
 
 def _check_loss_options(criterion, step, loss_candidates, loss_batch, shortlist, tolerance) -> dict:
-    given = [n for n, v in (("loss_candidates", loss_candidates), ("loss_batch", loss_batch),
-                            ("shortlist", shortlist), ("tolerance", tolerance)) if v is not None]
+    given = [
+        n
+        for n, v in (
+            ("loss_candidates", loss_candidates),
+            ("loss_batch", loss_batch),
+            ("shortlist", shortlist),
+            ("tolerance", tolerance),
+        )
+        if v is not None
+    ]
     if criterion != "loss":
         if given:
             raise ValueError(f"{given[0]}= applies to criterion 'loss' (whole-network loss) only, not {criterion!r}")
         return {}
     if step != "uniform":
-        raise ValueError(f"step={step!r} applies to criterion 'local'; criterion 'loss' adds channels with the "
-                         f"uniform step (each kept channel scaled by N / kept)")
-    opts = dict(loss_candidates=_positive_int(loss_candidates, "loss_candidates", "candidates scored per step"),
-                loss_batch=_positive_int(loss_batch, "loss_batch", "candidates per forward pass") or _LOSS_BATCH,
-                shortlist=_positive_int(shortlist, "shortlist", "candidates evaluated exactly per step"))
+        raise ValueError(
+            f"step={step!r} applies to criterion 'local'; criterion 'loss' adds channels with the "
+            f"uniform step (each kept channel scaled by N / kept)"
+        )
+    opts = dict(
+        loss_candidates=_positive_int(loss_candidates, "loss_candidates", "candidates scored per step"),
+        loss_batch=_positive_int(loss_batch, "loss_batch", "candidates per forward pass") or _LOSS_BATCH,
+        shortlist=_positive_int(shortlist, "shortlist", "candidates evaluated exactly per step"),
+    )
     if tolerance is not None:
         if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) or not math.isfinite(tolerance):
-            raise TypeError(f"tolerance must be a number in [0, 1) (relative top-1 drop allowed) or None, got {tolerance!r}")
+            raise TypeError(
+                f"tolerance must be a number in [0, 1) (relative top-1 drop allowed) or None, got {tolerance!r}"
+            )
         if not 0 <= tolerance < 1:
             raise ValueError(f"tolerance must be in [0, 1) (relative top-1 drop allowed), got {tolerance}")
         tolerance = float(tolerance)
@@ -86,15 +104,35 @@ def _check_checkpoint(checkpoint):
     if not os.path.isdir(folder):
         raise ValueError(f"checkpoint: the folder {folder!r} does not exist; create it or pass another path")
     if os.path.isdir(path):
-        raise ValueError(f"checkpoint: {path!r} is a folder; pass a file path, e.g. {os.path.join(path, 'prune.ckpt')!r}")
+        raise ValueError(
+            f"checkpoint: {path!r} is a folder; pass a file path, e.g. {os.path.join(path, 'prune.ckpt')!r}"
+        )
     return path
 
 
 # ---- the driver ------------------------------------------------------------------------------
 
-def prune(model: nn.Module, calibration, *, keep=None, ratio=None, criterion="local", step="uniform",
-          replacement=False, eps=None, layers=None, progress=True, seed=0, backend="auto",
-          loss_candidates=None, loss_batch=None, shortlist=None, tolerance=None, checkpoint=None) -> PruneResult:
+
+def prune(
+    model: nn.Module,
+    calibration,
+    *,
+    keep=None,
+    ratio=None,
+    criterion="local",
+    step="uniform",
+    replacement=False,
+    eps=None,
+    layers=None,
+    progress=True,
+    seed=0,
+    backend="auto",
+    loss_candidates=None,
+    loss_batch=None,
+    shortlist=None,
+    tolerance=None,
+    checkpoint=None,
+) -> PruneResult:
     """Prune the channels of ``model`` group by group; return a new, physically smaller model.
 
     Channel groups (producer -> per-channel layers -> consumer) are found automatically from the
@@ -192,9 +230,22 @@ def prune(model: nn.Module, calibration, *, keep=None, ratio=None, criterion="lo
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int, got {seed!r}")
     checkpoint = _check_checkpoint(checkpoint)
-    run = PruneRun(model, calibration, keep=keep, ratio=ratio, criterion=criterion, step=step,
-                   replacement=replacement, eps=eps, layers=layers, progress=progress, seed=seed, backend=backend,
-                   loss_options=loss_opts, checkpoint=checkpoint)
+    run = PruneRun(
+        model,
+        calibration,
+        keep=keep,
+        ratio=ratio,
+        criterion=criterion,
+        step=step,
+        replacement=replacement,
+        eps=eps,
+        layers=layers,
+        progress=progress,
+        seed=seed,
+        backend=backend,
+        loss_options=loss_opts,
+        checkpoint=checkpoint,
+    )
     run.start()
     with torch.no_grad(), run.bar:
         for i in range(len(run.groups)):

@@ -6,6 +6,7 @@ DataLoader must not be re-iterated. (Integer labels, when batches are (x, y), ar
 criterion "loss".) GraphRunner.run_tail runs the graph from a checkpoint's live values to the
 output (criterion "loss" runs it with a consumer's input rescaled).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -39,8 +40,11 @@ def as_batches(calibration, device=None, *, with_labels=False, dtype=None):
         items = list(calibration)
     batches, labels = [], []
     for i, b in enumerate(items):
-        what = ("calibration (the tensor passed to gfs.prune)" if single
-                else f"calibration batch {i} (of the calibration data passed to gfs.prune)")
+        what = (
+            "calibration (the tensor passed to gfs.prune)"
+            if single
+            else f"calibration batch {i} (of the calibration data passed to gfs.prune)"
+        )
         x = b[0] if isinstance(b, (tuple, list)) and len(b) > 0 else b
         if not isinstance(x, torch.Tensor):
             raise TypeError(
@@ -55,13 +59,17 @@ def as_batches(calibration, device=None, *, with_labels=False, dtype=None):
             finite = torch.isfinite(x)
             if not bool(finite.all()):
                 first = tuple(int(v) for v in (~finite).nonzero()[0])
-                raise ValueError(f"{what} contains NaN or Inf (first at index {first}); remove or impute those "
-                                 f"samples before pruning")
+                raise ValueError(
+                    f"{what} contains NaN or Inf (first at index {first}); remove or impute those "
+                    f"samples before pruning"
+                )
         if dtype is not None and x.is_floating_point() and x.dtype != dtype:
             x = x.to(dtype)  # a new tensor
         batches.append(x.to(device) if device is not None else x)
         y = b[1] if isinstance(b, (tuple, list)) and len(b) > 1 else None
-        is_label = isinstance(y, torch.Tensor) and not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool)
+        is_label = isinstance(y, torch.Tensor) and not (
+            y.is_floating_point() or y.is_complex() or y.dtype == torch.bool
+        )
         labels.append(y.to(device) if is_label and device is not None else (y if is_label else None))
     if not batches:
         raise ValueError("calibration is empty: pass at least one batch of inputs")
@@ -90,8 +98,10 @@ class GraphRunner:
         self.nodes = list(graph.nodes)
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
         if len(placeholders) != 1:
-            raise ValueError(f"gfs.prune supports models with one tensor input; the traced graph has "
-                             f"{len(placeholders)} inputs ({', '.join(n.name for n in placeholders)})")
+            raise ValueError(
+                f"gfs.prune supports models with one tensor input; the traced graph has "
+                f"{len(placeholders)} inputs ({', '.join(n.name for n in placeholders)})"
+            )
         self.pos = {n: i for i, n in enumerate(self.nodes)}
         self.last_use = {n: max((self.pos[u] for u in n.users), default=self.pos[n]) for n in self.nodes}
         self.root = root

@@ -34,6 +34,7 @@ The pruned consumer then computes ``consumer(X * s)`` with ``s_j = scale_j`` on 
   channels keep their weights (scale 1).
 - ``"random"``: a uniformly random subset (seeded); scale 1.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -67,6 +68,7 @@ class Decision:
 
 
 # ---- the consumer, channel by channel --------------------------------------------------------
+
 
 def _channel_view(layer, t):
     """Reshape a per-channel vector to broadcast over the consumer's input/output layout."""
@@ -135,8 +137,11 @@ def _candidates_at(X, layer, positions, dtype):
     _, Ho, Wo = _positions(X, layer)
     b, rest = positions // (Ho * Wo), positions % (Ho * Wo)
     h, w = rest // Wo, rest % Wo
-    Xp = F.pad(X, layer._reversed_padding_repeated_twice,
-               mode="constant" if layer.padding_mode == "zeros" else layer.padding_mode)
+    Xp = F.pad(
+        X,
+        layer._reversed_padding_repeated_twice,
+        mode="constant" if layer.padding_mode == "zeros" else layer.padding_mode,
+    )
     Xcl = Xp.permute(0, 2, 3, 1).contiguous()  # channels last: each gathered row is contiguous
     (sh, sw), (dh, dw) = layer.stride, layer.dilation
     kh, kw = W.shape[2:]
@@ -154,8 +159,14 @@ def _targets_at(target, layer, positions):
     return target[b, :, rest // Wo, rest % Wo].reshape(-1)  # (m, Cout), like the candidates
 
 
-def group_statistics(X: torch.Tensor, layer: nn.Module, target: torch.Tensor, *, max_elements: int | None = None,
-                     generator: torch.Generator | None = None):
+def group_statistics(
+    X: torch.Tensor,
+    layer: nn.Module,
+    target: torch.Tensor,
+    *,
+    max_elements: int | None = None,
+    generator: torch.Generator | None = None,
+):
     """What gfs.select needs for one group's local imitation problem: ``(features, targets)``.
 
     Parameters
@@ -250,6 +261,7 @@ def local_problem(X, layer, target, *, method="auto", generator=None, max_elemen
 
 # ---- criteria --------------------------------------------------------------------------------
 
+
 @dataclass
 class Context:
     """What a criterion may look at for one group."""
@@ -296,8 +308,9 @@ class LocalImitation(Criterion):
             method = "materialise"  # a streaming-only backend was asked for: it needs the features
         features, y, sampled = local_problem(ctx.X, ctx.layer, ctx.target, method=method, generator=ctx.generator)
         N = ctx.group.channels
-        sel = select_channels(features, y, ctx.keep, step=ctx.step, replacement=ctx.replacement, eps=ctx.eps,
-                              backend=ctx.backend)
+        sel = select_channels(
+            features, y, ctx.keep, step=ctx.step, replacement=ctx.replacement, eps=ctx.eps, backend=ctx.backend
+        )
         keep = sel.support.clone()
         scale = N * sel.weights[keep]
         return Decision(keep=keep, scale=scale, selection=sel, sampled=sampled)
@@ -345,13 +358,25 @@ class WholeNetworkLoss(Criterion):
         k = len(chosen)
         idx = torch.tensor(chosen, dtype=torch.long)
         sel = Selection(
-            indices=idx, support=keep.clone(), weights=torch.bincount(idx, minlength=N).double() / k,
-            losses=torch.tensor(losses, dtype=torch.float64), gaps=torch.full((k,), float("nan"), dtype=torch.float64),
-            dense_loss=dense_loss, backend="torch", engine="network", step="uniform", replacement=False,
+            indices=idx,
+            support=keep.clone(),
+            weights=torch.bincount(idx, minlength=N).double() / k,
+            losses=torch.tensor(losses, dtype=torch.float64),
+            gaps=torch.full((k,), float("nan"), dtype=torch.float64),
+            dense_loss=dense_loss,
+            backend="torch",
+            engine="network",
+            step="uniform",
+            replacement=False,
             reason=f"whole-network {net.kind} loss on the calibration batches; {evaluated} candidates evaluated",
             seconds=time.perf_counter() - t0,
-            notes={"top1": torch.tensor(top1, dtype=torch.float64), "dense_top1": dense_top1,
-                   "original_top1": net.original_top1, "kind": net.kind, "evaluated": evaluated},
+            notes={
+                "top1": torch.tensor(top1, dtype=torch.float64),
+                "dense_top1": dense_top1,
+                "original_top1": net.original_top1,
+                "kind": net.kind,
+                "evaluated": evaluated,
+            },
         )
         return Decision(keep=keep, scale=torch.full((k,), N / k, dtype=torch.float64), selection=sel)
 
@@ -436,16 +461,25 @@ def _prefix_with_distinct(sel: Selection, keep: int, U, y=None, *, eps=None) -> 
     elif sel.step == "refit":
         again = select(U, y, t, replacement=True, step="refit", eps=eps, backend=sel.backend, engine=sel.engine)
         if not torch.equal(again.indices, idx):  # pragma: no cover - the greedy rule is deterministic
-            raise RuntimeError(f"refit: a run of {t} steps picked {again.indices.tolist()}, not the prefix "
-                               f"{idx.tolist()} of the longer run; please report this")
+            raise RuntimeError(
+                f"refit: a run of {t} steps picked {again.indices.tolist()}, not the prefix "
+                f"{idx.tolist()} of the longer run; please report this"
+            )
         weights = again.weights
     else:
         raise ValueError(f"unknown step {sel.step!r}")
     notes = dict(sel.notes)
     notes["gammas"] = gammas
     notes["prefix"] = f"the first {t} of {sel.k} greedy steps (the first with {keep} distinct candidates)"
-    return dataclasses.replace(sel, indices=idx, support=torch.unique(idx), weights=weights,
-                               losses=sel.losses[:t], gaps=sel.gaps[:t], notes=notes)
+    return dataclasses.replace(
+        sel,
+        indices=idx,
+        support=torch.unique(idx),
+        weights=weights,
+        losses=sel.losses[:t],
+        gaps=sel.gaps[:t],
+        notes=notes,
+    )
 
 
 def keep_count(n: int, keep, ratio) -> int:

@@ -10,6 +10,7 @@ step, cross-entropy); it also pre-trains a network from scratch (a larger ``lr``
 deep copy of the model unless ``inplace=True``, so the caller's model (e.g. the dense network
 a pruning run started from) is never changed behind its back.
 """
+
 from __future__ import annotations
 
 import copy
@@ -95,21 +96,48 @@ def _progress(progress, console):
     """A rich Progress (or None): ``progress`` is a bool or an existing rich Progress."""
     if progress is False or progress is None:
         return None, False
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     if not isinstance(progress, bool):  # the caller's Progress: use it, don't start / stop it
         return progress, False
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                   console=console, transient=False)
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
     return bar, True
 
 
-def finetune(model: nn.Module, train_loader, epochs: int, *, lr: float = 0.01, momentum: float = 0.9,
-             weight_decay: float = 5e-4, nesterov: bool = True, warmup: float = 0.0, label_smoothing: float = 0.0,
-             eval_loader=None, seed: int = 0, inplace: bool = False, progress=True, description: str = "fine-tuning",
-             console=None) -> FinetuneResult:
+def finetune(
+    model: nn.Module,
+    train_loader,
+    epochs: int,
+    *,
+    lr: float = 0.01,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    nesterov: bool = True,
+    warmup: float = 0.0,
+    label_smoothing: float = 0.0,
+    eval_loader=None,
+    seed: int = 0,
+    inplace: bool = False,
+    progress=True,
+    description: str = "fine-tuning",
+    console=None,
+) -> FinetuneResult:
     """Train ``model`` with SGD + momentum and a cosine learning-rate schedule.
 
     The learning rate rises linearly over the first ``warmup`` fraction of the steps (none by
@@ -174,8 +202,9 @@ def finetune(model: nn.Module, train_loader, epochs: int, *, lr: float = 0.01, m
     params = [p for p in net.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters (requires_grad=False everywhere)")
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                          nesterov=nesterov and momentum > 0)
+    opt = torch.optim.SGD(
+        params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov and momentum > 0
+    )
     try:
         per_epoch = len(train_loader)
     except TypeError:
@@ -214,7 +243,8 @@ def finetune(model: nn.Module, train_loader, epochs: int, *, lr: float = 0.01, m
                     if not torch.isfinite(loss):
                         raise FloatingPointError(
                             f"{description}: the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-                            f"lower lr (now {opt.param_groups[0]['lr']:.3g})")
+                            f"lower lr (now {opt.param_groups[0]['lr']:.3g})"
+                        )
                     loss.backward()
                     opt.step()
                     sched.step()
@@ -224,10 +254,17 @@ def finetune(model: nn.Module, train_loader, epochs: int, *, lr: float = 0.01, m
                     correct += int((logits.detach().argmax(1) == y).sum())
                     seen += n
                     if bar is not None:
-                        bar.update(task, advance=1, info=f"epoch {epoch + 1}/{epochs} loss {loss_sum / seen:.3f} "
-                                                         f"acc {correct / seen:.1%}")
-                entry = {"epoch": epoch + 1, "lr": start_lr, "train_loss": loss_sum / max(seen, 1),
-                         "train_accuracy": correct / max(seen, 1)}
+                        bar.update(
+                            task,
+                            advance=1,
+                            info=f"epoch {epoch + 1}/{epochs} loss {loss_sum / seen:.3f} acc {correct / seen:.1%}",
+                        )
+                entry = {
+                    "epoch": epoch + 1,
+                    "lr": start_lr,
+                    "train_loss": loss_sum / max(seen, 1),
+                    "train_accuracy": correct / max(seen, 1),
+                }
                 if eval_loader is not None:
                     ev = evaluate(net, eval_loader)
                     entry.update(test_loss=ev["loss"], test_accuracy=ev["accuracy"])
@@ -292,8 +329,9 @@ def evaluate(model: nn.Module, loader, *, progress=False, description: str = "ev
 
 
 @torch.no_grad()
-def time_forward(model: nn.Module, batch: torch.Tensor, *, repeats: int = 10, warmup: int = 2,
-                 min_seconds: float = 0.0) -> float:
+def time_forward(
+    model: nn.Module, batch: torch.Tensor, *, repeats: int = 10, warmup: int = 2, min_seconds: float = 0.0
+) -> float:
     """Wall time of one forward pass on ``batch`` in eval mode: the best of ``repeats`` runs
     (what a busy machine disturbs least), after ``warmup`` untimed runs. With ``min_seconds``,
     runs go on until that much time has been spent timing. Training flags are restored.

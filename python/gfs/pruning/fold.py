@@ -18,6 +18,7 @@ New modules are built (``torch.nn.utils.skip_init``, same dtype/device, same ``r
 and ``training`` flags) and set in place of the old ones in ``model`` — the caller passes a copy.
 Hooks registered on a replaced module are not carried over.
 """
+
 from __future__ import annotations
 
 import torch
@@ -57,8 +58,18 @@ def conv_like(old: nn.Module, *, out_idx=None, in_idx=None, in_scale=None, bias_
         groups = old.groups
         if groups != 1:  # depthwise: one filter per channel, groups follow the channels
             groups = W.shape[0]
-        new = skip_init(nn.Conv2d, W.shape[1] * groups, W.shape[0], old.kernel_size, stride=old.stride,
-                        padding=old.padding, dilation=old.dilation, groups=groups, padding_mode=old.padding_mode, **kw)
+        new = skip_init(
+            nn.Conv2d,
+            W.shape[1] * groups,
+            W.shape[0],
+            old.kernel_size,
+            stride=old.stride,
+            padding=old.padding,
+            dilation=old.dilation,
+            groups=groups,
+            padding_mode=old.padding_mode,
+            **kw,
+        )
     else:  # pragma: no cover - groups.py only admits these
         raise TypeError(f"cannot rebuild {type(old).__name__}")
     new.weight = _param(W, old.weight)
@@ -72,8 +83,15 @@ def batchnorm_like(old: nn.Module, idx: torch.Tensor) -> nn.Module:
     ref = next((t for t in (old.weight, old.running_mean) if t is not None), None)
     dev, dtype = (ref.device, ref.dtype) if ref is not None else (None, None)
     idx = idx.to(dev) if dev is not None else idx
-    new = type(old)(len(idx), eps=old.eps, momentum=old.momentum, affine=old.affine,
-                    track_running_stats=old.track_running_stats, device=dev, dtype=dtype)
+    new = type(old)(
+        len(idx),
+        eps=old.eps,
+        momentum=old.momentum,
+        affine=old.affine,
+        track_running_stats=old.track_running_stats,
+        device=dev,
+        dtype=dtype,
+    )
     if old.affine:
         new.weight = _param(old.weight.detach()[idx], old.weight)
         new.bias = _param(old.bias.detach()[idx], old.bias)

@@ -53,6 +53,7 @@ unless ``layers=`` says otherwise:
 
 Use ``layers=`` in :func:`gfs.prune` to restrict pruning to some of the groups.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -145,12 +146,34 @@ class GroupScan:
 # ---- what counts as per-channel ------------------------------------------------------------
 
 _ELEMENTWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.ELU,
-    nn.LeakyReLU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Identity, nn.Dropout,
-    nn.Dropout1d, nn.Dropout2d,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.SiLU,
+    nn.GELU,
+    nn.ELU,
+    nn.LeakyReLU,
+    nn.Mish,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Softplus,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
 )
-_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
-                 nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+_POOL_MODULES = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+)
 _NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
@@ -164,11 +187,35 @@ def _fns(*names, where=(F, torch)):
     return out
 
 
-_ELEMENTWISE_FUNCTIONS = _fns("relu", "relu_", "relu6", "hardtanh", "hardswish", "hardsigmoid", "silu",
-                              "gelu", "elu", "leaky_relu", "mish", "sigmoid", "tanh", "softplus", "dropout",
-                              "dropout1d", "dropout2d")
-_POOL_FUNCTIONS = _fns("max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d", "adaptive_avg_pool1d",
-                       "adaptive_avg_pool2d", "adaptive_max_pool1d", "adaptive_max_pool2d")
+_ELEMENTWISE_FUNCTIONS = _fns(
+    "relu",
+    "relu_",
+    "relu6",
+    "hardtanh",
+    "hardswish",
+    "hardsigmoid",
+    "silu",
+    "gelu",
+    "elu",
+    "leaky_relu",
+    "mish",
+    "sigmoid",
+    "tanh",
+    "softplus",
+    "dropout",
+    "dropout1d",
+    "dropout2d",
+)
+_POOL_FUNCTIONS = _fns(
+    "max_pool1d",
+    "max_pool2d",
+    "avg_pool1d",
+    "avg_pool2d",
+    "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d",
+    "adaptive_max_pool1d",
+    "adaptive_max_pool2d",
+)
 _ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "contiguous", "clone"}
 _SCALAR_OPS = {operator.mul, operator.add, operator.sub, operator.truediv, torch.mul, torch.add}
 _MUL = {operator.mul, torch.mul}
@@ -203,6 +250,7 @@ class _Reject(Exception):
 
 
 # ---- tracing -------------------------------------------------------------------------------
+
 
 def _trace(twin: nn.Module, example: torch.Tensor, name: str):
     """GraphModule of ``twin`` (already a copy in eval mode) with every node's shape recorded."""
@@ -287,6 +335,7 @@ def _find(twin: nn.Module, example: torch.Tensor) -> GroupScan:
 
 # ---- the walk ------------------------------------------------------------------------------
 
+
 def _follow(start, modules, calls, position) -> ChannelGroup:
     name = start.target
     layer = modules[name]
@@ -357,8 +406,15 @@ def _follow(start, modules, calls, position) -> ChannelGroup:
                     )
                 once(u.target)
                 path.append(u.target)
-                return ChannelGroup(name=name, producer=name, consumer=u.target, channels=C,
-                                    members=tuple(members), path=tuple(path), order=position[u])
+                return ChannelGroup(
+                    name=name,
+                    producer=name,
+                    consumer=u.target,
+                    channels=C,
+                    members=tuple(members),
+                    path=tuple(path),
+                    order=position[u],
+                )
             if isinstance(m, _NORM_MODULES):
                 if cdim != 1 or m.num_features != C:
                     raise _Reject(f"{_desc(u, modules)} does not normalise the {C} channels along dimension 1")
@@ -399,8 +455,12 @@ def _follow(start, modules, calls, position) -> ChannelGroup:
                 start = u.args[1] if len(u.args) > 1 else u.kwargs.get("start_dim", 0)
                 end = u.args[2] if len(u.args) > 2 else u.kwargs.get("end_dim", -1)
                 cdim = _flatten(u, cur, C, cdim, (start, end), modules)
-            elif f in _SCALAR_OPS and len(u.args) == 2 and not u.kwargs and cur in u.args and all(
-                isinstance(a, (int, float)) for a in u.args if a is not cur
+            elif (
+                f in _SCALAR_OPS
+                and len(u.args) == 2
+                and not u.kwargs
+                and cur in u.args
+                and all(isinstance(a, (int, float)) for a in u.args if a is not cur)
             ):
                 pass
             else:
@@ -433,8 +493,13 @@ def _flatten(u, cur, C, cdim, dims, modules) -> int:
     """A flatten keeps channels only for (B, C, 1, ..., 1) -> (B, C)."""
     in_shape, out_shape = _shape(cur), _shape(u)
     start, end = dims
-    if (cdim == 1 and start == 1 and end in (-1, len(in_shape) - 1) and out_shape == (in_shape[0], C)
-            and all(s == 1 for s in in_shape[2:])):
+    if (
+        cdim == 1
+        and start == 1
+        and end in (-1, len(in_shape) - 1)
+        and out_shape == (in_shape[0], C)
+        and all(s == 1 for s in in_shape[2:])
+    ):
         return 1
     raise _Reject(
         f"{_desc(u, modules)} flattens a map of shape {in_shape}: only a flatten of a 1x1 map (after global "
@@ -464,6 +529,7 @@ def _match_se(h, users, modules, C, cdim):
         node = next(iter(node.users))
         if node is mul:
             return None
+
     # pool, fc1, elementwise..., fc2, elementwise...
     def is_pool(n):
         if n.op == "call_module":
@@ -482,8 +548,14 @@ def _match_se(h, users, modules, C, cdim):
         if n.op != "call_module":
             return False
         m = modules[n.target]
-        return (type(m) is nn.Conv2d and m.groups == 1 and m.kernel_size == (1, 1) and m.padding in ((0, 0), "valid")
-                and (cin is None or m.in_channels == cin) and (cout is None or m.out_channels == cout))
+        return (
+            type(m) is nn.Conv2d
+            and m.groups == 1
+            and m.kernel_size == (1, 1)
+            and m.padding in ((0, 0), "valid")
+            and (cin is None or m.in_channels == cin)
+            and (cout is None or m.out_channels == cout)
+        )
 
     if len(seq) < 3 or not is_pool(seq[0]) or not is_conv1x1(seq[1], cin=C):
         return None
@@ -493,7 +565,7 @@ def _match_se(h, users, modules, C, cdim):
     if i >= len(seq) or not is_conv1x1(seq[i], cin=modules[seq[1].target].out_channels, cout=C):
         return None
     fc2 = seq[i]
-    if not all(is_act(n) for n in seq[i + 1:]):
+    if not all(is_act(n) for n in seq[i + 1 :]):
         return None
     if _shape(mul) != _shape(h):
         return None

@@ -25,6 +25,7 @@ MAX_DEPTH, or attributes that disagree with the tensors (a Conv2d whose ``out_ch
 its weight's first dimension, ...: checked at load for the torch.nn layers, so an edited or
 damaged file never gives a model that fails only at its first forward pass).
 """
+
 from __future__ import annotations
 
 import json
@@ -44,13 +45,58 @@ _KEY = "gfs_architecture"
 MAX_DEPTH = 128
 
 _TORCH_CLASSES = [
-    nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.Identity, nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d,
-    nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm,
-    nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU,
-    nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus,
-    nn.Softmax, nn.LogSoftmax, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.MaxPool1d, nn.MaxPool2d,
-    nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d, nn.Flatten, nn.Unflatten, nn.Upsample, nn.Embedding,
+    nn.Sequential,
+    nn.ModuleList,
+    nn.ModuleDict,
+    nn.Identity,
+    nn.Linear,
+    nn.Bilinear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Hardtanh,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Softplus,
+    nn.Softmax,
+    nn.LogSoftmax,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.AlphaDropout,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.Upsample,
+    nn.Embedding,
 ]
 
 
@@ -60,12 +106,21 @@ def _torchvision_classes():
         from torchvision.ops import misc
     except Exception:  # noqa: BLE001 - torchvision is optional
         return []
-    return [resnet.ResNet, resnet.BasicBlock, resnet.Bottleneck, mobilenetv2.MobileNetV2, mobilenetv2.InvertedResidual,
-            mobilenetv3.MobileNetV3, mobilenetv3.InvertedResidual, misc.Conv2dNormActivation, misc.SqueezeExcitation]
+    return [
+        resnet.ResNet,
+        resnet.BasicBlock,
+        resnet.Bottleneck,
+        mobilenetv2.MobileNetV2,
+        mobilenetv2.InvertedResidual,
+        mobilenetv3.MobileNetV3,
+        mobilenetv3.InvertedResidual,
+        misc.Conv2dNormActivation,
+        misc.SqueezeExcitation,
+    ]
 
 
 def _clip(where: str, n: int = 80) -> str:
-    return where if len(where) <= n else "..." + where[-(n - 3):]
+    return where if len(where) <= n else "..." + where[-(n - 3) :]
 
 
 def _name(cls) -> str:
@@ -87,12 +142,27 @@ class UnsafeFileError(ValueError):
 
 _INTERNALS = set(vars(nn.Module()).keys()) - {"training"}  # hooks and bookkeeping, never saved or set
 _TABLES = ("_parameters", "_buffers", "_modules")
-_DTYPES = {str(d).removeprefix("torch."): d for d in (
-    torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.uint8, torch.int16, torch.int32,
-    torch.int64, torch.bool, torch.complex64, torch.complex128)}
+_DTYPES = {
+    str(d).removeprefix("torch."): d
+    for d in (
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+        torch.float64,
+        torch.int8,
+        torch.uint8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.bool,
+        torch.complex64,
+        torch.complex128,
+    )
+}
 
 
 # ---- plain values <-> JSON ----------------------------------------------------------------------
+
 
 def _encode(v, where, classes, depth=0):
     if v is None or isinstance(v, (bool, int, float, str)):
@@ -110,19 +180,23 @@ def _encode(v, where, classes, depth=0):
         return {"dtype": str(v).removeprefix("torch.")}
     if isinstance(v, type) and _name(v) in classes:
         return {"class": _name(v)}
-    raise TypeError(f"cannot save {where}: a {type(v).__name__} is not a plain value (numbers, strings, tuples, "
-                    f"dtypes, allow-listed classes); gfs.pruning.io saves architectures as plain descriptions")
+    raise TypeError(
+        f"cannot save {where}: a {type(v).__name__} is not a plain value (numbers, strings, tuples, "
+        f"dtypes, allow-listed classes); gfs.pruning.io saves architectures as plain descriptions"
+    )
 
 
 def _decode(v, where, classes, depth=0):
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
     if depth >= MAX_DEPTH:
-        raise UnsafeFileError(f"{_clip(where)}: the value is nested too deeply (more than {MAX_DEPTH} levels); "
-                              f"gfs.pruning.io.save writes no such value")
+        raise UnsafeFileError(
+            f"{_clip(where)}: the value is nested too deeply (more than {MAX_DEPTH} levels); "
+            f"gfs.pruning.io.save writes no such value"
+        )
     d = depth + 1
     if isinstance(v, dict) and len(v) == 1:
-        (tag, x), = v.items()
+        ((tag, x),) = v.items()
         if tag == "tuple" and isinstance(x, list):
             return tuple(_decode(e, where, classes, d) for e in x)
         if tag == "list" and isinstance(x, list):
@@ -140,6 +214,7 @@ def _decode(v, where, classes, depth=0):
 
 # ---- module tree <-> description ----------------------------------------------------------------
 
+
 def describe(model: nn.Module, allowed=()) -> tuple[dict, dict]:
     """(architecture as a JSON-able dict, {name: tensor}) of ``model``."""
     classes = allowed_classes(allowed)
@@ -148,8 +223,9 @@ def describe(model: nn.Module, allowed=()) -> tuple[dict, dict]:
     def walk(m, path, depth=0):
         where = path or "the root module"
         if depth > MAX_DEPTH:
-            raise TypeError(f"cannot save {where}: it is nested more than {MAX_DEPTH} modules deep "
-                            f"(gfs.pruning.io.MAX_DEPTH)")
+            raise TypeError(
+                f"cannot save {where}: it is nested more than {MAX_DEPTH} modules deep (gfs.pruning.io.MAX_DEPTH)"
+            )
         tname = _name(type(m))
         if tname not in classes:
             raise TypeError(
@@ -180,8 +256,9 @@ def describe(model: nn.Module, allowed=()) -> tuple[dict, dict]:
             else:
                 tensors[full] = b.detach()
                 buffers[k] = {"persistent": k not in m._non_persistent_buffers_set}
-        children = {k: (None if c is None else walk(c, f"{path}.{k}" if path else k, depth + 1))
-                    for k, c in m._modules.items()}
+        children = {
+            k: (None if c is None else walk(c, f"{path}.{k}" if path else k, depth + 1)) for k, c in m._modules.items()
+        }
         return {"type": tname, "attrs": attrs, "params": params, "buffers": buffers, "children": children}
 
     return {"format": FORMAT, "root": walk(model, "")}, tensors
@@ -197,8 +274,10 @@ def rebuild(arch: dict, tensors: dict, allowed=()) -> nn.Module:
     def build(d, path, depth):
         where = path or "the root module"
         if depth > MAX_DEPTH:
-            raise UnsafeFileError(f"the architecture is nested too deeply (module {_clip(where)} is more than {MAX_DEPTH} "
-                                  f"modules deep); gfs.pruning.io.save writes no such model")
+            raise UnsafeFileError(
+                f"the architecture is nested too deeply (module {_clip(where)} is more than {MAX_DEPTH} "
+                f"modules deep); gfs.pruning.io.save writes no such model"
+            )
         if not isinstance(d, dict) or set(d) != {"type", "attrs", "params", "buffers", "children"}:
             raise UnsafeFileError(f"{where}: malformed module description")
         if not all(isinstance(d[t], dict) for t in ("attrs", "params", "buffers", "children")):
@@ -235,8 +314,11 @@ def rebuild(arch: dict, tensors: dict, allowed=()) -> nn.Module:
             full = f"{path}.{k}" if path else k
             if spec is not None and not isinstance(spec, dict):
                 raise UnsafeFileError(f"{full}: malformed buffer description")
-            m.register_buffer(k, None if spec is None else _tensor(tensors, full),
-                              persistent=True if spec is None else bool(spec.get("persistent", True)))
+            m.register_buffer(
+                k,
+                None if spec is None else _tensor(tensors, full),
+                persistent=True if spec is None else bool(spec.get("persistent", True)),
+            )
         check_shapes(m, path)
         for k, c in d["children"].items():
             m.add_module(k, None if c is None else build(c, f"{path}.{k}" if path else k, depth + 1))
@@ -245,14 +327,15 @@ def rebuild(arch: dict, tensors: dict, allowed=()) -> nn.Module:
     return build(arch["root"], "", 0)
 
 
-
 # ---- attributes against tensors -----------------------------------------------------------------
+
 
 def _shape_error(where, attr, value, tensor, shape, expected, meaning):
     return UnsafeFileError(
         f"{where}.{attr} is {value} but {tensor} has shape {tuple(shape)}, where the {meaning} would have {expected}: "
         f"the file's attributes disagree with its tensors (it was damaged or edited), so the model would fail "
-        f"at its first forward pass")
+        f"at its first forward pass"
+    )
 
 
 def _attr(m, where, name, kind="int"):
@@ -263,8 +346,12 @@ def _attr(m, where, name, kind="int"):
     v = vars(m)[name]
     ok = {
         "int": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
-        "ints": lambda v: isinstance(v, tuple) and all(isinstance(e, int) and not isinstance(e, bool) and e > 0 for e in v),
-        "shape": lambda v: isinstance(v, tuple) and all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in v),
+        "ints": lambda v: (
+            isinstance(v, tuple) and all(isinstance(e, int) and not isinstance(e, bool) and e > 0 for e in v)
+        ),
+        "shape": lambda v: (
+            isinstance(v, tuple) and all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in v)
+        ),
     }[kind]
     if not ok(v):
         what = {"int": "a positive int", "ints": "a tuple of positive ints", "shape": "a tuple of ints"}[kind]
@@ -300,8 +387,9 @@ def check_shapes(m: nn.Module, path: str = "") -> None:
         k = _attr(m, where, "kernel_size", "ints")
         for a in ("stride", "dilation"):
             if len(_attr(m, where, a, "ints")) != len(k):
-                raise UnsafeFileError(f"{where}.{a} is {getattr(m, a)!r}; a {name} with kernel_size {k} needs "
-                                      f"{len(k)} of them")
+                raise UnsafeFileError(
+                    f"{where}.{a} is {getattr(m, a)!r}; a {name} with kernel_size {k} needs {len(k)} of them"
+                )
         for a, c in (("in_channels", cin), ("out_channels", cout)):
             if c % groups:
                 raise UnsafeFileError(f"{where}.groups is {groups} but {a} is {c}, not a multiple of it")
@@ -319,13 +407,23 @@ def check_shapes(m: nn.Module, path: str = "") -> None:
         _expect(m, path, "bias", [("out_channels", cout, cout)], f"{name} bias (out_channels,)")
     elif isinstance(m, nn.Linear):
         cin, cout = _attr(m, where, "in_features"), _attr(m, where, "out_features")
-        _expect(m, path, "weight", [("out_features", cout, cout), ("in_features", cin, cin)],
-                "Linear weight (out_features, in_features)")
+        _expect(
+            m,
+            path,
+            "weight",
+            [("out_features", cout, cout), ("in_features", cin, cin)],
+            "Linear weight (out_features, in_features)",
+        )
         _expect(m, path, "bias", [("out_features", cout, cout)], "Linear bias (out_features,)")
     elif isinstance(m, nn.Bilinear):
         a, b, c = (_attr(m, where, x) for x in ("in1_features", "in2_features", "out_features"))
-        _expect(m, path, "weight", [("out_features", c, c), ("in1_features", a, a), ("in2_features", b, b)],
-                "Bilinear weight (out_features, in1_features, in2_features)")
+        _expect(
+            m,
+            path,
+            "weight",
+            [("out_features", c, c), ("in1_features", a, a), ("in2_features", b, b)],
+            "Bilinear weight (out_features, in1_features, in2_features)",
+        )
         _expect(m, path, "bias", [("out_features", c, c)], "Bilinear bias (out_features,)")
     elif isinstance(m, nn.modules.batchnorm._NormBase):  # BatchNorm*d, InstanceNorm*d
         n = _attr(m, where, "num_features")
@@ -343,8 +441,13 @@ def check_shapes(m: nn.Module, path: str = "") -> None:
             _expect(m, path, t, [("num_channels", n, n)], f"GroupNorm {t} (num_channels,)")
     elif isinstance(m, nn.Embedding):
         n, d = _attr(m, where, "num_embeddings"), _attr(m, where, "embedding_dim")
-        _expect(m, path, "weight", [("num_embeddings", n, n), ("embedding_dim", d, d)],
-                "Embedding weight (num_embeddings, embedding_dim)")
+        _expect(
+            m,
+            path,
+            "weight",
+            [("num_embeddings", n, n), ("embedding_dim", d, d)],
+            "Embedding weight (num_embeddings, embedding_dim)",
+        )
     elif isinstance(m, nn.PReLU):
         n = _attr(m, where, "num_parameters")
         _expect(m, path, "weight", [("num_parameters", n, n)], "PReLU weight (num_parameters,)")
@@ -357,6 +460,7 @@ def _tensor(tensors, name):
 
 
 # ---- files --------------------------------------------------------------------------------------
+
 
 def _have_safetensors() -> bool:
     try:
@@ -407,18 +511,23 @@ def load(path, *, map_location="cpu", allowed=()) -> nn.Module:
             raise UnsafeFileError(
                 f"{path}: torch.load(weights_only=True) refused to unpickle it: it holds objects other than tensors "
                 f"and strings, which could run code when unpickled{f' ({detail})' if detail else ''}; gfs.pruning.io.save "
-                f"never writes such a file") from None
+                f"never writes such a file"
+            ) from None
         except Exception as e:  # noqa: BLE001 - a zip file that torch cannot read at all
             first = str(e).splitlines()[0] if str(e) else ""
-            raise UnsafeFileError(f"{path} is a zip file but not a torch.save file gfs.pruning.io.save wrote "
-                                  f"({type(e).__name__}: {first})") from None
+            raise UnsafeFileError(
+                f"{path} is a zip file but not a torch.save file gfs.pruning.io.save wrote "
+                f"({type(e).__name__}: {first})"
+            ) from None
         if not isinstance(blob, dict) or blob.get("format") != FORMAT or not isinstance(blob.get(_KEY), str):
             raise UnsafeFileError(f"{path} is a torch.save file but not one written by gfs.pruning.io.save")
         text, tensors = blob[_KEY], blob.get("tensors")
     else:
         if not _have_safetensors():
-            raise ImportError(f"{path} is not a torch.save zip file; reading .safetensors files needs the "
-                              f"safetensors package (pip install safetensors)")
+            raise ImportError(
+                f"{path} is not a torch.save zip file; reading .safetensors files needs the "
+                f"safetensors package (pip install safetensors)"
+            )
         from safetensors import safe_open
 
         device = str(map_location) if map_location is not None else "cpu"
@@ -432,16 +541,19 @@ def load(path, *, map_location="cpu", allowed=()) -> nn.Module:
         if meta.get("format") != FORMAT or _KEY not in meta:
             raise UnsafeFileError(f"{path} is a safetensors file without a gfs architecture description")
         text = meta[_KEY]
-    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                for k, v in tensors.items()):
+    if not isinstance(tensors, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
+    ):
         raise UnsafeFileError(f"{path}: its tensors are not a dict of names to tensors")
     try:
         arch = json.loads(text)
     except json.JSONDecodeError as e:
         raise UnsafeFileError(f"{path}: the architecture is not valid JSON ({e})") from None
     except RecursionError:
-        raise UnsafeFileError(f"{path}: the architecture JSON is nested too deeply to parse; gfs.pruning.io.save "
-                              f"writes nothing nested deeper than {MAX_DEPTH} levels") from None
+        raise UnsafeFileError(
+            f"{path}: the architecture JSON is nested too deeply to parse; gfs.pruning.io.save "
+            f"writes nothing nested deeper than {MAX_DEPTH} levels"
+        ) from None
     try:
         return rebuild(arch, tensors, allowed)
     except UnsafeFileError as e:

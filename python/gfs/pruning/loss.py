@@ -20,6 +20,7 @@ The loss, summed over the calibration batches and divided by the number of sampl
 Top-1 (for the ``tolerance=`` stopping rule): with labels, the accuracy; without, the agreement of
 the argmax over dimension 1 with the original network's argmax (the original scores 1).
 """
+
 from __future__ import annotations
 
 import torch
@@ -56,8 +57,10 @@ class NetworkLoss:
         sizes = [x.shape[0] for x in runner.batches]
         have = [y is not None for y in labels]
         if any(have) and not all(have):
-            raise ValueError("calibration: some batches are (x, y) with integer labels and some are not; "
-                             "give labels for every batch (cross-entropy) or for none (error to the original outputs)")
+            raise ValueError(
+                "calibration: some batches are (x, y) with integer labels and some are not; "
+                "give labels for every batch (cross-entropy) or for none (error to the original outputs)"
+            )
         self.labels = None
         if all(have):
             for i, (y, r, n) in enumerate(zip(labels, self.reference, sizes)):
@@ -68,8 +71,10 @@ class NetworkLoss:
                         f"(batch, classes) logits, or batches without labels"
                     )
                 if n and (int(y.min()) < 0 or int(y.max()) >= r.shape[1]):
-                    raise ValueError(f"calibration batch {i}: labels must be in [0, {r.shape[1]}) (the model has "
-                                     f"{r.shape[1]} outputs), got values in [{int(y.min())}, {int(y.max())}]")
+                    raise ValueError(
+                        f"calibration batch {i}: labels must be in [0, {r.shape[1]}) (the model has "
+                        f"{r.shape[1]} outputs), got values in [{int(y.min())}, {int(y.max())}]"
+                    )
             self.labels = [y.to(r.device).long() for y, r in zip(labels, self.reference)]
         self.kind = "cross_entropy" if self.labels is not None else "mse"
         self.samples = sum(sizes)

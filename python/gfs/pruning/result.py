@@ -1,5 +1,6 @@
 """What gfs.prune returns: a :class:`PruneResult` (the pruned model, totals, a table) holding one
 :class:`LayerReport` per pruned channel group."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -60,8 +61,22 @@ class LayerReport:
     network_dense_loss: float | None = None
     top1: float | None = None
 
-    _PLAIN = ("name", "producer", "consumer", "channels_before", "channels_after", "loss", "dense_loss", "gap",
-              "fold_error", "sampled", "seconds", "network_loss", "network_dense_loss", "top1")
+    _PLAIN = (
+        "name",
+        "producer",
+        "consumer",
+        "channels_before",
+        "channels_after",
+        "loss",
+        "dense_loss",
+        "gap",
+        "fold_error",
+        "sampled",
+        "seconds",
+        "network_loss",
+        "network_dense_loss",
+        "top1",
+    )
 
     def row(self) -> dict:
         """The plain attributes (every one but ``kept`` and ``scale``)."""
@@ -143,9 +158,11 @@ class PruneResult:
     def __repr__(self) -> str:
         pb, pa = self.params
         fb, fa = self.flops
-        return (f"PruneResult(criterion={self.criterion!r}, groups={len(self.report)}, params={pb}->{pa}, "
-                f"flops={fb}->{fa}, seconds={self.seconds:.3g})")
+        return (
+            f"PruneResult(criterion={self.criterion!r}, groups={len(self.report)}, params={pb}->{pa}, "
+            f"flops={fb}->{fa}, seconds={self.seconds:.3g})"
+        )
 
 
 def _clip(s, n):
-    return s if len(s) <= n else "..." + s[-(n - 3):]
+    return s if len(s) <= n else "..." + s[-(n - 3) :]

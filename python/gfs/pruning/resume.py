@@ -19,6 +19,7 @@ A checkpoint with another fingerprint is refused (ValueError): delete it or pass
 Format: ``torch.save`` of a dict of plain strings (JSON) and tensors, read with
 ``torch.load(weights_only=True)``: nothing in the file is unpickled into objects or run.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -124,8 +125,10 @@ def read(path, fingerprint: dict):
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise ValueError(f"cannot read {what} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                         f"it is damaged or not a gfs.prune checkpoint: {fix}") from exc
+        raise ValueError(
+            f"cannot read {what} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            f"it is damaged or not a gfs.prune checkpoint: {fix}"
+        ) from exc
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise ValueError(f"{what} is not a gfs.prune checkpoint (no format tag {FORMAT!r}): {fix}")
     try:
@@ -137,8 +140,10 @@ def read(path, fingerprint: dict):
     mine = json.loads(json.dumps(fingerprint, sort_keys=True))
     if stored != mine:
         differ = sorted(k for k in set(stored) | set(mine) if stored.get(k) != mine.get(k))
-        raise ValueError(f"{what} was written by a run with other settings or another model/calibration "
-                         f"(different: {', '.join(differ)}); {fix} to start afresh")
+        raise ValueError(
+            f"{what} was written by a run with other settings or another model/calibration "
+            f"(different: {', '.join(differ)}); {fix} to start afresh"
+        )
     done = []
     for g in groups:
         d = _unpack(g, tensors)

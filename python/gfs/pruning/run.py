@@ -26,6 +26,7 @@ bars) and prunes one group at a time, in phases that are methods.
 
 Arguments are validated by gfs.prune (gfs.pruning.api) before they get here.
 """
+
 from __future__ import annotations
 
 import copy
@@ -73,8 +74,24 @@ class PruneRun:
     bar : progress bars (a context manager).
     """
 
-    def __init__(self, model: nn.Module, calibration, *, keep, ratio, criterion, step, replacement, eps, layers,
-                 progress, seed, backend, loss_options: dict, checkpoint):
+    def __init__(
+        self,
+        model: nn.Module,
+        calibration,
+        *,
+        keep,
+        ratio,
+        criterion,
+        step,
+        replacement,
+        eps,
+        layers,
+        progress,
+        seed,
+        backend,
+        loss_options: dict,
+        checkpoint,
+    ):
         self.t_start = time.perf_counter()
         self.model = model
         self.name = type(model).__name__
@@ -103,16 +120,21 @@ class PruneRun:
                 outputs = [self.reference(x) for x in self.batches]
             self.network = NetworkLoss(self.runner, outputs, self.labels, batch=loss_options["loss_batch"])
             if loss_options["tolerance"] is not None and not self.network.classifier:
-                raise ValueError("tolerance= needs a classifier (an output of shape (batch, classes)): the stop "
-                                 "compares the pruned network's top-1 with the original's")
+                raise ValueError(
+                    "tolerance= needs a classifier (an output of shape (batch, classes)): the stop "
+                    "compares the pruned network's top-1 with the original's"
+                )
         self.checkpoint, self.fingerprint = checkpoint, None
         if checkpoint is not None:
-            self.fingerprint = _fingerprint(self.reference, self.batches,
-                                            self.labels if self.crit.needs_network else None, self.groups,
-                                            self.budgets, dict(criterion=criterion, keep=keep, ratio=ratio,
-                                                               seed=int(seed), **self.options, **loss_options))
-        self.say = ((lambda s: print(f"[gfs.prune] {s}", file=sys.stderr, flush=True)) if progress
-                    else (lambda s: None))
+            self.fingerprint = _fingerprint(
+                self.reference,
+                self.batches,
+                self.labels if self.crit.needs_network else None,
+                self.groups,
+                self.budgets,
+                dict(criterion=criterion, keep=keep, ratio=ratio, seed=int(seed), **self.options, **loss_options),
+            )
+        self.say = (lambda s: print(f"[gfs.prune] {s}", file=sys.stderr, flush=True)) if progress else (lambda s: None)
         self.at = 0  # the original network has run up to this node
         self.producers = [self.runner.pos[self.node_of[g.producer]] for g in self.groups]
         self.done, self.report, self.selections = [], [], {}
@@ -130,9 +152,11 @@ class PruneRun:
             if found is not None:
                 self.done, state = found
                 self.generator.set_state(state)
-        self.say(f"{self.name}: {len(self.groups)} channel groups to prune with criterion {self.criterion!r}, "
-                 f"{len(self.skipped)} layers left whole, {sum(b.shape[0] for b in self.batches)} calibration samples"
-                 + (f"; resuming after {len(self.done)} groups from {self.checkpoint}" if self.done else ""))
+        self.say(
+            f"{self.name}: {len(self.groups)} channel groups to prune with criterion {self.criterion!r}, "
+            f"{len(self.skipped)} layers left whole, {sum(b.shape[0] for b in self.batches)} calibration samples"
+            + (f"; resuming after {len(self.done)} groups from {self.checkpoint}" if self.done else "")
+        )
 
     def step(self, i: int) -> LayerReport:
         """Prune group i (the groups before it are pruned): decide anew, or replay the decision
@@ -173,11 +197,21 @@ class PruneRun:
         flags = {n: m.training for n, m in self.model.named_modules()}
         for n, m in self.pruned.named_modules():
             m.training = flags.get(n, self.model.training)
-        result = PruneResult(model=self.pruned, report=self.report, selections=self.selections, groups=self.groups,
-                             skipped=self.skipped, params=params, flops=flops, criterion=self.criterion,
-                             seconds=time.perf_counter() - self.t_start)
-        self.say(f"done: {len(self.report)} groups, parameters {params[0]:,} -> {params[1]:,}, FLOPs {flops[0]:,} -> "
-                 f"{flops[1]:,}, {result.seconds:.1f} s")
+        result = PruneResult(
+            model=self.pruned,
+            report=self.report,
+            selections=self.selections,
+            groups=self.groups,
+            skipped=self.skipped,
+            params=params,
+            flops=flops,
+            criterion=self.criterion,
+            seconds=time.perf_counter() - self.t_start,
+        )
+        self.say(
+            f"done: {len(self.report)} groups, parameters {params[0]:,} -> {params[1]:,}, FLOPs {flops[0]:,} -> "
+            f"{flops[1]:,}, {result.seconds:.1f} s"
+        )
         return result
 
     # ---- the phases of one group ---------------------------------------------------------------
@@ -191,9 +225,13 @@ class PruneRun:
         pc = self.runner.pos[consumer]
         layer = self.pruned.get_submodule(g.consumer)
         se_fc1 = [self.node_of[m.name] for m in g.members if m.kind == "se"]
-        got = self.runner.run(self.runner.start_for(self.producers[i]), pc, inputs=[consumer, *se_fc1],
-                              outputs=[self.pending[0]] if self.pending else (),
-                              checkpoint_at=self.producers[i:] + ([pc] if self.network is not None else []))
+        got = self.runner.run(
+            self.runner.start_for(self.producers[i]),
+            pc,
+            inputs=[consumer, *se_fc1],
+            outputs=[self.pending[0]] if self.pending else (),
+            checkpoint_at=self.producers[i:] + ([pc] if self.network is not None else []),
+        )
         if self.pending:
             self.check_fold(got)
         ref = self.original.run(self.at, pc + 1, outputs=[consumer], checkpoint_at=[pc + 1], clone_start=False)
@@ -217,16 +255,27 @@ class PruneRun:
         if self.network is not None:
             tail = self.network.at(self.node_of[g.consumer], 1 if isinstance(layer, nn.Conv2d) else -1)
         opts = self.loss_options
-        ctx = Context(group=g, X=captured.X, layer=layer, target=captured.target,
-                      producer=self.pruned.get_submodule(g.producer), keep=self.budgets[g.name],
-                      generator=self.generator, network=tail, loss_candidates=opts.get("loss_candidates"),
-                      shortlist=opts.get("shortlist"), tolerance=opts.get("tolerance"), on_step=self.bar.step,
-                      **self.options)
+        ctx = Context(
+            group=g,
+            X=captured.X,
+            layer=layer,
+            target=captured.target,
+            producer=self.pruned.get_submodule(g.producer),
+            keep=self.budgets[g.name],
+            generator=self.generator,
+            network=tail,
+            loss_candidates=opts.get("loss_candidates"),
+            shortlist=opts.get("shortlist"),
+            tolerance=opts.get("tolerance"),
+            on_step=self.bar.step,
+            **self.options,
+        )
         try:
             return self.crit.decide(ctx)
         except ValueError as exc:  # say which group (the message is the selection's or the statistics')
-            raise ValueError(f"group {g.name!r} (consumer {g.consumer!r}), criterion {self.criterion!r}: "
-                             f"{exc}") from exc
+            raise ValueError(
+                f"group {g.name!r} (consumer {g.consumer!r}), criterion {self.criterion!r}: {exc}"
+            ) from exc
 
     def measure(self, i: int, captured: Captured, decision: Decision):
         """The report row of a new decision (consumer-output losses of the subnetwork and of the
@@ -244,11 +293,22 @@ class PruneRun:
         if sel is not None and sel.engine == "network":
             net_loss, net_dense, top1 = sel.loss, sel.dense_loss, float(sel.notes["top1"][-1])
         row = LayerReport(
-            name=g.name, producer=g.producer, consumer=g.consumer, channels_before=g.channels,
-            channels_after=int(decision.keep.numel()), loss=loss, dense_loss=dense_loss,
+            name=g.name,
+            producer=g.producer,
+            consumer=g.consumer,
+            channels_before=g.channels,
+            channels_after=int(decision.keep.numel()),
+            loss=loss,
+            dense_loss=dense_loss,
             gap=float(sel.gaps[-1]) if sel is not None and self.criterion == "local" else None,
-            fold_error=float("nan"), sampled=decision.sampled, seconds=0.0, kept=decision.keep.clone(),
-            scale=decision.scale.clone(), network_loss=net_loss, network_dense_loss=net_dense, top1=top1,
+            fold_error=float("nan"),
+            sampled=decision.sampled,
+            seconds=0.0,
+            kept=decision.keep.clone(),
+            scale=decision.scale.clone(),
+            network_loss=net_loss,
+            network_dense_loss=net_dense,
+            top1=top1,
         )
         return row, _with_bias(sub, layer)
 
@@ -262,8 +322,12 @@ class PruneRun:
         expected = None
         if math.isnan(row.fold_error):  # its fold is checked on the next pass
             consumer = self.node_of[g.consumer]
-            got = self.runner.run(self.runner.start_for(self.producers[i]), self.runner.pos[consumer],
-                                  inputs=[consumer], checkpoint_at=self.producers[i:])
+            got = self.runner.run(
+                self.runner.start_for(self.producers[i]),
+                self.runner.pos[consumer],
+                inputs=[consumer],
+                checkpoint_at=self.producers[i:],
+            )
             layer = self.pruned.get_submodule(g.consumer)
             expected = _with_bias(_subnetwork(got[("in", consumer)], layer, d["keep"], d["scale"], g), layer)
         return Decision(keep=d["keep"], scale=d["scale"], selection=d["selection"]), d["se_means"], row, expected
@@ -273,7 +337,7 @@ class PruneRun:
         checkpoints after the producer are stale."""
         fold_into(self.pruned, self.groups[i], decision.keep, decision.scale, se_means)
         self.runner.invalidate_after(self.producers[i])
-        self.runner.keep_only(self.producers[i + 1:] or self.producers[i:])  # (the last: for its fold check)
+        self.runner.keep_only(self.producers[i + 1 :] or self.producers[i:])  # (the last: for its fold check)
 
     def check_fold(self, got=None) -> None:
         """fold_error of the pending group, from the pruned network's output of its consumer
@@ -303,12 +367,15 @@ class PruneRun:
         generator's state (see gfs.pruning.resume)."""
         if self.checkpoint is None:
             return
-        done = [dict(keep=r.kept, scale=r.scale, se_means=se_means, selection=selection, row=r.row())
-                for r, (se_means, selection) in zip(self.report, self._folded)]
+        done = [
+            dict(keep=r.kept, scale=r.scale, se_means=se_means, selection=selection, row=r.row())
+            for r, (se_means, selection) in zip(self.report, self._folded)
+        ]
         resume.write(self.checkpoint, self.fingerprint, done, self.generator)
 
 
 # ---- helpers -----------------------------------------------------------------------------------
+
 
 def _choose(scan, layers, model_name) -> list:
     if layers is None:
@@ -329,16 +396,19 @@ def _choose(scan, layers, model_name) -> list:
         if any(c in pat for c in "*?["):
             hits = [n for n in by_name if fnmatch.fnmatchcase(n, pat)]
             if not hits:
-                raise ValueError(f"layers: pattern {pat!r} matches no prunable layer of {model_name}; "
-                                 f"prunable: {_few(by_name)}")
+                raise ValueError(
+                    f"layers: pattern {pat!r} matches no prunable layer of {model_name}; prunable: {_few(by_name)}"
+                )
             chosen.update(hits)
         elif pat in by_name:
             chosen.add(pat)
         elif pat in scan.rejected:
             raise UnsupportedModelError(f"layers: {pat!r} cannot be pruned: {scan.rejected[pat]}")
         else:
-            raise ValueError(f"layers: {model_name} has no prunable layer named {pat!r} (groups are named by the layer "
-                             f"whose output channels go); prunable: {_few(by_name)}")
+            raise ValueError(
+                f"layers: {model_name} has no prunable layer named {pat!r} (groups are named by the layer "
+                f"whose output channels go); prunable: {_few(by_name)}"
+            )
     return [g for g in scan.groups if g.name in chosen]
 
 
@@ -348,8 +418,10 @@ def _budgets(groups, keep, ratio) -> dict:
     for g in groups:
         k = keep_count(g.channels, keep, ratio)
         if k > g.channels:
-            raise ValueError(f"keep={keep} is more than the {g.channels} channels of group {g.name!r}; "
-                             f"use a smaller keep, ratio=, or layers= to leave that group out")
+            raise ValueError(
+                f"keep={keep} is more than the {g.channels} channels of group {g.name!r}; "
+                f"use a smaller keep, ratio=, or layers= to leave that group out"
+            )
         budgets[g.name] = k
     return budgets
 
@@ -383,7 +455,8 @@ def _check_finite(t, what, g):
         raise ValueError(
             f"group {g.name!r}: {what} on the calibration batches contains NaN or Inf (first at index {first}); "
             f"the calibration data are finite, so the model overflows or divides by zero on them: check its "
-            f"weights, or pass inputs of the scale it was trained on")
+            f"weights, or pass inputs of the scale it was trained on"
+        )
 
 
 def _with_bias(out, layer):
@@ -424,8 +497,14 @@ class _Progress:
         console = Console(stderr=True)
         if not (console.is_terminal or console.is_jupyter):  # a log file: no bar (it would only add a blank line)
             return
-        self.bar = Progress(TextColumn(r"\[gfs.prune] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), console=console, transient=True)
+        self.bar = Progress(
+            TextColumn(r"\[gfs.prune] {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
         self.groups = self.bar.add_task("groups", total=groups)
         self.steps = self.bar.add_task("channels", total=1, visible=False) if steps else None
 

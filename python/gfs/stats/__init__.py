@@ -5,8 +5,19 @@
 - gfs.stats.layers: the statistics of a Linear / Conv2d layer's input channels as candidates,
   without forming the N x M contributions.
 """
+
 from .gram import DEFAULT_CHUNK, FORMAT, VERSION, GramStats, identical_rows
 from .layers import conv2d_contributions, conv2d_stats, layer_stats, linear_contributions, linear_stats
 
-__all__ = ["GramStats", "FORMAT", "VERSION", "DEFAULT_CHUNK", "identical_rows", "linear_stats", "conv2d_stats",
-           "layer_stats", "linear_contributions", "conv2d_contributions"]
+__all__ = [
+    "GramStats",
+    "FORMAT",
+    "VERSION",
+    "DEFAULT_CHUNK",
+    "identical_rows",
+    "linear_stats",
+    "conv2d_stats",
+    "layer_stats",
+    "linear_contributions",
+    "conv2d_contributions",
+]

@@ -28,6 +28,7 @@ exact comparison, O(N m) per batch) and their rows of G, b and u_sum are made eq
 The dense network (the uniform average of the u_j) needs no data either: its loss is
 (||y||^2 - 2 mean(b) + mean(G)) / count.
 """
+
 from __future__ import annotations
 
 import math
@@ -161,8 +162,9 @@ class GramStats:
         kwargs.setdefault("device", U.device)
         return cls(int(U.shape[0]), **kwargs).update(U, targets, _names=("features", "targets"))
 
-    def update(self, features_batch, targets_batch, *, _names=("features_batch", "targets_batch"),
-               _amax=None) -> "GramStats":
+    def update(
+        self, features_batch, targets_batch, *, _names=("features_batch", "targets_batch"), _amax=None
+    ) -> "GramStats":
         """Add one batch: features_batch (N, m) or (N, *S), targets_batch (m,) or S. Returns self.
 
         The batch is not modified; it must be finite and on this statistics' device.
@@ -261,7 +263,8 @@ class GramStats:
         n = self.n
         tail = torch.tensor(
             [self.yy, self.y_sum, float(self.count), 1.0 if self.precision == torch.float32 else 0.0],
-            dtype=torch.float64, device=self.device,
+            dtype=torch.float64,
+            device=self.device,
         )
         flat = torch.cat([self.G.reshape(-1), self.b, self.u_sum, tail])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
@@ -319,7 +322,9 @@ class GramStats:
                 f"(the file is truncated, damaged, or was not written by GramStats.save); write it again with stats.save(path)"
             ) from exc
         if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ValueError(f"{what} is not a GramStats file (no format tag {FORMAT!r}); write it with stats.save(path)")
+            raise ValueError(
+                f"{what} is not a GramStats file (no format tag {FORMAT!r}); write it with stats.save(path)"
+            )
         if data.get("version") != VERSION:
             raise ValueError(
                 f"{what} has format version {data.get('version')!r}, this gfs reads version {VERSION}; "
@@ -346,7 +351,9 @@ class GramStats:
         if data.get("precision", "float64") not in ("float32", "float64"):
             raise ValueError(f"{what} is inconsistent: precision {data.get('precision')!r} is not float32 or float64")
         if not torch.equal(data["G"], data["G"].T):
-            raise ValueError(f"{what} is inconsistent: G is not symmetric (G = U U^T always is); rebuild the statistics")
+            raise ValueError(
+                f"{what} is inconsistent: G is not symmetric (G = U U^T always is); rebuild the statistics"
+            )
         rep = data.get("rep")
         if rep is not None:
             _check_stored_tensor(rep, "rep", (n,), torch.int64, what)
@@ -422,8 +429,7 @@ class GramStats:
         if float(bexcess.max()) > 0:
             j = int(torch.argmax(bexcess))
             raise ValueError(
-                f"{name}.b is inconsistent with G and yy: |b[{j}]| > sqrt(G[{j},{j}] yy) "
-                f"(Cauchy-Schwarz); {fix}"
+                f"{name}.b is inconsistent with G and yy: |b[{j}]| > sqrt(G[{j},{j}] yy) (Cauchy-Schwarz); {fix}"
             )
         if full:
             A = torch.empty(self.n + 1, self.n + 1, dtype=torch.float64, device=self.device)
@@ -453,7 +459,9 @@ def _check_stored_tensor(t, key: str, shape: tuple, dtype: torch.dtype, what: st
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{what} is inconsistent: {key} is missing or not a tensor")
     if tuple(t.shape) != shape:
-        raise ValueError(f"{what} is inconsistent: {key} should have shape {shape} for n={shape[0]}, got {tuple(t.shape)}")
+        raise ValueError(
+            f"{what} is inconsistent: {key} should have shape {shape} for n={shape[0]}, got {tuple(t.shape)}"
+        )
     if t.dtype != dtype:
         raise ValueError(f"{what} is inconsistent: {key} should be {dtype}, got {t.dtype}")
     held = t.untyped_storage().nbytes() - t.storage_offset() * t.element_size()

@@ -1,5 +1,6 @@
 """Layer statistics: GramStats of a Linear or Conv2d layer's input channels as candidates,
 without forming the N x M contributions (DESIGN section 2)."""
+
 from __future__ import annotations
 
 import torch
@@ -71,15 +72,18 @@ def linear_stats(x, weight, target=None, bias=None, *, out: GramStats | None = N
         raise ValueError(f"weight must have shape (C_out, C_in) for a Linear layer, got {tuple(weight.shape)}")
     C_out, C = weight.shape
     if x.dim() < 1 or x.shape[-1] != C:
-        raise ValueError(f"x has shape {tuple(x.shape)} but weight {tuple(weight.shape)} takes {C} input features: x must be (..., {C})")
+        raise ValueError(
+            f"x has shape {tuple(x.shape)} but weight {tuple(weight.shape)} takes {C} input features: x must be (..., {C})"
+        )
     X = x.reshape(-1, C)
     Y = _layer_target(target, bias, (*x.shape[:-1], C_out), C_out, x.device)
     Y = None if Y is None else Y.reshape(-1, C_out)
     return _patch_stats(X, Y, weight, 1, out, lambda: (X, Y))
 
 
-def conv2d_stats(x, weight, target=None, bias=None, *, stride=1, padding=0, dilation=1, method="auto",
-                 out: GramStats | None = None) -> GramStats:
+def conv2d_stats(
+    x, weight, target=None, bias=None, *, stride=1, padding=0, dilation=1, method="auto", out: GramStats | None = None
+) -> GramStats:
     """GramStats of a Conv2d layer's input channels as candidates (groups=1).
 
     method : {"auto", "offsets", "materialise"}
@@ -120,8 +124,9 @@ def conv2d_stats(x, weight, target=None, bias=None, *, stride=1, padding=0, dila
     if method == "offsets" and K > 1 and per < x.shape[0]:  # bound the unfolded patches: a few images a call
         stats = out if out is not None else GramStats(C, device=x.device)
         for i in range(0, x.shape[0], per):
-            conv2d_stats(x[i : i + per], weight, None if Y is None else Y[i : i + per], None, method="offsets",
-                         out=stats, **conv)
+            conv2d_stats(
+                x[i : i + per], weight, None if Y is None else Y[i : i + per], None, method="offsets", out=stats, **conv
+            )
         return stats
     if method == "materialise":
         stats = out if out is not None else GramStats(C, device=x.device)
@@ -160,8 +165,17 @@ def layer_stats(layer, x, target=None, *, out: GramStats | None = None, **kwargs
             raise ValueError(
                 f"layer_stats takes Conv2d with groups=1, numeric padding and padding_mode='zeros'; got {layer}"
             )
-        return conv2d_stats(x, layer.weight.detach(), target, _bias(layer), stride=layer.stride,
-                            padding=layer.padding, dilation=layer.dilation, out=out, **kwargs)
+        return conv2d_stats(
+            x,
+            layer.weight.detach(),
+            target,
+            _bias(layer),
+            stride=layer.stride,
+            padding=layer.padding,
+            dilation=layer.dilation,
+            out=out,
+            **kwargs,
+        )
     raise TypeError(f"layer_stats takes nn.Linear or nn.Conv2d, got {type(layer).__name__}")
 
 
@@ -217,8 +231,10 @@ def _patch_stats(X, Y, Wf, K, out, patches) -> GramStats:
     rows = max(1, min(stats.chunk, _LAYER_CHUNK_BYTES // max(1, 4 * (CK + C_out))))
     # inputs, weights or targets whose products would overflow or underflow the product dtype
     # are multiplied by powers of two (exact), and the float64 sums scaled back
-    ex, ew, ey = (_scale.rescale_exponent(_amax(t), cdt, n) if t is not None else 0
-                  for t, n in ((Xp, min(S, stats.chunk)), (Wf, C_out), (Yp, min(S, stats.chunk))))
+    ex, ew, ey = (
+        _scale.rescale_exponent(_amax(t), cdt, n) if t is not None else 0
+        for t, n in ((Xp, min(S, stats.chunk)), (Wf, C_out), (Yp, min(S, stats.chunk)))
+    )
     for e, name in ((ex, "x"), (ew, "weight"), (ey, "target")):
         if e:
             _scale.check_representable(e, name)
