@@ -28,6 +28,7 @@ images) = 1,605,632.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -125,12 +126,12 @@ def bench_case(label, N, M, dtype_name, device, backends, args) -> dict:
     out = {"shape": label, "N": N, "M": M, "dtype": dtype_name, "bytes_U": nbytes, "backends": {}}
 
     dst = torch.empty_like(U)
-    copy_ms = time_ms(lambda: dst.copy_(U), device, reps=args.reps_copy, warmup=2)
+    copy_ms = time_ms(functools.partial(dst.copy_, U), device, reps=args.reps_copy, warmup=2)
     del dst
     copy_bw = 2 * nbytes / (copy_ms * 1e-3)  # read + write
     out.update(copy_ms=copy_ms, copy_GBps=copy_bw / 1e9, floor_step_ms=1e3 * nbytes / copy_bw)
     q = y.to(dtype)
-    mv_ms = time_ms(lambda: torch.mv(U, q), device, reps=args.reps_copy, warmup=2)
+    mv_ms = time_ms(functools.partial(torch.mv, U, q), device, reps=args.reps_copy, warmup=2)
     out.update(mv_ms=mv_ms, mv_pct_of_copy_bw=100 * (nbytes / (mv_ms * 1e-3)) / copy_bw)
     print(
         f"[{label} {dtype_name}] U {nbytes / 1e9:.2f} GB: copy {copy_ms:.3f} ms ({copy_bw / 1e12:.2f} TB/s r+w), "
@@ -149,19 +150,22 @@ def bench_case(label, N, M, dtype_name, device, backends, args) -> dict:
         K = args.k_step
         if name == "triton+graph":
             b = b.__class__(use_cuda_graph=True)
-        run = lambda k: stream.run_on(b, U, y, k, step="uniform", replacement=True, stop_loss=-1.0)  # noqa: E731
+
+        def run(k, b=b):
+            return stream.run_on(b, U, y, k, step="uniform", replacement=True, stop_loss=-1.0)
+
         res = run(K)  # warm-up: compile, autotune, first-touch
         picks = res.indices.tolist()
-        t1 = time_ms(lambda: run(1), device, reps=args.reps, warmup=0)
-        tk = time_ms(lambda: run(K), device, reps=args.reps, warmup=0)
+        t1 = time_ms(functools.partial(run, 1), device, reps=args.reps, warmup=0)
+        tk = time_ms(functools.partial(run, K), device, reps=args.reps, warmup=0)
         step_ms = max(tk - t1, 1e-9) / (K - 1)
         eff = nbytes / (step_ms * 1e-3)
-        sel_ms = time_ms(lambda: run(args.k_select), device, reps=args.reps_select, warmup=0)
+        sel_ms = time_ms(functools.partial(run, args.k_select), device, reps=args.reps_select, warmup=0)
         agree = None
         if ref_picks is None:
             ref_picks = picks
         else:
-            agree = sum(a == c for a, c in zip(picks, ref_picks)) / max(1, len(ref_picks))
+            agree = sum(a == c for a, c in zip(picks, ref_picks, strict=False)) / max(1, len(ref_picks))
         out["backends"][name] = {
             "step_ms": step_ms,
             "eff_GBps": eff / 1e9,
@@ -177,7 +181,7 @@ def bench_case(label, N, M, dtype_name, device, backends, args) -> dict:
             + (f"  picks agree {agree:.2f}" if agree is not None else ""),
             flush=True,
         )
-    del U, y, q
+    U = y = q = None  # free them now (run's closure holds the names, not the tensors)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
@@ -209,7 +213,7 @@ def write_report(results, meta, path_base):
             if "skipped" in r:
                 lines.append(f"| {name} | skipped: {r['skipped']} | | | | |")
                 continue
-            sel = r["select_k%d_s" % meta["k_select"]]
+            sel = r[f"select_k{meta['k_select']}_s"]
             lines.append(
                 f"| {name} | {r['step_ms']:.3f} | {r['eff_GBps']:.0f} | {r['pct_of_copy_bw']:.1f} | "
                 f"{r['step_over_floor']:.2f} | {sel:.3f} |"

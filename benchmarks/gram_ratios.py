@@ -17,6 +17,7 @@ only. Goals:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -31,9 +32,9 @@ sys.path[:0] = [os.path.join(ROOT, "python"), os.path.join(ROOT, "src")]
 
 import gfs  # noqa: E402
 import gfs_kernels  # noqa: E402
+from _machine import cpu_model, load1  # noqa: E402  (benchmarks/_machine.py, beside this script)
 from gfs import stats as S  # noqa: E402
 from gfs.engines import cost, gram  # noqa: E402
-from _machine import cpu_model, load1  # noqa: E402  (benchmarks/_machine.py, beside this script)
 
 
 def wait_for_quiet(limit: float, max_wait: float) -> float:
@@ -69,8 +70,8 @@ def goal_steps_vs_build(quick):
     N, M, k = (1024, 8192, 1024) if quick else (4096, 65536, 4096)
     g = torch.Generator().manual_seed(0)
     U, y = torch.randn(N, M, generator=g), torch.randn(M, generator=g)
-    t_build, st = best(lambda: gfs.GramStats.from_features(U, y), repeat=1 if not quick else 2)
-    t_mm, _ = best(lambda: torch.mm(U, U.T), repeat=1 if not quick else 2)
+    t_build, st = best(functools.partial(gfs.GramStats.from_features, U, y), repeat=1 if not quick else 2)
+    t_mm, _ = best(functools.partial(torch.mm, U, U.T), repeat=1 if not quick else 2)
     del U
     cpu = gfs_kernels.get("cpu")
     t_steps, res = best(
@@ -80,12 +81,10 @@ def goal_steps_vs_build(quick):
     )
     extra = {}
     for step in ("line_search", "refit"):
-        extra[step], _ = best(
-            lambda: gram.run(
-                cpu, st.G, st.b, st.yy, st.count, k, step=step, replacement=True, stop_loss=-1.0, tol=1e-4
-            ),
-            repeat=1,
+        run = functools.partial(
+            gram.run, cpu, st.G, st.b, st.yy, st.count, k, step=step, replacement=True, stop_loss=-1.0, tol=1e-4
         )
+        extra[step], _ = best(run, repeat=1)
     return dict(
         N=N,
         M=M,
@@ -259,7 +258,7 @@ def main():
     with open(os.path.join(args.out, name + ".json"), "w") as f:
         json.dump(results, f, indent=1)
     md = [
-        f"# Gram engine on CPU: ratio table",
+        "# Gram engine on CPU: ratio table",
         "",
         f"Commit {commit}. Machine: {desc}; torch threads {results['threads']}; "
         f"1-min load {start_load} at start, {results['load_at_end']} at end; one run, best of several timings each.",
@@ -275,10 +274,12 @@ def main():
         f">= 300x | {'yes' if r3['met'] else 'NO'} |",
         f"| materialised vs layer stats, 1x1 conv {r4['C_in']}->{r4['C_out']}, {r4['positions']} positions "
         f"(materialised: {r4['materialised_samples_timed']}/{r4['B']} samples, scaled) | {r4['ratio']:.0f}x "
-        f"({r4['materialised_s_scaled']:.3g} s vs {r4['layer_stats_s']:.3g} s) | >= 10x | {'yes' if r4['met'] else 'NO'} |",
+        f"({r4['materialised_s_scaled']:.3g} s vs {r4['layer_stats_s']:.3g} s) | >= 10x | "
+        f"{'yes' if r4['met'] else 'NO'} |",
         "",
         f"Build vs a bare torch.mm U U^T (the FLOP floor): {r1['build_vs_mm']:.2f}x the time "
-        f"(GramStats: GEMMs of the lower block triangle into a float32 buffer, added into float64). Same G: {r1['k']} line_search steps "
+        "(GramStats: GEMMs of the lower block triangle into a float32 buffer, added into float64). "
+        f"Same G: {r1['k']} line_search steps "
         f"{r1['line_search_steps_s']:.3g} s, {r1['k']} refit steps {r1['refit_steps_s']:.3g} s.",
         "",
         "## auto on the grid (float32, uniform)",

@@ -67,7 +67,7 @@ def rebatch(calib, n, batch):
 
     x = torch.cat([b[0] for b in calib])[:n]
     y = torch.cat([b[1] for b in calib])[:n]
-    return list(zip(x.split(batch), y.split(batch)))
+    return list(zip(x.split(batch), y.split(batch), strict=True))
 
 
 def parse(argv):
@@ -293,8 +293,8 @@ def markdown(res: dict) -> str:
         f"initialisation, batch order, calibration subset, the random criterion, the candidate subsets of 'loss' "
         f"and fine-tuning. Every criterion keeps {s['ratio']:.0%} of the internal channels of every group "
         f"(ResNet-18: conv1 of each BasicBlock; MobileNetV2: the stem and the expanded hidden channels of the "
-        f"inverted residuals). Fine-tuning: {s['finetune_epochs']} epoch(s), SGD lr {s['finetune_lr']}, cosine, the same "
-        f"for every row. Accuracy on the {res['images']['test']} test images.",
+        f"inverted residuals). Fine-tuning: {s['finetune_epochs']} epoch(s), SGD lr {s['finetune_lr']}, cosine, "
+        f"the same for every row. Accuracy on the {res['images']['test']} test images.",
         "",
         "## Goals",
         "",

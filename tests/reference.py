@@ -162,7 +162,7 @@ def check_line_search_path(U, y, picks, gammas, losses, *, replacement=True, rto
     z = np.zeros(U.shape[1])
     used = []
     scale = atol + rtol * float((y * y).mean() + (U * U).mean(1).max())
-    for t, (j, g) in enumerate(zip(picks, gammas)):
+    for t, (j, g) in enumerate(zip(picks, gammas, strict=True)):
         loss_j, gam = line_search_candidates(U, y, z, t == 0)
         if not replacement:
             assert j not in used, f"step {t}: {j} picked twice without replacement"
@@ -213,7 +213,7 @@ def brute_force_refit(U, y, k, replacement=True, stop_loss=-1.0):
     N, M = U.shape
     S, picks, losses, gaps = [], [], [], []
     w = np.zeros(N)
-    for t in range(k):
+    for _ in range(k):
         loss_j = refit_candidates(U, y, S) if S else ((y[None] - U) ** 2).mean(1)
         if not replacement:
             loss_j[picks] = np.inf

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import reference as ref
-from gfs_kernels import _ops
 from gfs.engines.uniform import stream_loop as uniform_loop
+from gfs_kernels import _ops
 from gfs_kernels.base import accumulation_dtype
 
 pytestmark = pytest.mark.skipif(_ops.load_error is not None, reason=f"extension not built: {_ops.load_error}")

@@ -12,7 +12,6 @@ import pytest
 
 from gfs.data import IdxError, load_digits_split, load_mnist_idx, read_idx, write_idx
 
-
 # -- IDX ----------------------------------------------------------------------------------------
 
 

@@ -49,7 +49,7 @@ def test_finetune_is_reproducible_and_keeps_the_callers_random_state():
     a = finetune(_net(), _data()[0], 2, lr=0.05, seed=7, progress=False).model
     torch.set_rng_state(state)
     b = finetune(_net(), _data()[0], 2, lr=0.05, seed=7, progress=False).model
-    for (k, u), v in zip(a.state_dict().items(), b.state_dict().values()):
+    for (k, u), v in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(u, v), k
     net = _net()  # (seeds torch itself)
     torch.manual_seed(5)

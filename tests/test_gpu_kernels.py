@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import shutil
@@ -241,7 +242,7 @@ def test_plan_chunks_fits_budget_and_covers_rows():
         p = plan_chunks(N, M, itemsize, budget)
         assert p.buffers * p.buffer_bytes <= budget
         r = p.ranges()
-        assert r[0][0] == 0 and r[-1][1] == N and all(a[1] == b[0] for a, b in zip(r, r[1:]))
+        assert r[0][0] == 0 and r[-1][1] == N and all(a[1] == b[0] for a, b in itertools.pairwise(r))
         assert all(0 < i1 - i0 <= p.rows for i0, i1 in r) and len(r) == p.n_chunks
         sizes = [i1 - i0 for i0, i1 in r]
         assert max(sizes) - min(sizes) <= 1  # balanced

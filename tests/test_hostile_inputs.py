@@ -163,7 +163,7 @@ def test_every_layout_gives_the_contiguous_result(layout, step, engine, one_thre
     want = gfs.select(Uc.contiguous(), yc.contiguous(), 6, step=step, engine=engine)
     assert got.indices.tolist() == want.indices.tolist()
     torch.testing.assert_close(got.losses, want.losses)
-    for x, x0 in zip((Ua, ya), before):  # nothing passed in is modified
+    for x, x0 in zip((Ua, ya), before, strict=True):  # nothing passed in is modified
         if isinstance(x, np.ndarray):
             np.testing.assert_array_equal(x, x0)
         else:

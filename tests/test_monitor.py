@@ -5,7 +5,6 @@ import torch
 
 from gfs.monitor import EarlyTicketMonitor, layer_features, linear_features
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

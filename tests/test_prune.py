@@ -156,7 +156,7 @@ def test_groups_resnet_internal_channels_only():
     assert g18.names() == [f"layer{i}.{j}.conv1" for i in range(1, 5) for j in range(2)]
     assert all(g.consumer == g.name.replace("conv1", "conv2") for g in g18.groups)
     g50 = find_groups(tv.models.resnet50(weights=None), x)
-    blocks = [f"layer{i}.{j}" for i, n in zip(range(1, 5), (3, 4, 6, 3)) for j in range(n)]
+    blocks = [f"layer{i}.{j}" for i, n in zip(range(1, 5), (3, 4, 6, 3), strict=True) for j in range(n)]
     assert g50.names() == [f"{b}.{c}" for b in blocks for c in ("conv1", "conv2")]
     # the residual stream (stem, conv3, downsample) is left whole, with the reason
     assert "residual" in g50.rejected["layer1.0.conv3"] and "layer1.0.downsample.0" in g50.rejected
@@ -219,8 +219,9 @@ def test_folds_exactly(pruned, arch):
     consumers = [r.consumer for r in result.report]
     y_mask, at_mask = outputs_at(masked(model, result), x, consumers)
     y_pruned, at_pruned = outputs_at(eval_copy(result.model), x, consumers)
-    rows = {r.producer: r.kept for r in result.report}  # a consumer that is also a producer lost rows,
-    for g, r in zip(result.groups, result.report):  # and so did an SE's fc2 (it follows the hidden channels)
+    # a consumer that is also a producer lost rows, and so did an SE's fc2 (it follows the hidden channels)
+    rows = {r.producer: r.kept for r in result.report}
+    for g, r in zip(result.groups, result.report, strict=True):
         rows.update({m.fc2: r.kept for m in g.members if m.kind == "se"})
     for c in consumers:
         ref = at_mask[c]
@@ -238,7 +239,7 @@ def test_input_model_unchanged(pruned, arch):
     assert state.keys() == after.keys()
     assert all(torch.equal(state[k], after[k]) for k in state)  # bit-identical, BN statistics included
     assert flags == after_flags and ids == after_ids
-    assert all(p is not q for p, q in zip(model.parameters(), result.model.parameters()))
+    assert all(p is not q for p, q in zip(model.parameters(), result.model.parameters(), strict=True))
 
 
 def test_local_loss_is_the_selection_loss_and_beats_random_subsets():
@@ -479,7 +480,7 @@ def test_argument_errors_name_the_argument():
 
 def test_save_and_reload_in_a_new_process(pruned, tmp_path):
     cases = []
-    for i, (arch, (_, _, x, result)) in enumerate(pruned.items()):
+    for arch, (_, _, x, result) in pruned.items():
         fmt = "torch" if arch == "cnn" else "auto"
         path = tmp_path / f"{arch}.gfs"
         save(result.model, path, format=fmt)

@@ -70,7 +70,7 @@ def test_calibration_of_another_float_dtype_is_converted_to_the_models(dtype, ca
     for calibration in (x, [x[:2], x[2:]], [(x, torch.zeros(4, dtype=torch.long))]):
         result = prune(model, calibration, keep=3, progress=False)
         assert [r.kept.tolist() for r in result.report] == [r.kept.tolist() for r in base.report]
-        assert all(torch.equal(a.scale, b.scale) for a, b in zip(result.report, base.report))
+        assert all(torch.equal(a.scale, b.scale) for a, b in zip(result.report, base.report, strict=True))
         assert next(result.model.parameters()).dtype == torch.float32
     assert x.dtype == dtype and torch.equal(x, kept)  # the caller's data are not modified
     assert "Traceback" not in capfd.readouterr().err

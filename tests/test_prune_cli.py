@@ -356,7 +356,7 @@ def test_digits_images_are_fixed_standardised_and_stratified():
     cal = a.calibration(70, 32, seed=5)
     assert [tuple(x.shape) for x, _ in cal] == [(32, 3, 16, 16), (32, 3, 16, 16), (6, 3, 16, 16)]
     again = a.calibration(70, 32, seed=5)
-    assert all(torch.equal(x, y) and torch.equal(u, v) for (x, u), (y, v) in zip(cal, again))
+    assert all(torch.equal(x, y) and torch.equal(u, v) for (x, u), (y, v) in zip(cal, again, strict=True))
     small = a.subset(50, 20)
     assert len(small.train) == 50 and len(small.test) == 20
 

@@ -60,7 +60,7 @@ def _deep_text(kind, depth):
     if kind == "json":  # only brackets: deeper than the JSON parser's recursion
         return '{"format": "gfs-module/1", "root": ' + "[" * depth + "]" * depth + "}"
     if kind == "modules":  # a chain of nested Sequential modules
-        head = '{"type": "%s", "attrs": {}, "params": {}, "buffers": {}, "children": {' % SEQ
+        head = '{"type": "' + SEQ + '", "attrs": {}, "params": {}, "buffers": {}, "children": {'
         return '{"format": "gfs-module/1", "root": ' + (head + '"0": ') * depth + head + "}}" + "}}" * depth + "}"
     # an attribute holding a tuple of a tuple of ... of 1
     value = '{"tuple": [' * depth + "1" + "]}" * depth

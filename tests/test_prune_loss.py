@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from test_prune import build, close, eval_copy, masked, outputs_at, snapshot
 
 from gfs.pruning import loss as loss_module
 from gfs.pruning import prune
+from test_prune import build, close, eval_copy, masked, outputs_at, snapshot
 
 tv = pytest.importorskip("torchvision")
 
@@ -146,7 +146,7 @@ def test_random_candidate_subsets_are_random_and_seeded(monkeypatch):
     assert runs[5][0][0] != first
     sel_steps = [c for c in first]
     chosen = []
-    for step, cand in enumerate(sel_steps):  # each pick is the best of its subset (brute force)
+    for cand in sel_steps:  # each pick is the best of its subset (brute force)
         j, _ = brute_pick(model, "7", 24, chosen, x, y, among=cand)
         chosen.append(j)
     assert sorted(chosen) == kept

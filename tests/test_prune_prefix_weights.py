@@ -82,11 +82,11 @@ def test_a_cut_prefix_carries_its_own_weights(step):
         expected = torch.bincount(pre.indices, minlength=12).double() / t
     elif step == "line_search":
         expected = torch.zeros(12, dtype=torch.float64)
-        for j, gamma in zip(idx, gammas):
+        for j, gamma in zip(idx, gammas, strict=True):
             expected *= 1 - gamma
             expected[j] += gamma
     else:
-        members = [j for j, gamma in zip(idx, gammas) if gamma == 1.0]
+        members = [j for j, gamma in zip(idx, gammas, strict=True) if gamma == 1.0]
         expected = affine_refit(U, y, members)
     assert torch.allclose(pre.weights, expected, rtol=1e-9, atol=1e-10), (pre.weights, expected)
     assert loss_of(U, y, pre.weights) == pytest.approx(float(long.losses[t - 1]), rel=1e-9, abs=1e-12)

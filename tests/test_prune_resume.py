@@ -5,9 +5,9 @@ import os
 
 import pytest
 import torch
-from test_prune import build
 
 from gfs.pruning import criteria, prune, resume
+from test_prune import build
 
 pytest.importorskip("torchvision")
 
@@ -47,7 +47,7 @@ def identical(a, b, where="") -> None:
             identical(a[k], b[k], f"{where}.{k}")
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             identical(x, y, f"{where}[{i}]")
     elif isinstance(a, float):
         assert a == b or (math.isnan(a) and math.isnan(b)), f"{where}: {a!r} != {b!r}"

@@ -10,7 +10,6 @@ import torch
 
 from gfs.experiments import singular_values as sv
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

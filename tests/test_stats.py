@@ -1,15 +1,12 @@
 """GramStats: building, combining, storing, and every bad input named clearly."""
 
 import math
-import os
 
-import numpy as np
 import pytest
 import torch
 
 import gfs
 from gfs import GramStats
-from gfs import stats as S
 from gfs.engines.gram import Accumulator
 
 
@@ -241,8 +238,8 @@ def test_all_reduce_without_a_process_group():
 
 @pytest.mark.parametrize("n", [37, 1100])
 def test_the_block_triangle_product_and_both_flushes(n):
-    """The Gram build's product (gfs.engines.gram.Accumulator) fills the lower block triangle of a buffer; the CPU flush (numpy) and the
-    device flush (torch) must both add exactly A A^T, symmetric."""
+    """The Gram build's product (gfs.engines.gram.Accumulator) fills the lower block triangle of a buffer;
+    the CPU flush (numpy) and the device flush (torch) must both add exactly A A^T, symmetric."""
     A = torch.randn(n, 50, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
     exact = A @ A.T
     for flush in ("_flush_numpy", "_flush_torch"):

@@ -14,7 +14,6 @@ from gfs.experiments import PretrainingConfig, pretraining_study, red_line
 from gfs.experiments import cli as study_cli
 from gfs.experiments import pretraining as P
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -62,7 +61,7 @@ def test_gradients_match_autograd():
     params = [p.clone().requires_grad_(True) for p in net.parameters()]
     ref = P.TwoLayer(*params)
     torch.nn.functional.binary_cross_entropy_with_logits(ref.forward(X), y).backward()
-    for got, p in zip(P.gradients(net, X, y), params):
+    for got, p in zip(P.gradients(net, X, y), params, strict=True):
         assert torch.allclose(got, p.grad, atol=1e-6)
 
 
@@ -87,7 +86,7 @@ def test_red_line_definition():
         300: [0.5, 0.7, 0.9, 0.94],  # never
         400: [0.5, 0.6, 0.95, 0.94],  # the full set: A* = 0.95, first at 20
     }
-    acc = {(s, t): v for s, row in table.items() for t, v in zip(its, row)}
+    acc = {(s, t): v for s, row in table.items() for t, v in zip(its, row, strict=True)}
     line = red_line(_summary(acc))[5]
     assert line["target"] == 0.95 and line["target_iteration"] == 20
     assert line["sizes"] == [100, 200, 300, 400]

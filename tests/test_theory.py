@@ -8,7 +8,6 @@ import torch
 import gfs
 from gfs import theory
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -23,8 +23,7 @@ import torch  # noqa: E402
 from reference import brute_force_uniform, check_path  # noqa: E402
 
 assert os.environ["TRITON_INTERPRET"] == "1"
-from gfs_kernels import get  # noqa: E402
-from gfs_kernels import triton_step  # noqa: E402
+from gfs_kernels import get, triton_step  # noqa: E402
 
 B = get("triton")
 CASES = {}

@@ -6,10 +6,10 @@
 See DESIGN.md for the math; gfs_kernels holds the backends ("naive", "torch", "cpu", ...).
 """
 
+from .pruning import PruneResult, prune  # gfs.prune is the function; helpers: from gfs.pruning import save, load, ...
 from .select import backends, select
 from .selection import Selection
 from .stats import GramStats
-from .pruning import PruneResult, prune  # gfs.prune is the function; helpers: from gfs.pruning import save, load, ...
 
 __version__ = "0.1.0"
 __all__ = ["select", "Selection", "GramStats", "backends", "prune", "PruneResult", "__version__"]

@@ -87,7 +87,8 @@ def features_and_targets(features, targets, name: str = "features") -> tuple[tor
         )
     if U.device != y.device:
         raise ValueError(
-            f"{name} is on {U.device} but targets is on {y.device}; move both to one device (e.g. targets.to({name}.device))"
+            f"{name} is on {U.device} but targets is on {y.device}; move both to one device "
+            f"(e.g. targets.to({name}.device))"
         )
     U = U.reshape(N, M).contiguous()
     y = y.reshape(M).contiguous()

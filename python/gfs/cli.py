@@ -136,8 +136,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"gfs demo: {exc}", file=sys.stderr)
             return 2
-    from .demo import DemoConfig, run_demo
     from .data import IdxError
+    from .demo import DemoConfig, run_demo
 
     cfg = DemoConfig.quick_config() if args.quick else DemoConfig()
     cfg.seed, cfg.out, cfg.backend, cfg.mnist = args.seed, args.out, args.backend, args.mnist

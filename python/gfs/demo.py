@@ -29,7 +29,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -78,7 +78,7 @@ class DemoConfig:
     cnn_timing_rounds: int = 5
 
     @classmethod
-    def quick_config(cls, **overrides) -> "DemoConfig":
+    def quick_config(cls, **overrides) -> DemoConfig:
         """Tiny sizes for tests and a first look (well under 30 s on 2 cores)."""
         base = dict(
             hidden=64,
@@ -484,7 +484,8 @@ def run_cnn_part(cfg: DemoConfig, console) -> list:
         f"\n[bold]CNNs[/bold]: {data.describe()}; train {_plural(cfg.cnn_train_epochs, 'epoch')} from scratch (SGD, lr "
         f"{TRAIN_RECIPE['lr']}, cosine, seed {cfg.seed}), prune {1 - cfg.cnn_ratio:.0%} of the internal channels with "
         f"gfs 'local' on {sum(len(x) for x, _ in calib)} calibration images, fine-tune "
-        f"{_plural(cfg.cnn_finetune_epochs, 'epoch')} (lr {cfg.cnn_finetune_lr}); {_plural(torch.get_num_threads(), 'torch thread')}"
+        f"{_plural(cfg.cnn_finetune_epochs, 'epoch')} (lr {cfg.cnn_finetune_lr}); "
+        f"{_plural(torch.get_num_threads(), 'torch thread')}"
     )
     out = []
     for name in cfg.cnn_models:

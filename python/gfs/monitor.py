@@ -19,8 +19,8 @@ consecutive checks.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -158,7 +158,7 @@ class EarlyTicketMonitor:
     @classmethod
     def for_linear(
         cls, model: torch.nn.Module, layer: torch.nn.Linear, calibration_inputs, k: int, **kwargs
-    ) -> "EarlyTicketMonitor":
+    ) -> EarlyTicketMonitor:
         """A monitor of the input units of `layer` (e.g. the hidden neurons of a two-layer
         network: pass its output Linear), on `calibration_inputs` (see `layer_features`)."""
         return cls(lambda m: layer_features(m, layer, calibration_inputs), k, model=model, **kwargs)
@@ -223,7 +223,10 @@ class EarlyTicketMonitor:
     def __repr__(self) -> str:
         last = f", last loss {self.history[-1].loss:.4g}" if self.history else ""
         where = f"plateau at step {self.plateau_step}" if self.plateaued else "no plateau yet"
-        return f"EarlyTicketMonitor(k={self.k}, every={self.every}, patience={self.patience}, rtol={self.rtol}: {len(self.history)} checks, {where}{last})"
+        return (
+            f"EarlyTicketMonitor(k={self.k}, every={self.every}, patience={self.patience}, rtol={self.rtol}: "
+            f"{len(self.history)} checks, {where}{last})"
+        )
 
 
 __all__ = ["EarlyTicketMonitor", "TicketCheck", "linear_features", "layer_features"]

@@ -257,7 +257,8 @@ class Diagnostics:
 
     def summary(self) -> str:
         lines = [
-            f"N={self.N} candidates, M={self.M} entries; diameter {self.diameter:.4g} (per-entry D^2 {self.diameter2:.4g})"
+            f"N={self.N} candidates, M={self.M} entries; diameter {self.diameter:.4g} "
+            f"(per-entry D^2 {self.diameter2:.4g})"
         ]
         if self.initial_loss is not None:
             lines.append(f"initial loss {self.initial_loss:.4g}, dense loss {self.dense_loss:.4g}")

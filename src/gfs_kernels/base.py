@@ -53,7 +53,7 @@ class LoopResult:
     notes: dict = field(default_factory=dict)
 
     @classmethod
-    def uniform(cls, indices, losses, gaps, n: int, notes: dict | None = None) -> "LoopResult":
+    def uniform(cls, indices, losses, gaps, n: int, notes: dict | None = None) -> LoopResult:
         """The result of a uniform-rule loop that returned only picks, losses and gaps."""
         s = indices.numel()
         gammas = 1.0 / torch.arange(1, s + 1, dtype=torch.float64, device=indices.device)

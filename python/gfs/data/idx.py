@@ -90,11 +90,10 @@ def read_idx(path: str, expect_magic: int | None = None, expect_ndim: int | None
 def write_idx(path: str, array: np.ndarray) -> None:
     """Write a numpy array as an IDX file (gzipped when the name ends in .gz)."""
     array = np.asarray(array)
-    for code, dtype in _IDX_DTYPES.items():
-        if dtype.kind == array.dtype.kind and dtype.itemsize == array.dtype.itemsize:
-            break
-    else:
+    codes = [c for c, d in _IDX_DTYPES.items() if d.kind == array.dtype.kind and d.itemsize == array.dtype.itemsize]
+    if not codes:
         raise ValueError(f"IDX has no type code for {array.dtype}")
+    code, dtype = codes[0], _IDX_DTYPES[codes[0]]
     header = struct.pack(">BBBB", 0, 0, code, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
     data = header + np.ascontiguousarray(array, dtype=dtype).tobytes()
     opener = gzip.open if path.endswith(".gz") else open

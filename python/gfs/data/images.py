@@ -52,8 +52,8 @@ class ImageData:
     """
 
     name: str
-    train: "torch.utils.data.Dataset"
-    test: "torch.utils.data.Dataset"
+    train: torch.utils.data.Dataset
+    test: torch.utils.data.Dataset
     classes: int
     image_size: int
     spec: str
@@ -113,9 +113,9 @@ class ImageData:
             if progress is not None and ((j + 1) % 64 == 0 or j + 1 == n):
                 progress(j + 1)
         x, y = torch.stack(images), torch.tensor(labels, dtype=torch.long)
-        return list(zip(x.split(batch_size), y.split(batch_size)))
+        return list(zip(x.split(batch_size), y.split(batch_size), strict=True))
 
-    def subset(self, train: int | None = None, test: int | None = None, *, seed: int = 0) -> "ImageData":
+    def subset(self, train: int | None = None, test: int | None = None, *, seed: int = 0) -> ImageData:
         """A copy with at most ``train`` / ``test`` images of each split (a seeded random subset)."""
         from torch.utils.data import Subset
 

@@ -51,5 +51,5 @@ def balanced_subsets(classes: np.ndarray, sizes, seed: int) -> dict[int, np.ndar
     out = {}
     for size in sizes:
         q = balanced_quotas(int(size), counts)
-        out[int(size)] = np.sort(np.concatenate([o[:n] for o, n in zip(orders, q)]))
+        out[int(size)] = np.sort(np.concatenate([o[:n] for o, n in zip(orders, q, strict=True)]))
     return out

@@ -43,7 +43,7 @@ class Dataset:
             f"{self.dim} features, {self.classes} classes"
         )
 
-    def subset(self, n_train: int | None = None, n_test: int | None = None, seed: int = 0) -> "Dataset":
+    def subset(self, n_train: int | None = None, n_test: int | None = None, seed: int = 0) -> Dataset:
         """A smaller copy (the first n after a seeded shuffle of each split)."""
         g = torch.Generator().manual_seed(seed)
 

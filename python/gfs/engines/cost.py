@@ -37,7 +37,7 @@ import torch
 from .._validation import available_memory
 
 _SMALL = 2e-3  # seconds: below this for both engines, stay with streaming
-_CACHE: dict[tuple, "Rates"] = {}
+_CACHE: dict[tuple, Rates] = {}
 
 
 @dataclass
@@ -167,8 +167,8 @@ def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.flo
 
         fixed_gram = _best_of(tiny, repeat=15)
         P = torch.rand(64, 1 << 14, generator=g, device=device, dtype=torch.float64)
-        l = torch.rand(64, generator=g, device=device, dtype=torch.float64)
-        flops = 2 * P.numel() / _best_of(lambda: l @ P, repeat=5)
+        v = torch.rand(64, generator=g, device=device, dtype=torch.float64)
+        flops = 2 * P.numel() / _best_of(lambda: v @ P, repeat=5)
         _GRAM[gkey] = (gemm, gemm_small, per_flush, per_n2, fixed_gram, per_element, flops)
     gemm, gemm_small, per_flush, per_n2, fixed_gram, per_element, flops = _GRAM[gkey]
     out = Rates(

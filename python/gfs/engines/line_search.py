@@ -39,7 +39,7 @@ def weights(picks, gammas, n, device) -> torch.Tensor:
     """w = sum_t gamma_t prod_{s > t} (1 - gamma_s) e_{j_t}: the weights after w <- (1-g) w + g e_j."""
     w = torch.zeros(n, dtype=torch.float64)
     scale = 1.0
-    for j, g in zip(reversed(picks), reversed(gammas)):
+    for j, g in zip(reversed(picks), reversed(gammas), strict=True):
         if scale == 0.0:
             break
         w[j] += scale * g

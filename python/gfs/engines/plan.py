@@ -135,9 +135,9 @@ def _stream_plan(N, M, dtype, step, device, backend, why) -> Plan:
             placement = "upload" if cost.fits_on_device(N, M, dtype, gpu) else "stream"
             if placement == "stream" and step != "uniform":
                 raise ValueError(
-                    f"features ({N * M * torch.finfo(dtype).bits / 8 / 2**30:.2f} GiB in host memory) do not fit in the "
-                    f"free memory of {gpu}, and only the uniform rule streams them from the host; use step='uniform', "
-                    f"the Gram engine (engine='gram'), or the cpu backend"
+                    f"features ({N * M * torch.finfo(dtype).bits / 8 / 2**30:.2f} GiB in host memory) do not fit in "
+                    f"the free memory of {gpu}, and only the uniform rule streams them from the host; use "
+                    "step='uniform', the Gram engine (engine='gram'), or the cpu backend"
                 )
             return Plan("stream", chosen, f"{why}; backend: {reason}", gpu, placement)
     chosen, reason = backend_for("stream", device, dtype, step, backend)

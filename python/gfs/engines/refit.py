@@ -15,7 +15,7 @@ csrc/cpu/gram_cpu.cpp follows `RefitState` and `gram_loop`.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -59,10 +59,10 @@ class RefitState:
         m = len(self.t)
         g = (gj - self.g0) - (float(gj[self.s0]) - self.g00)  # <u_j - u_s0, u_i - u_s0> for every i
         if m:
-            l = self.P[:m, j].clone()  # the new row of L: j's projections on the directions so far
-            g = g - l @ self.P[:m]
+            row = self.P[:m, j].clone()  # the new row of L: j's projections on the directions so far
+            g = g - row @ self.P[:m]
         else:
-            l = torch.zeros(0, dtype=torch.float64, device=g.device)
+            row = torch.zeros(0, dtype=torch.float64, device=g.device)
         p = g / Ljj
         p[self.s0] = 0.0
         tnew = num / Ljj
@@ -75,7 +75,7 @@ class RefitState:
         self.P[m] = p
         L = torch.zeros(m + 1, m + 1, dtype=torch.float64)
         L[:m, :m] = self.L
-        L[m, :m] = l.cpu()
+        L[m, :m] = row.cpu()
         L[m, m] = Ljj
         self.L = L
         self.t.append(tnew)

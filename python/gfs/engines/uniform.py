@@ -17,7 +17,7 @@ Two loops, the readable statement of the rule that the native kernels follow ste
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -31,12 +31,12 @@ def add_study_parser(subparsers) -> argparse.ArgumentParser:
         "pretraining",
         help="pruned accuracy vs data-set size and pre-training iterations, with the red line",
         description=(
-            "Pre-train mean-field two-layer ReLU networks (sigmoid output, BCE, labels digit<5 vs >=5) on class-balanced "
-            "sub-data-sets of growing size; every P iterations prune the hidden layer by greedy forward selection (no "
-            "fine-tuning) and record the pruned accuracy on the training sub-set. Writes cells.jsonl (resumable), "
-            "results.csv, summary.csv, summary.json and figure.png to --out, and prints the finding: does the "
-            "pre-training threshold (red line) not decrease as the data set grows? Default: scikit-learn's digits "
-            "(a few minutes on 2 CPU cores); --mnist DIR runs the paper's MNIST scale."
+            "Pre-train mean-field two-layer ReLU networks (sigmoid output, BCE, labels digit<5 vs >=5) on "
+            "class-balanced sub-data-sets of growing size; every P iterations prune the hidden layer by greedy "
+            "forward selection (no fine-tuning) and record the pruned accuracy on the training sub-set. Writes "
+            "cells.jsonl (resumable), results.csv, summary.csv, summary.json and figure.png to --out, and prints the "
+            "finding: does the pre-training threshold (red line) not decrease as the data set grows? Default: "
+            "scikit-learn's digits (a few minutes on 2 CPU cores); --mnist DIR runs the paper's MNIST scale."
         ),
     )
     pre.add_argument(

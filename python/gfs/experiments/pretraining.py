@@ -76,11 +76,11 @@ class PretrainingConfig:
     threads: int = 1  # torch intra-op threads while the study runs; 0 leaves torch's setting
 
     @classmethod
-    def default(cls, **overrides) -> "PretrainingConfig":
+    def default(cls, **overrides) -> PretrainingConfig:
         return cls(**overrides)
 
     @classmethod
-    def quick(cls, **overrides) -> "PretrainingConfig":
+    def quick(cls, **overrides) -> PretrainingConfig:
         base = dict(
             widths=(16, 48), sizes=(60, 150, 300), iterations=60, prune_every=20, k=8, seeds=(0,), batch_size=32
         )
@@ -88,7 +88,7 @@ class PretrainingConfig:
         return cls(**base)
 
     @classmethod
-    def paper(cls, mnist_dir: str, **overrides) -> "PretrainingConfig":
+    def paper(cls, mnist_dir: str, **overrides) -> PretrainingConfig:
         """Sizes 1K, 5K, ..., 50K, 8000 iterations, pruning every 1000 to 200 neurons, 3 seeds.
         The paper's widths were lost in extraction: (500, 1000, 2000) stand in."""
         base = dict(
@@ -150,7 +150,7 @@ class TwoLayer:
     a: torch.Tensor  # (W,)
 
     @classmethod
-    def init(cls, width: int, dim: int, seed: int) -> "TwoLayer":
+    def init(cls, width: int, dim: int, seed: int) -> TwoLayer:
         g = torch.Generator().manual_seed(1_000_003 * int(seed) + int(width))
         return cls(
             torch.randn(width, dim, generator=g), torch.randn(width, generator=g), torch.randn(width, generator=g)
@@ -237,7 +237,7 @@ def run_cell(data_X: torch.Tensor, labels: torch.Tensor, width: int, seed: int, 
         else:
             idx = torch.randint(n, (cfg.batch_size,), generator=g)
             xb, yb = data_X[idx], labels[idx]
-        for p, dp in zip(net.parameters(), gradients(net, xb, yb)):
+        for p, dp in zip(net.parameters(), gradients(net, xb, yb), strict=True):
             p.sub_(dp, alpha=step)
     return rows
 
@@ -361,7 +361,10 @@ def assess(line: dict[int, dict], never_as: float, trend_rho: float = 0.5) -> di
         elif not drops:
             verdict = "flat (never decreases, does not grow)"
         elif grows and rho >= trend_rho:
-            verdict = f"grows as a trend, with {len(drops)} local decrease(s) of at most {max(d['by'] for d in drops):g} iterations"
+            verdict = (
+                f"grows as a trend, with {len(drops)} local decrease(s) of at most "
+                f"{max(d['by'] for d in drops):g} iterations"
+            )
         else:
             verdict = "does not grow"
         fits = {}
@@ -423,7 +426,7 @@ def finding_text(
     lines = [head]
     for w, rec in line.items():
         v = verdict["per_width"][w]
-        pairs = ", ".join(f"{s}:{_fmt_t(t)}" for s, t in zip(rec["sizes"], rec["thresholds"]))
+        pairs = ", ".join(f"{s}:{_fmt_t(t)}" for s, t in zip(rec["sizes"], rec["thresholds"], strict=True))
         rho = "n/a" if math.isnan(v["spearman"]) else f"{v['spearman']:.2f}"
         fit = ""
         if v["fits"]:
@@ -552,7 +555,7 @@ def plot_study(summary: list[dict], line: dict[int, dict], cfg: PretrainingConfi
         1, len(widths), figsize=(4.6 * len(widths) + 1.2, 4.8), squeeze=False, constrained_layout=True
     )
     annotate = len(sizes) * len(its) <= 160
-    for ax, w in zip(axes[0], widths):
+    for ax, w in zip(axes[0], widths, strict=True):
         grid = np.full((len(its), len(sizes)), np.nan)
         for i, t in enumerate(its):
             for j, s in enumerate(sizes):
@@ -574,7 +577,7 @@ def plot_study(summary: list[dict], line: dict[int, dict], cfg: PretrainingConfi
                         )
         rec = line[w]
         xs, ys, never = [], [], []
-        for j, (s, t) in enumerate(zip(rec["sizes"], rec["thresholds"])):
+        for s, t in zip(rec["sizes"], rec["thresholds"], strict=True):
             xs.append(sizes.index(s))
             if t is None:
                 ys.append(len(its) - 0.5)

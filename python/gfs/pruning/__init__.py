@@ -16,11 +16,11 @@ arguments checked, then a PruneRun), finetune (training, evaluation, timing).
 """
 
 from .api import prune
-from .result import LayerReport, PruneResult
-from .run import PruneRun
 from .criteria import CRITERIA, Decision, gram_statistics, group_statistics
 from .groups import ChannelGroup, GroupScan, UnsupportedModelError, find_groups
 from .io import UnsafeFileError, load, save
+from .result import LayerReport, PruneResult
+from .run import PruneRun
 
 __all__ = [
     "prune",

@@ -510,8 +510,8 @@ def load(path, *, map_location="cpu", allowed=()) -> nn.Module:
             detail = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), "")
             raise UnsafeFileError(
                 f"{path}: torch.load(weights_only=True) refused to unpickle it: it holds objects other than tensors "
-                f"and strings, which could run code when unpickled{f' ({detail})' if detail else ''}; gfs.pruning.io.save "
-                f"never writes such a file"
+                f"and strings, which could run code when unpickled{f' ({detail})' if detail else ''}; "
+                "gfs.pruning.io.save never writes such a file"
             ) from None
         except Exception as e:  # noqa: BLE001 - a zip file that torch cannot read at all
             first = str(e).splitlines()[0] if str(e) else ""

@@ -63,7 +63,7 @@ class NetworkLoss:
             )
         self.labels = None
         if all(have):
-            for i, (y, r, n) in enumerate(zip(labels, self.reference, sizes)):
+            for i, (y, r, n) in enumerate(zip(labels, self.reference, sizes, strict=True)):
                 if tuple(y.shape) != (n,) or r.dim() != 2:
                     raise ValueError(
                         f"calibration batch {i}: labels have shape {tuple(y.shape)} and the model's output "
@@ -75,7 +75,7 @@ class NetworkLoss:
                         f"calibration batch {i}: labels must be in [0, {r.shape[1]}) (the model has "
                         f"{r.shape[1]} outputs), got values in [{int(y.min())}, {int(y.max())}]"
                     )
-            self.labels = [y.to(r.device).long() for y, r in zip(labels, self.reference)]
+            self.labels = [y.to(r.device).long() for y, r in zip(labels, self.reference, strict=True)]
         self.kind = "cross_entropy" if self.labels is not None else "mse"
         self.samples = sum(sizes)
         self.classifier = all(r.dim() >= 2 and r.shape[1] >= 2 for r in self.reference)
@@ -87,7 +87,7 @@ class NetworkLoss:
             return float("nan")
         if self.labels is None:
             return 1.0
-        hits = sum(int((r.argmax(1) == y).sum()) for r, y in zip(self.reference, self.labels))
+        hits = sum(int((r.argmax(1) == y).sum()) for r, y in zip(self.reference, self.labels, strict=True))
         return hits / self.samples
 
     def _losses(self, out, b, copies):
@@ -114,7 +114,7 @@ class NetworkLoss:
             hits = torch.full((copies,), float("nan"), dtype=torch.float64, device=out.device)
         return loss, hits
 
-    def at(self, consumer_node, channel_dim: int) -> "ConsumerTail":
+    def at(self, consumer_node, channel_dim: int) -> ConsumerTail:
         """The loss as a function of the scales of ``consumer_node``'s input channels (dimension
         ``channel_dim`` of its input), from the runner's checkpoint at the consumer."""
         position = self.runner.pos[consumer_node]
@@ -133,12 +133,12 @@ class ConsumerTail:
         self.evaluations = 0
         self.batch = net.batch
         sizes = [x.shape[0] for x in net.runner.batches]
-        for env, n in zip(self.envs, sizes):  # a live value that cannot be repeated: one candidate per pass
+        for env, n in zip(self.envs, sizes, strict=True):
             for node, v in env.items():
                 if node is input_node or node not in net._dependent:
                     continue
                 if not isinstance(v, torch.Tensor) or v.dim() == 0 or v.shape[0] != n:
-                    self.batch = 1
+                    self.batch = 1  # a live value that cannot be repeated: one candidate per pass
         self._checked = self.batch == 1
 
     def _scaled(self, X, S):

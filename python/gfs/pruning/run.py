@@ -42,7 +42,8 @@ import torch.nn as nn
 from . import resume
 from .capture import GraphRunner, as_batches
 from .criteria import CRITERIA, Context, Decision, _channel_view, consumer_output, keep_count, remove_bias
-from .fold import apply as fold_into, count_flops, count_parameters
+from .fold import apply as fold_into
+from .fold import count_flops, count_parameters
 from .groups import UnsupportedModelError, _find, describe_rejected
 from .loss import NetworkLoss
 from .result import LayerReport, PruneResult
@@ -369,7 +370,7 @@ class PruneRun:
             return
         done = [
             dict(keep=r.kept, scale=r.scale, se_means=se_means, selection=selection, row=r.row())
-            for r, (se_means, selection) in zip(self.report, self._folded)
+            for r, (se_means, selection) in zip(self.report, self._folded, strict=True)
         ]
         resume.write(self.checkpoint, self.fingerprint, done, self.generator)
 

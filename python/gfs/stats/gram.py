@@ -152,7 +152,7 @@ class GramStats:
         self._rep_count = self.count + count if valid else -1
 
     @classmethod
-    def from_features(cls, features, targets, **kwargs) -> "GramStats":
+    def from_features(cls, features, targets, **kwargs) -> GramStats:
         """Statistics of one features matrix (N, M) or (N, *S) and its targets."""
         U = check.as_tensor(features, "features")
         if U.dim() < 2:
@@ -164,7 +164,7 @@ class GramStats:
 
     def update(
         self, features_batch, targets_batch, *, _names=("features_batch", "targets_batch"), _amax=None
-    ) -> "GramStats":
+    ) -> GramStats:
         """Add one batch: features_batch (N, m) or (N, *S), targets_batch (m,) or S. Returns self.
 
         The batch is not modified; it must be finite and on this statistics' device.
@@ -230,13 +230,14 @@ class GramStats:
         return self
 
     # -- combining --------------------------------------------------------------------------
-    def merge(self, other: "GramStats") -> "GramStats":
+    def merge(self, other: GramStats) -> GramStats:
         """Add another GramStats of the same N (e.g. another worker's) into this one. Returns self."""
         if not isinstance(other, GramStats):
             raise TypeError(f"other must be a GramStats, got {type(other).__name__}")
         if other.n != self.n:
             raise ValueError(
-                f"cannot merge GramStats of n={other.n} candidates into n={self.n}: both must describe the same candidates"
+                f"cannot merge GramStats of n={other.n} candidates into n={self.n}: "
+                "both must describe the same candidates"
             )
         self._merge_partition(other._rep if other._rep_count == other.count else None, other.count)
         self.G.add_(other.G.to(self.device))
@@ -250,7 +251,7 @@ class GramStats:
         self._equalise_duplicates(G=True)
         return self
 
-    def all_reduce(self, group=None) -> "GramStats":
+    def all_reduce(self, group=None) -> GramStats:
         """Sum these statistics across the processes of a torch.distributed group, in place,
         with one all-reduce (every rank must call it with statistics of the same N). Returns self."""
         import torch.distributed as dist
@@ -309,7 +310,7 @@ class GramStats:
         )
 
     @classmethod
-    def load(cls, path, *, device="cpu") -> "GramStats":
+    def load(cls, path, *, device="cpu") -> GramStats:
         """Read statistics written by `save` (torch.load with weights_only=True)."""
         what = f"GramStats file {os.fspath(path)!r}"
         try:
@@ -319,7 +320,8 @@ class GramStats:
         except (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
             raise ValueError(
                 f"cannot read {what}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-                f"(the file is truncated, damaged, or was not written by GramStats.save); write it again with stats.save(path)"
+                "(the file is truncated, damaged, or was not written by GramStats.save); "
+                "write it again with stats.save(path)"
             ) from exc
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(
@@ -370,7 +372,7 @@ class GramStats:
         stats.precision = torch.float32 if data.get("precision") == "float32" else torch.float64
         return stats
 
-    def to(self, device) -> "GramStats":
+    def to(self, device) -> GramStats:
         """A copy on another device."""
         out = GramStats(self.n, device=device, compute_dtype=self.compute_dtype, chunk=self.chunk)
         out.merge(self)

@@ -73,7 +73,8 @@ def linear_stats(x, weight, target=None, bias=None, *, out: GramStats | None = N
     C_out, C = weight.shape
     if x.dim() < 1 or x.shape[-1] != C:
         raise ValueError(
-            f"x has shape {tuple(x.shape)} but weight {tuple(weight.shape)} takes {C} input features: x must be (..., {C})"
+            f"x has shape {tuple(x.shape)} but weight {tuple(weight.shape)} takes {C} input features: "
+            f"x must be (..., {C})"
         )
     X = x.reshape(-1, C)
     Y = _layer_target(target, bias, (*x.shape[:-1], C_out), C_out, x.device)
