@@ -247,7 +247,7 @@ def test_the_block_triangle_product_and_both_flushes(n):
         acc.add(A[:, :20])
         acc.add(A[:, 20:])
         G = torch.zeros(n, n, dtype=torch.float64)
-        getattr(acc, flush)(G)
+        getattr(acc, flush)(acc.buf, G)
         torch.testing.assert_close(G, exact, rtol=1e-12, atol=1e-12)
         assert torch.equal(G, G.T)
         assert not acc.buf.any()

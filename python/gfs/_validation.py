@@ -61,6 +61,7 @@ def check_finite(x: torch.Tensor, name: str) -> float:
                 f"{name} contains NaN or Inf (first at index {tuple(int(w) for w in where)}); "
                 f"remove or impute non-finite values before selecting"
             )
+    return float(x.abs().max())  # not reached: finite entries have a finite min and max
 
 
 def features_and_targets(features, targets, name: str = "features") -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -145,12 +146,8 @@ def available_memory() -> int:
 
 def check_int(value, name: str, lo: int = 1, hi: int | None = None) -> int:
     """value as an int, or ValueError naming `name` unless it is an int (not a bool) in [lo, hi]."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Integral)
-        or value < lo
-        or (hi is not None and value > hi)
-    ):
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Integral)
+    if not ok or int(value) < lo or (hi is not None and int(value) > hi):
         bound = f">= {lo}" if hi is None else f"between {lo} and {hi}"
         raise ValueError(f"{name} must be an int {bound}, got {value!r}")
     return int(value)
@@ -163,6 +160,6 @@ def check_options(step, eps, replacement) -> float | None:
         raise TypeError(f"replacement must be True or False, got {replacement!r}")
     if eps is None:
         return None
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not np.isfinite(eps) or eps < 0:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be None or a finite number >= 0 (stop once loss <= dense loss + eps), got {eps!r}")
     return float(eps)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 
+import numpy as np
 import torch
 
 import gfs_kernels
@@ -19,7 +20,15 @@ from .stats import GramStats
 
 
 def select(
-    features, targets=None, k=None, *, replacement=True, step="uniform", eps=None, backend="auto", engine="auto"
+    features: torch.Tensor | np.ndarray | GramStats,
+    targets: torch.Tensor | np.ndarray | None = None,
+    k: int | None = None,
+    *,
+    replacement: bool = True,
+    step: str = "uniform",
+    eps: float | None = None,
+    backend: str = "auto",
+    engine: str = "auto",
 ) -> Selection:
     """Greedy forward selection: grow a subnetwork one candidate at a time.
 
@@ -230,6 +239,6 @@ def _stats_exponent(G: torch.Tensor, yy: float) -> int:
     return e if not -450 < e < 450 else 0
 
 
-def backends(device="cpu", dtype=torch.float32) -> dict[str, str | None]:
+def backends(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, str | None]:
     """Every registered backend and None if it can run on (device, dtype), else why not."""
     return gfs_kernels.availability(device, dtype)

@@ -273,7 +273,7 @@ def estimate(
 ) -> Estimate:
     """Estimated seconds of each engine (features given), and the Gram engine's memory; `rates`
     default to this machine's measured ones (`calibrate`)."""
-    from . import gram
+    from .gram import DEFAULT_CHUNK, build_flops
 
     R = rates or calibrate(device, dtype, backend)
     item = torch.finfo(dtype).bits // 8
@@ -286,8 +286,8 @@ def estimate(
     loop_factor = {"uniform": 1.0, "line_search": 3.5, "refit": 3.5}[step]
     gram = (
         R.fixed_gram
-        + gram.build_flops(N, M) / product_rate(R, N)
-        + N * N * (math.ceil(M / gram.DEFAULT_CHUNK) * R.per_flush + R.per_n2)
+        + build_flops(N, M) / product_rate(R, N)
+        + N * N * (math.ceil(M / DEFAULT_CHUNK) * R.per_flush + R.per_n2)
         + loop_factor * k * N * R.per_element
     )
     gram_bytes = 8.0 * N * N

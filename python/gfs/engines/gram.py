@@ -106,17 +106,17 @@ class Accumulator:
         if self.cols == 0 or self.buf is None:
             return
         if self.device.type == "cpu" and not scale_exponent:
-            self._flush_numpy(G)
+            self._flush_numpy(self.buf, G)
         else:
-            self._flush_torch(G, scale_exponent)
+            self._flush_torch(self.buf, G, scale_exponent)
         self.cols = 0
 
     def _blocks(self):
         bs = self.BLOCK if self.n > self.BLOCK else self.n
         return [(i, min(self.n, i + bs)) for i in range(0, self.n, bs)]
 
-    def _flush_numpy(self, G: torch.Tensor) -> None:
-        L, Gn = self.buf.numpy(), G.numpy()
+    def _flush_numpy(self, buf: torch.Tensor, G: torch.Tensor) -> None:
+        L, Gn = buf.numpy(), G.numpy()
         for i, i1 in self._blocks():  # the row blocks of the GEMMs: columns 0..i1 are valid
             D = L[i:i1, i:i1]
             Gn[i:i1, i:i1] += (D + D.T) * 0.5
@@ -127,15 +127,15 @@ class Accumulator:
                 Gn[j:j1, i:i1] += blk.T
         L[...] = 0
 
-    def _flush_torch(self, G: torch.Tensor, scale_exponent: int = 0) -> None:
-        low = torch.zeros_like(self.buf)
+    def _flush_torch(self, buf: torch.Tensor, G: torch.Tensor, scale_exponent: int = 0) -> None:
+        low = torch.zeros_like(buf)
         for i, i1 in self._blocks():
-            low[i:i1, :i1] = self.buf[i:i1, :i1]
+            low[i:i1, :i1] = buf[i:i1, :i1]
         diag = _scale.ldexp(torch.diagonal(low).to(G.dtype), scale_exponent)
         strict = _scale.ldexp(low.tril(-1).to(G.dtype), scale_exponent)
         G += strict + strict.T
         G.diagonal().add_(diag)
-        self.buf.zero_()
+        buf.zero_()
 
 
 def gram_add(G: torch.Tensor, A: torch.Tensor) -> None:

@@ -60,7 +60,7 @@ def backend_for(
                 + ("" if engine == "gram" else f" or another of {gfs_kernels.names()}")
             )
         return chosen, "requested"
-    skipped = []
+    skipped: list[str] = []
     for name in gfs_kernels.PREFERENCE[engine].get(device.type, ["torch"]):
         candidate = gfs_kernels.get(name)
         why_not = candidate.supports(device, dtype, engine, step)

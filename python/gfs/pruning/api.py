@@ -34,12 +34,12 @@ def _check_budget(keep, ratio):
     if keep is not None:
         if isinstance(keep, bool) or not isinstance(keep, numbers.Integral):
             raise TypeError(f"keep must be an int (channels kept per group), got {type(keep).__name__} {keep!r}")
-        if keep < 1:
+        if int(keep) < 1:
             raise ValueError(f"keep must be >= 1 (channels kept per group), got {keep}")
         return int(keep), None
     if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not math.isfinite(ratio):
         raise TypeError(f"ratio must be a number in (0, 1] (fraction of channels kept), got {ratio!r}")
-    if not 0 < ratio <= 1:
+    if not 0 < float(ratio) <= 1:
         raise ValueError(f"ratio must be in (0, 1] (fraction of channels kept per group), got {ratio}")
     return None, float(ratio)
 
@@ -87,7 +87,7 @@ def _check_loss_options(criterion, step, loss_candidates, loss_batch, shortlist,
             raise TypeError(
                 f"tolerance must be a number in [0, 1) (relative top-1 drop allowed) or None, got {tolerance!r}"
             )
-        if not 0 <= tolerance < 1:
+        if not 0 <= float(tolerance) < 1:
             raise ValueError(f"tolerance must be in [0, 1) (relative top-1 drop allowed), got {tolerance}")
         tolerance = float(tolerance)
     opts["tolerance"] = tolerance

@@ -84,7 +84,14 @@ class GramStats:
     'gram'
     """
 
-    def __init__(self, n: int, *, device="cpu", compute_dtype: torch.dtype | None = None, chunk: int = DEFAULT_CHUNK):
+    def __init__(
+        self,
+        n: int,
+        *,
+        device: str | torch.device = "cpu",
+        compute_dtype: torch.dtype | None = None,
+        chunk: int = DEFAULT_CHUNK,
+    ):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int (the number of candidates), got {n!r}")
         if compute_dtype not in (None, torch.float32, torch.float64):
@@ -92,11 +99,10 @@ class GramStats:
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise ValueError(f"chunk must be a positive int (entries per product), got {chunk!r}")
         self.device = torch.device(device)
-        f64 = dict(dtype=torch.float64, device=self.device)
-        self._G = torch.zeros(n, n, **f64)
+        self._G = torch.zeros(n, n, dtype=torch.float64, device=self.device)
         self._acc = Accumulator(n, self.device)  # products not yet added into G (<= chunk entries)
-        self.b = torch.zeros(n, **f64)
-        self.u_sum = torch.zeros(n, **f64)
+        self.b = torch.zeros(n, dtype=torch.float64, device=self.device)
+        self.u_sum = torch.zeros(n, dtype=torch.float64, device=self.device)
         self.yy = 0.0
         self.y_sum = 0.0
         self.count = 0
@@ -123,7 +129,7 @@ class GramStats:
             self._equalise_duplicates(G=True)
         return self._G
 
-    def _duplicates(self) -> torch.Tensor | None:
+    def _duplicates(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(members, reps): candidates known identical to a lower one, and that one; None if none."""
         if self._rep_count != self.count or self.count == 0:
             return None
@@ -146,10 +152,11 @@ class GramStats:
     def _merge_partition(self, rep: torch.Tensor | None, count: int) -> None:
         """Intersect the duplicate partition with another one (None: unknown) covering `count`
         more entries; call before self.count is increased."""
-        valid = self._rep_count == self.count and rep is not None
-        if valid:
+        if self._rep_count == self.count and rep is not None:
             self._rep = _intersect(self._rep, rep) if self.count else rep.clone()
-        self._rep_count = self.count + count if valid else -1
+            self._rep_count = self.count + count
+        else:
+            self._rep_count = -1
 
     @classmethod
     def from_features(cls, features, targets, **kwargs) -> GramStats:
