@@ -37,3 +37,16 @@ TORCH_LIBRARY(gfs, m) {
   //   weights (sum to 1). tol: relative pivot tolerance for degenerate directions.
   m.def("gram_greedy(Tensor G, Tensor b, float yy, int count, int k, str step, bool replacement, float stop_loss, float tol) -> (Tensor indices, Tensor losses, Tensor gaps, Tensor gammas, Tensor weights)");
 }
+
+// None of the operators is differentiable (they pick indices and score candidates; gfs.select
+// detaches its inputs). Autograd passes them by, so outputs from inputs that require grad do not
+// claim requires_grad: backward through them is an error, not a gradient silently left at zero
+// (without this, PyTorch's autograd fallback marks the outputs and only warns at backward, and
+// torch.compile tries to differentiate the int64 indices; torch.library.opcheck in
+// tests/test_opcheck.py with inputs that require grad).
+TORCH_LIBRARY_IMPL(gfs, Autograd, m) {
+  m.impl("prepare", torch::CppFunction::makeFallthrough());
+  m.impl("dots", torch::CppFunction::makeFallthrough());
+  m.impl("greedy_uniform", torch::CppFunction::makeFallthrough());
+  m.impl("gram_greedy", torch::CppFunction::makeFallthrough());
+}
