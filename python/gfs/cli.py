@@ -1,4 +1,4 @@
-"""The `gfs` command: `gfs demo`, `gfs prune`, `gfs bench prune`, `gfs study pretraining`,
+"""The `gfs` command: `gfs demo`, `gfs select`, `gfs prune`, `gfs bench prune`, `gfs study pretraining`,
 `gfs study singular-values`.
 
 Heavy modules (torch, scikit-learn, matplotlib, rich) are imported by the subcommand that needs
@@ -118,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .experiments.cli import add_study_parser
     from .prune_cli import add_bench_parser, add_prune_parser
+    from .select_cli import add_select_parser
 
+    add_select_parser(sub)
     add_prune_parser(sub)
     add_study_parser(sub)
     add_bench_parser(sub)

@@ -19,7 +19,7 @@ import torch
 
 from gfs_kernels.base import Backend, LoopResult
 
-from .uniform import Rows, gap, pack
+from .uniform import Pick, Rows, Whole, gap, pack
 
 
 def scores(diag, b, c, zb, zz, tol):
@@ -47,19 +47,21 @@ def weights(picks, gammas, n, device) -> torch.Tensor:
     return w.to(device)
 
 
-def _pick(t, diag, b, c, zb, zz, tol, taken, replacement):
-    """(j, gamma) of step t: the best single candidate at step 0, the best line search after."""
+def _pick(t, diag, b, c, zb, zz, tol, taken, replacement, shard: Whole, *carry, also_max=None) -> tuple[Pick, float]:
+    """(pick, gamma) of step t: the best single candidate at step 0, the best line search after;
+    the pick carries the winner's entries of `carry` (and, after step 0, its gamma last)."""
     if t == 0:
-        return int(torch.argmin(diag - 2.0 * b)), 1.0
+        return shard.best(diag - 2.0 * b, *carry, also_max=also_max), 1.0
     rho, gam, _ = scores(diag, b, c, zb, zz, tol)
     if not replacement:
         rho = rho.masked_fill(taken, -math.inf)
-    j = int(torch.argmax(rho))  # first maximum: ties to the lowest index
-    return j, float(gam[j])
+    p = shard.best(rho, *carry, gam, largest=True, also_max=also_max)  # first maximum: ties to the lowest index
+    return p, p.values[-1]
 
 
-def stream_loop(backend: Backend, U, y, k, replacement, stop_loss, tol) -> LoopResult:
-    N, M = U.shape
+def stream_loop(backend: Backend, U, y, k, replacement, stop_loss, tol, shard: Whole | None = None) -> LoopResult:
+    shard = shard or Whole(U.shape[0], U)
+    M = U.shape[1]
     acc = y.dtype
     norms, b = backend.prepare(U, y)
     norms, b = norms.double(), b.double()
@@ -68,47 +70,57 @@ def stream_loop(backend: Backend, U, y, k, replacement, stop_loss, tol) -> LoopR
     r = y64.clone()
     zz = zb = 0.0
     c = torch.zeros_like(b)
-    taken = torch.zeros(N, dtype=torch.bool, device=U.device)
+    taken = torch.zeros(U.shape[0], dtype=torch.bool, device=U.device)
     picks, losses, gaps, gammas = [], [], [], []
     for t in range(k):
+        e_max = None
         if t > 0:
             e = backend.dots(U, r.to(acc)).double()
-            gaps.append(gap(float(e.max()), r, z, M))
+            e_max = float(e.max())
             c = b - e
-        j, gamma = _pick(t, norms, b, c, zb, zz, tol, taken, replacement)
-        taken[j] = True
+        p, gamma = _pick(t, norms, b, c, zb, zz, tol, taken, replacement, shard, also_max=e_max)
+        if p.max is not None:
+            gaps.append(gap(p.max, r, z, M))
+        if p.local is not None:
+            taken[p.local] = True
         if gamma > 0:
-            z = z + gamma * (U[j].double() - z)
+            z = z + gamma * (shard.row(p.j).to(z.device) - z)
             r = y64 - z
         zz, zb = float(z @ z), float(z @ y64)
-        picks.append(j)
+        picks.append(p.j)
         losses.append(float(r @ r) / M)
         gammas.append(gamma)
         if losses[-1] <= stop_loss:
             break
-    gaps.append(gap(float(backend.dots(U, r.to(acc)).double().max()), r, z, M))
-    return pack(picks, losses, gaps, gammas, weights(picks, gammas, N, U.device), U.device)
+    gaps.append(gap(shard.max(float(backend.dots(U, r.to(acc)).double().max())), r, z, M))
+    return pack(picks, losses, gaps, gammas, weights(picks, gammas, shard.n, U.device), U.device)
 
 
-def gram_loop(rows: Rows, diag, b, yy, count, k, *, replacement=True, stop_loss=-1.0, tol=1e-9) -> LoopResult:
-    """From the statistics: c = G w, zz = ||z||^2, zb = <z, y> updated from one row of G a step."""
-    N, M = b.shape[0], float(count)
+def gram_loop(
+    rows: Rows, diag, b, yy, count, k, *, replacement=True, stop_loss=-1.0, tol=1e-9, shard: Whole | None = None
+) -> LoopResult:
+    """From the statistics: c = G w, zz = ||z||^2, zb = <z, y> updated from one row of G a step
+    (with a `shard`: this process's block of diag, b and of each row)."""
+    shard = shard or Whole(b.shape[0])
+    M = float(count)
     c = torch.zeros_like(b)
     zz = zb = 0.0
-    taken = torch.zeros(N, dtype=torch.bool, device=b.device)
+    taken = torch.zeros(b.shape[0], dtype=torch.bool, device=b.device)
     picks, losses, gaps, gammas = [], [], [], []
     for t in range(k):
-        j, gamma = _pick(t, diag, b, c, zb, zz, tol, taken, replacement)
-        taken[j] = True
+        p, gamma = _pick(t, diag, b, c, zb, zz, tol, taken, replacement, shard, c, diag, b)
+        c_j, diag_j, b_j = p.values[:3]
+        if p.local is not None:
+            taken[p.local] = True
         h = 1.0 - gamma
-        zz = h * h * zz + 2.0 * gamma * h * float(c[j]) + gamma * gamma * float(diag[j])
-        zb = h * zb + gamma * float(b[j])
+        zz = h * h * zz + 2.0 * gamma * h * c_j + gamma * gamma * diag_j
+        zb = h * zb + gamma * b_j
         if gamma > 0:
-            c = h * c + gamma * rows(j)
-        picks.append(j)
+            c = h * c + gamma * rows(p.j)
+        picks.append(p.j)
         losses.append((yy - 2.0 * zb + zz) / M)
-        gaps.append(2.0 * float(((b - c) - (zb - zz)).max()) / M)
+        gaps.append(2.0 * shard.max(float(((b - c) - (zb - zz)).max())) / M)
         gammas.append(gamma)
         if losses[-1] <= stop_loss:
             break
-    return pack(picks, losses, gaps, gammas, weights(picks, gammas, N, b.device), b.device)
+    return pack(picks, losses, gaps, gammas, weights(picks, gammas, shard.n, b.device), b.device)
