@@ -65,6 +65,9 @@ class Decision:
     scale: torch.Tensor
     selection: Selection | None = None
     sampled: float = 1.0  # fraction of the output coordinates the criterion looked at
+    # the Gram statistics the decision was made on ("local"), from which the report's losses come
+    stats: GramStats | None = None
+    timings: dict = dataclasses.field(default_factory=dict)  # seconds: "statistics", "select"
 
 
 # ---- the consumer, channel by channel --------------------------------------------------------
@@ -306,14 +309,18 @@ class LocalImitation(Criterion):
         method = self.method
         if method == "auto" and not gram_runs(ctx.X.device, ctx.step, ctx.backend):
             method = "materialise"  # a streaming-only backend was asked for: it needs the features
+        t0 = time.perf_counter()
         features, y, sampled = local_problem(ctx.X, ctx.layer, ctx.target, method=method, generator=ctx.generator)
+        t1 = time.perf_counter()
         N = ctx.group.channels
         sel = select_channels(
             features, y, ctx.keep, step=ctx.step, replacement=ctx.replacement, eps=ctx.eps, backend=ctx.backend
         )
         keep = sel.support.clone()
         scale = N * sel.weights[keep]
-        return Decision(keep=keep, scale=scale, selection=sel, sampled=sampled)
+        stats = features if isinstance(features, GramStats) else None
+        timings = {"statistics": t1 - t0, "select": time.perf_counter() - t1}
+        return Decision(keep=keep, scale=scale, selection=sel, sampled=sampled, stats=stats, timings=timings)
 
 
 class WholeNetworkLoss(Criterion):

@@ -35,6 +35,9 @@ class LayerReport:
         criteria.MAX_ELEMENTS.
     seconds : float
         Wall time for this group: capture, criterion, fold.
+    phases : dict
+        Those seconds by phase (see :class:`PruneResult`'s ``timings``); not saved in a
+        checkpoint (empty for a group replayed from one).
     kept, scale : Tensor
         The kept channel indices and the factor each kept input column was multiplied by.
     network_loss, network_dense_loss, top1 : float or None
@@ -60,6 +63,7 @@ class LayerReport:
     network_loss: float | None = None
     network_dense_loss: float | None = None
     top1: float | None = None
+    phases: dict = field(default_factory=dict, repr=False, compare=False)
 
     _PLAIN = (
         "name",
@@ -113,6 +117,18 @@ class PruneResult:
         torch.utils.flop_counter (2 per multiply-add, convolutions and matrix products).
     criterion : str
     seconds : float
+    timings : dict
+        Seconds by phase over the whole run: ``setup`` (copies of the model, tracing),
+        ``original`` and ``pruned`` (the forward passes of the original network and of the
+        network pruned so far), ``inputs`` (concatenating and checking the captured
+        activations), ``statistics`` (the layer statistics of "local"), ``select`` (gfs.select,
+        or the criterion's decision), ``losses`` (the report's), ``fold``, ``fold check``,
+        ``save`` (the checkpoint), ``finish`` (parameters and FLOPs).
+    memory : dict
+        ``checkpoint_bytes``: the most storage the two networks' checkpoints (live activations
+        kept between passes) held at once; ``budget_bytes``: the bound above which checkpoints
+        are not kept (``checkpoints_skipped``: how many were not, their values recomputed);
+        ``checkpoints_spoiled``: checkpoints changed in place by the model and recomputed.
     """
 
     model: nn.Module
@@ -124,6 +140,8 @@ class PruneResult:
     flops: tuple
     criterion: str
     seconds: float
+    timings: dict = field(default_factory=dict)
+    memory: dict = field(default_factory=dict)
 
     def save(self, path, **kwargs) -> None:
         """Save the pruned model (gfs.pruning.io.save: JSON architecture + tensors, no pickle)."""
@@ -153,6 +171,9 @@ class PruneResult:
             f"parameters {pb:,} -> {pa:,} ({pa / max(pb, 1):.1%}); FLOPs {fb:,} -> {fa:,} ({fa / max(fb, 1):.1%}); "
             f"{self.seconds:.1f} s"
         )
+        if self.timings:
+            order = sorted(self.timings.items(), key=lambda kv: -kv[1])
+            lines.append("seconds by phase: " + ", ".join(f"{k} {v:.2f}" for k, v in order))
         return "\n".join(lines)
 
     def __repr__(self) -> str:

@@ -17,21 +17,40 @@ bars) and prunes one group at a time, in phases that are methods.
   pass: :meth:`~PruneRun.check_fold`), :meth:`~PruneRun.decide` (statistics and selection: the
   criterion's Decision; for "local" the Gram layer statistics, then gfs.select, see
   gfs.pruning.criteria), :meth:`~PruneRun.measure` (the report row: consumer-output losses of
-  the decision and of the dense consumer; and the output the folded consumer must give);
+  the decision and of the dense consumer; and what the folded consumer must give);
 - a group finished before (a resumed run): :meth:`~PruneRun.replay`, its stored decision and
-  row (and, when its fold was not checked yet, that expected output from one capture);
+  row (and, when its fold was not checked yet, what the folded consumer must give, from one
+  capture of the consumer's input);
 - then, either way, :meth:`~PruneRun.fold` (new, smaller modules, gfs.pruning.fold) and
   :meth:`~PruneRun.record` (report, selection, pending fold check); a new decision is then
   written to the checkpoint (:meth:`~PruneRun.save`).
+
+What it costs (issue 16). Each network runs forward once over the calibration data, not once
+per group: the original network from one consumer to the next (its live values are kept
+between groups), the pruned network from the latest checkpoint before the group's producer (the
+values live there, kept by reference: GraphRunner) to its consumer; after a fold only the
+group's own segment, producer to consumer, runs again, with the new modules. Memory: per
+calibration sample, the values live at the current point of each network and at the group's
+producer (for ResNet-50 at 224 x 224, at most about 3.2 MB for the original, 3.2 MB at the
+producer and 0.8 MB for the consumer input and its target each: the layer1 residual stream,
+256 x 56 x 56 floats); above ``ACTIVATION_BUDGET`` (default: half the free memory) checkpoints
+are not kept and the values are recomputed from the input instead. The reported losses of
+"local" come from its statistics (no forward pass, see :meth:`PruneRun.measure`); the fold check
+(:class:`FoldCheck`) compares the folded consumer's output, taken on the next pass, with the
+masked original's on every output position when that is cheap and on a sample of positions
+(the image borders among them) otherwise. ``PruneResult.timings`` and each row's ``phases``
+say where the time went.
 
 Arguments are validated by gfs.prune (gfs.pruning.api) before they get here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -39,9 +58,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ..stats import GramStats
 from . import resume
 from .capture import GraphRunner, as_batches
-from .criteria import CRITERIA, Context, Decision, _channel_view, consumer_output, keep_count, remove_bias
+from .criteria import CRITERIA, Context, Decision, _channel_view, consumer_output, keep_count
 from .fold import apply as fold_into
 from .fold import count_flops, count_parameters
 from .groups import UnsupportedModelError, _find, describe_rejected
@@ -69,9 +89,10 @@ class PruneRun:
         One row per group done so far; ``selections`` the gfs.Selection of each (by name).
     done : list of dict
         The finished groups read from the checkpoint (a resumed run; empty otherwise).
-    pending : tuple or None
-        (consumer node, expected output, report index) of the last folded group whose fold is
-        checked on the next pass.
+    pending : FoldCheck or None
+        The fold check of the last folded group, done on the next pass of the pruned network.
+    clock : Clock
+        Seconds per phase, in all and for the current group.
     bar : progress bars (a context manager).
     """
 
@@ -94,6 +115,7 @@ class PruneRun:
         checkpoint,
     ):
         self.t_start = time.perf_counter()
+        self.clock = Clock()
         self.model = model
         self.name = type(model).__name__
         self.criterion = criterion
@@ -113,8 +135,10 @@ class PruneRun:
         self.pruned = copy.deepcopy(model).eval()
         self.generator = torch.Generator().manual_seed(int(seed))
         self.node_of = {n.target: n for n in scan.graph.nodes if n.op == "call_module"}
-        self.runner = GraphRunner(scan.graph, self.pruned, self.batches)  # the network pruned so far
-        self.original = GraphRunner(scan.graph, self.reference, self.batches)  # the original, run once, front to back
+        budget = ACTIVATION_BUDGET if ACTIVATION_BUDGET is not None else _free_memory(self.batches[0].device) // 2
+        self.runner = GraphRunner(scan.graph, self.pruned, self.batches, budget=budget)  # the network pruned so far
+        self.original = GraphRunner(scan.graph, self.reference, self.batches, budget=budget)  # run once, front to back
+        self.runner.peers, self.original.peers = [self.original], [self.runner]  # one budget for both
         self.network = None
         if self.crit.needs_network:
             with torch.no_grad():
@@ -136,12 +160,12 @@ class PruneRun:
                 dict(criterion=criterion, keep=keep, ratio=ratio, seed=int(seed), **self.options, **loss_options),
             )
         self.say = (lambda s: print(f"[gfs.prune] {s}", file=sys.stderr, flush=True)) if progress else (lambda s: None)
-        self.at = 0  # the original network has run up to this node
         self.producers = [self.runner.pos[self.node_of[g.producer]] for g in self.groups]
         self.done, self.report, self.selections = [], [], {}
         self._folded = []  # per group in the report: (se_means, selection), what a checkpoint adds to its row
         self.pending = None
         self.bar = _Progress(bool(progress), len(self.groups), self.crit.needs_network)
+        self.clock.add("setup", time.perf_counter() - self.t_start)
 
     # ---- the run -----------------------------------------------------------------------------
 
@@ -163,6 +187,7 @@ class PruneRun:
         """Prune group i (the groups before it are pruned): decide anew, or replay the decision
         of a resumed run; fold; record. Returns its report row."""
         t0 = time.perf_counter()
+        self.clock.group = {}
         g = self.groups[i]
         self.bar.group(g, self.budgets[g.name])
         fresh = i >= len(self.done)
@@ -177,8 +202,10 @@ class PruneRun:
         self.fold(i, decision, se_means)
         self.record(i, row, decision.selection, se_means, expected)
         if fresh:
+            with self.clock("save"):
+                self.save()
             row.seconds = time.perf_counter() - t0
-            self.save()
+            row.phases = dict(self.clock.group)
         self.bar.group_done()
         return row
 
@@ -187,17 +214,29 @@ class PruneRun:
         flags of the input model's modules: the PruneResult."""
         if self.pending:
             t0 = time.perf_counter()
-            idx = self.pending[2]
+            self.clock.group = {}
+            idx = self.pending.index
             self.check_fold()
+            with self.clock("save"):
+                self.save()
             self.report[idx].seconds += time.perf_counter() - t0
-            self.save()
+            for k, v in self.clock.group.items():
+                self.report[idx].phases[k] = self.report[idx].phases.get(k, 0.0) + v
+        memory = {
+            "checkpoint_bytes": self.runner.peak_bytes + self.original.peak_bytes,
+            "budget_bytes": self.runner.budget,
+            "checkpoints_skipped": self.runner.skipped + self.original.skipped,
+            "checkpoints_spoiled": self.runner.spoiled + self.original.spoiled,
+        }
         self.runner = self.original = self.network = None
+        t0 = time.perf_counter()
         one = self.batches[0][:1]
         params = (count_parameters(self.reference), count_parameters(self.pruned))
         flops = (count_flops(self.reference, one), count_flops(self.pruned, one))
         flags = {n: m.training for n, m in self.model.named_modules()}
         for n, m in self.pruned.named_modules():
             m.training = flags.get(n, self.model.training)
+        self.clock.add("finish", time.perf_counter() - t0)
         result = PruneResult(
             model=self.pruned,
             report=self.report,
@@ -208,6 +247,8 @@ class PruneRun:
             flops=flops,
             criterion=self.criterion,
             seconds=time.perf_counter() - self.t_start,
+            timings=dict(self.clock.total),
+            memory=memory,
         )
         self.say(
             f"done: {len(self.report)} groups, parameters {params[0]:,} -> {params[1]:,}, FLOPs {flops[0]:,} -> "
@@ -218,38 +259,67 @@ class PruneRun:
     # ---- the phases of one group ---------------------------------------------------------------
 
     def capture(self, i: int) -> Captured:
-        """One pass of the pruned network from the latest checkpoint to group i's consumer (its
-        input X, the squeeze-excitation inputs; the pending fold check's output on the way), and
-        of the original network to the consumer's output (the target, minus bias)."""
+        """One pass of the pruned network from the latest checkpoint before group i's producer to
+        its consumer (its input X, the squeeze-excitation inputs; the pending fold check's output
+        on the way), and of the original network from the consumer before to this one's output
+        (the target, minus bias)."""
         g = self.groups[i]
         consumer = self.node_of[g.consumer]
         pc = self.runner.pos[consumer]
         layer = self.pruned.get_submodule(g.consumer)
         se_fc1 = [self.node_of[m.name] for m in g.members if m.kind == "se"]
-        got = self.runner.run(
+        at_consumer = [pc] if self.network is not None else []  # criterion "loss" runs the network from there
+        got = self._run_pruned(
             self.runner.start_for(self.producers[i]),
             pc,
             inputs=[consumer, *se_fc1],
-            outputs=[self.pending[0]] if self.pending else (),
-            checkpoint_at=self.producers[i:] + ([pc] if self.network is not None else []),
+            checkpoint_at=self.producers[i:] + at_consumer,
+            force=at_consumer,
         )
-        if self.pending:
-            self.check_fold(got)
-        ref = self.original.run(self.at, pc + 1, outputs=[consumer], checkpoint_at=[pc + 1], clone_start=False)
-        self.original.keep_only([pc + 1])
-        self.at = pc + 1
-        X = got[("in", consumer)]
-        target = remove_bias(ref[("out", consumer)], layer)
-        if self.crit.needs_data:
-            _check_finite(X, f"the input of its consumer {g.consumer!r} (the network pruned so far)", g)
-            _check_finite(target, f"the original network's output of {g.consumer!r}", g)
-        se_means = {n.target: got[("in", n)].double().mean(dim=(0, 2, 3)) for n in se_fc1}
+        target = self._run_original(consumer)
+        with self.clock("inputs"):
+            X = got[("in", consumer)]
+            if layer.bias is not None:  # the target is the output minus bias (in place: the copy is ours)
+                target.sub_(_channel_view(layer, layer.bias.to(target.dtype)))
+            if self.crit.needs_data:
+                _check_finite(X, f"the input of its consumer {g.consumer!r} (the network pruned so far)", g)
+                _check_finite(target, f"the original network's output of {g.consumer!r}", g)
+            se_means = {n.target: got[("in", n)].double().mean(dim=(0, 2, 3)) for n in se_fc1}
         return Captured(X, target, se_means)
+
+    def _run_pruned(self, start: int, stop: int, **kwargs) -> dict:
+        """Run the pruned network [start, stop); the pending fold check reads its consumer's
+        output on the way (and is finished after the pass when it was reached)."""
+        t0 = time.perf_counter()
+        check = self.pending
+        taps = {check.node: check.tap} if check is not None else None
+        spent = check.seconds if check is not None else 0.0
+        got = self.runner.run(start, stop, taps=taps, **kwargs)
+        tapped = (check.seconds - spent) if check is not None else 0.0
+        self.clock.add("pruned", time.perf_counter() - t0 - tapped)
+        self.clock.add("fold check", tapped)
+        if check is not None and check.complete():
+            self._finish_check()
+        return got
+
+    def _run_original(self, consumer) -> torch.Tensor:
+        """The original network's output of ``consumer`` on every batch (one tensor), running from
+        the latest checkpoint before it; its live values after the consumer are kept for the
+        next group."""
+        with self.clock("original"):
+            stop = self.original.pos[consumer] + 1
+            out = _Gather([x.shape[0] for x in self.batches])
+            self.original.run(
+                self.original.start_for(stop), stop, taps={consumer: out.add}, checkpoint_at=[stop], consume=True
+            )
+            self.original.keep_only([stop])
+            return out.tensor
 
     def decide(self, i: int, captured: Captured) -> Decision:
         """Statistics and selection: the criterion's decision for group i (the kept channels and
         their scales; for "local" the Gram layer statistics and gfs.select, for "loss" the whole
         network's loss from the consumer on)."""
+        t0 = time.perf_counter()
         g = self.groups[i]
         layer = self.pruned.get_submodule(g.consumer)
         tail = None
@@ -272,23 +342,41 @@ class PruneRun:
             **self.options,
         )
         try:
-            return self.crit.decide(ctx)
+            decision = self.crit.decide(ctx)
         except ValueError as exc:  # say which group (the message is the selection's or the statistics')
             raise ValueError(
                 f"group {g.name!r} (consumer {g.consumer!r}), criterion {self.criterion!r}: {exc}"
             ) from exc
+        spent = time.perf_counter() - t0
+        parts = {k: v for k, v in decision.timings.items() if k in ("statistics", "select")}
+        for k, v in parts.items():
+            self.clock.add(k, v)
+        self.clock.add("select", spent - sum(parts.values()))  # the criterion's own time
+        return decision
 
     def measure(self, i: int, captured: Captured, decision: Decision):
-        """The report row of a new decision (consumer-output losses of the subnetwork and of the
-        dense consumer on the captured input; fold_error still NaN, seconds 0), and the output
-        the folded consumer must give: ``(LayerReport, expected)``."""
+        """The report row of a new decision (fold_error still NaN, seconds 0), and the fold check
+        of the folded consumer: ``(LayerReport, FoldCheck)``.
+
+        The row's consumer-output losses, of the subnetwork and of the dense consumer on the
+        captured input: for a criterion that built the Gram statistics ("local"), from them,
+        ``(||y||^2 - 2 w.b + w'Gw) / M`` with w the kept channels' weights (scale / N, 0 for the
+        dropped) or 1 / N (dense), exact up to the rounding of the statistics (their float32
+        products: about 1e-5 of ||y||^2 / M; a loss that rounds below 0 is 0); for the others,
+        by running the consumer on the captured input twice."""
         g = self.groups[i]
         layer = self.pruned.get_submodule(g.consumer)
         X, target = captured.X, captured.target
-        sub = _subnetwork(X, layer, decision.keep, decision.scale, g)
-        dense = consumer_output(X, layer)
-        loss = float(((target.double() - sub.double()) ** 2).mean())
-        dense_loss = float(((target.double() - dense.double()) ** 2).mean())
+        with self.clock("losses"):
+            if isinstance(decision.stats, GramStats):
+                loss, dense_loss = _stats_losses(decision.stats, decision.keep, decision.scale, g.channels)
+            else:
+                sub = _subnetwork(X, layer, decision.keep, decision.scale, g)
+                dense = consumer_output(X, layer)
+                loss = float(((target.double() - sub.double()) ** 2).mean())
+                dense_loss = float(((target.double() - dense.double()) ** 2).mean())
+                del sub, dense
+        decision.stats = None
         sel = decision.selection
         net_loss = net_dense = top1 = None
         if sel is not None and sel.engine == "network":
@@ -311,57 +399,68 @@ class PruneRun:
             network_dense_loss=net_dense,
             top1=top1,
         )
-        return row, _with_bias(sub, layer)
+        with self.clock("fold check"):
+            check = FoldCheck(i, self.node_of[g.consumer], X, layer, decision.keep, decision.scale, g, self.batches)
+        return row, check
 
     def replay(self, i: int):
         """A group finished before the run was interrupted: its stored decision, squeeze-excitation
         means and report row; and, when its fold was not checked yet (the last one finished),
-        the output its folded consumer must give, from one capture of the consumer's input.
-        Returns ``(decision, se_means, row, expected or None)``."""
+        its fold check, from one capture of the consumer's input.
+        Returns ``(decision, se_means, row, FoldCheck or None)``."""
         g, d = self.groups[i], self.done[i]
         row = LayerReport(**d["row"], kept=d["keep"], scale=d["scale"])
-        expected = None
+        check = None
         if math.isnan(row.fold_error):  # its fold is checked on the next pass
             consumer = self.node_of[g.consumer]
-            got = self.runner.run(
+            got = self._run_pruned(
                 self.runner.start_for(self.producers[i]),
                 self.runner.pos[consumer],
                 inputs=[consumer],
                 checkpoint_at=self.producers[i:],
             )
             layer = self.pruned.get_submodule(g.consumer)
-            expected = _with_bias(_subnetwork(got[("in", consumer)], layer, d["keep"], d["scale"], g), layer)
-        return Decision(keep=d["keep"], scale=d["scale"], selection=d["selection"]), d["se_means"], row, expected
+            with self.clock("fold check"):
+                check = FoldCheck(i, consumer, got[("in", consumer)], layer, d["keep"], d["scale"], g, self.batches)
+        return Decision(keep=d["keep"], scale=d["scale"], selection=d["selection"]), d["se_means"], row, check
 
     def fold(self, i: int, decision: Decision, se_means: dict) -> None:
         """Fold the decision into new, smaller modules of the pruned network; the runner's
         checkpoints after the producer are stale."""
-        fold_into(self.pruned, self.groups[i], decision.keep, decision.scale, se_means)
-        self.runner.invalidate_after(self.producers[i])
-        self.runner.keep_only(self.producers[i + 1 :] or self.producers[i:])  # (the last: for its fold check)
+        with self.clock("fold"):
+            fold_into(self.pruned, self.groups[i], decision.keep, decision.scale, se_means)
+            self.runner.invalidate_after(self.producers[i])
+            self.runner.keep_only(self.producers[i + 1 :] or self.producers[i:])  # (the last: for its fold check)
 
-    def check_fold(self, got=None) -> None:
-        """fold_error of the pending group, from the pruned network's output of its consumer
-        (taken from ``got``, the current pass, when it holds it; else one more pass)."""
-        node, expected, idx = self.pending
-        out = (got or {}).get(("out", node))
-        if out is None:
-            p = self.runner.pos[node]
-            out = self.runner.run(self.runner.start_for(p), p + 1, outputs=[node])[("out", node)]
-        err = (out.double() - expected.double()).abs().max()
-        self.report[idx].fold_error = float(err / expected.double().abs().max().clamp_min(1e-30))
-        self.pending = None
+    def check_fold(self) -> None:
+        """Finish the pending fold check: when the last pass did not reach its consumer, one
+        more pass of the pruned network from the latest checkpoint before it."""
+        check = self.pending
+        if check is None:
+            return
+        if not check.complete():
+            p = self.runner.pos[check.node]
+            self._run_pruned(self.runner.start_for(p), p + 1)
+        if self.pending is not None:  # pragma: no cover - the pass above reaches the consumer
+            raise RuntimeError("the fold check's pass did not reach its consumer")
 
-    def record(self, i: int, row: LayerReport, selection, se_means: dict, expected) -> None:
+    def _finish_check(self) -> None:
+        check, self.pending = self.pending, None
+        self.report[check.index].fold_error = check.error()
+
+    def record(self, i: int, row: LayerReport, selection, se_means: dict, check) -> None:
         """Group i is folded: its row and selection join the report, and its fold check waits
-        for the next pass (when ``expected`` is given)."""
+        for the next pass (when ``check`` is given). A fold check still pending (its consumer
+        after this group's: not reached by this group's pass) is finished first."""
         g = self.groups[i]
         self.report.append(row)
         if selection is not None:
             self.selections[g.name] = selection
         self._folded.append((se_means, selection))
-        if expected is not None:
-            self.pending = (self.node_of[g.consumer], expected, i)
+        if check is not None:
+            if self.pending is not None:  # pragma: no cover - consumers come in forward order
+                self.check_fold()
+            self.pending = check
 
     def save(self) -> None:
         """Write the checkpoint (when there is one): every group in the report and the seeded
@@ -375,6 +474,235 @@ class PruneRun:
         resume.write(self.checkpoint, self.fingerprint, done, self.generator)
 
 
+# ---- the fold check, losses from statistics, timings ---------------------------------------------
+
+# The fold check runs on every output position when that costs at most FULL_CHECK_MACS
+# multiply-adds (and always for a group with squeeze-excitation, whose fold is an approximation:
+# its error is measured everywhere); otherwise on max(CHECK_POSITIONS, positions // 64) output
+# positions (all output channels of each), half of them on the border of the output maps, where
+# padding enters. The sample is drawn from its own generator, seeded by the group's index.
+FULL_CHECK_MACS = 1 << 26
+CHECK_POSITIONS = 256
+_CHECK_SEED = 0x9E3779B9
+
+
+class FoldCheck:
+    """Does the folded consumer give the selected subnetwork's output (the masked original: the
+    consumer with input column j times ``scale_j``, 0 for the dropped channels, on the input of
+    the network pruned before the group)?
+
+    Built before the fold, from the consumer's input X and the decision: the expected output,
+    ``consumer(X * s) + bias``, on every output position (the consumer run on X, as the runs of
+    the consumer before did) when that is cheap or the group has squeeze-excitation, else on a
+    sample of positions (float64 sums over the gathered input patches). Read on the next pass of
+    the pruned network: :meth:`tap` takes the folded consumer's output, batch by batch, at the
+    same positions; :meth:`error` is ``max |folded - expected| / max |expected|``.
+
+    Why a sample still catches a wrong fold: a fold changes weights, never data, so a wrong one
+    (a channel dropped or kept in the wrong place, a scale on the wrong column, a slice of the
+    producer, a norm or a depthwise layer that does not match the consumer's) changes the output
+    at every position where the affected channels are non-zero; the sample has all output
+    channels of at least 256 positions spread over the images, and the border positions where a
+    padding or stride mistake would show first.
+    """
+
+    def __init__(self, index: int, node, X: torch.Tensor, layer: nn.Module, keep, scale, g, batches):
+        self.index, self.node = index, node
+        self.seconds = 0.0
+        self.sizes = [x.shape[0] for x in batches]
+        self.seen = 0
+        self.err = torch.zeros((), dtype=torch.float64)
+        conv = isinstance(layer, nn.Conv2d)
+        N = g.channels
+        Cout = layer.weight.shape[0]
+        K = layer.weight[0, 0].numel() if conv else 1
+        positions = _positions(X, layer)
+        total = math.prod(positions)
+        se = any(m.kind == "se" for m in g.members)
+        full = (
+            se
+            or total * N * K * Cout <= FULL_CHECK_MACS
+            or (conv and layer.padding_mode != "zeros")
+            or (conv and not isinstance(layer.padding, tuple))
+        )
+        if full or total <= CHECK_POSITIONS:
+            self.positions = None
+            self.expected = _with_bias(_subnetwork(X, layer, keep, scale, g), layer)
+            self.scale_of = self.expected.double().abs().max()
+            return
+        m = min(total, max(CHECK_POSITIONS, total // 64))
+        gen = torch.Generator().manual_seed(_CHECK_SEED + index)
+        self.positions = _sample_positions(positions if conv else None, total, m, gen)
+        s = torch.zeros(N, dtype=torch.float64)
+        s[keep] = scale.double()
+        self.expected = _expected_at(X, layer, s, self.positions)  # (m, Cout) float64
+        self.scale_of = self.expected.abs().max()
+        self.conv = conv
+        # per batch: the sampled positions that fall in it, relative to the batch
+        per_sample = positions[1] * positions[2] if conv else (total // X.shape[0] if X.dim() > 1 else 1)
+        self.rows = []
+        lo = 0
+        for n in self.sizes:
+            sel = (self.positions >= lo * per_sample) & (self.positions < (lo + n) * per_sample)
+            self.rows.append((sel.nonzero().flatten(), self.positions[sel] - lo * per_sample))
+            lo += n
+
+    def tap(self, b: int, out: torch.Tensor) -> None:
+        """The folded consumer's output on batch b (run by the pruned network's pass)."""
+        t0 = time.perf_counter()
+        start = sum(self.sizes[:b])
+        if self.positions is None:
+            exp = self.expected[start : start + out.shape[0]]
+            d = (out.double() - exp.double()).abs().max() if out.numel() else torch.zeros((), dtype=torch.float64)
+        else:
+            idx, local = self.rows[b]
+            if self.conv:
+                Ho, Wo = out.shape[2], out.shape[3]
+                img, rest = local // (Ho * Wo), local % (Ho * Wo)
+                got = out[img, :, rest // Wo, rest % Wo]  # (m_b, Cout)
+            else:
+                got = out.reshape(-1, out.shape[-1])[local]
+            exp = self.expected[idx]
+            d = (got.double() - exp).abs().max() if idx.numel() else torch.zeros((), dtype=torch.float64)
+        self.err = torch.maximum(self.err, d.cpu())
+        self.seen += 1
+        self.seconds += time.perf_counter() - t0
+
+    def complete(self) -> bool:
+        return self.seen >= len(self.sizes)
+
+    def error(self) -> float:
+        return float(self.err / self.scale_of.cpu().clamp_min(1e-30))
+
+
+def _positions(X, layer):
+    """The consumer's output positions: (B, Ho, Wo) for a Conv2d, (rows,) for a Linear."""
+    if isinstance(layer, nn.Linear):
+        return (X.reshape(-1, X.shape[-1]).shape[0],)
+    pads = layer._reversed_padding_repeated_twice
+    Hp, Wp = X.shape[2] + pads[2] + pads[3], X.shape[3] + pads[0] + pads[1]
+    kh, kw = layer.kernel_size
+    (sh, sw), (dh, dw) = layer.stride, layer.dilation
+    return X.shape[0], (Hp - dh * (kh - 1) - 1) // sh + 1, (Wp - dw * (kw - 1) - 1) // sw + 1
+
+
+def _sample_positions(shape, total: int, m: int, gen) -> torch.Tensor:
+    """m distinct flat output positions (sorted), drawn with ``gen``: for a conv output of
+    ``shape`` (B, Ho, Wo) half of them on the border of the maps, the rest uniformly."""
+    picks = []
+    rest = m
+    if shape is not None:
+        B, Ho, Wo = shape
+        hh, ww = torch.meshgrid(torch.arange(Ho), torch.arange(Wo), indexing="ij")
+        frame = ((hh == 0) | (hh == Ho - 1) | (ww == 0) | (ww == Wo - 1)).flatten().nonzero().flatten()
+        k = min(m // 2, B * frame.numel())
+        pick = torch.randperm(B * frame.numel(), generator=gen)[:k]
+        picks.append((pick // frame.numel()) * (Ho * Wo) + frame[pick % frame.numel()])
+        rest = m - k
+    picks.append(torch.randperm(total, generator=gen)[:rest])
+    return torch.unique(torch.cat(picks))
+
+
+def _expected_at(X, layer, s, positions) -> torch.Tensor:
+    """(len(positions), Cout) float64: the consumer's output with input channel j times s[j], plus
+    its bias, at the flat output positions (Conv2d with zero padding, or Linear)."""
+    W = layer.weight.detach().double()
+    W = W * s.to(W.device).view(1, -1, *([1] * (W.dim() - 2)))  # column j times s[j]
+    if isinstance(layer, nn.Linear):
+        rows = X.reshape(-1, X.shape[-1])[positions.to(X.device)].double()
+        out = rows @ W.T
+    else:
+        _, Ho, Wo = _positions(X, layer)
+        p = positions.to(X.device)
+        b, rest = p // (Ho * Wo), p % (Ho * Wo)
+        h, w = rest // Wo, rest % Wo
+        (sh, sw), (dh, dw), (ph, pw) = layer.stride, layer.dilation, layer.padding
+        H, Wd = X.shape[2], X.shape[3]
+        kh, kw = layer.kernel_size
+        out = torch.zeros(len(p), W.shape[0], dtype=torch.float64, device=X.device)
+        for i in range(kh):
+            for j in range(kw):
+                hi, wi = h * sh + i * dh - ph, w * sw + j * dw - pw
+                ok = (hi >= 0) & (hi < H) & (wi >= 0) & (wi < Wd)
+                patch = X[b, :, hi.clamp(0, H - 1), wi.clamp(0, Wd - 1)].double() * ok[:, None]  # (m, C)
+                out += patch @ W[:, :, i, j].T
+    if layer.bias is not None:
+        out += layer.bias.detach().double()
+    return out.cpu()
+
+
+def _stats_losses(stats: GramStats, keep, scale, N: int):
+    """(loss, dense loss) of the consumer output from its Gram statistics: (||y||^2 - 2 w.b + w'Gw)
+    / M with w the weights of the kept channels (scale / N), and with w = 1 / N; at least 0."""
+    G, b = stats.G, stats.b
+    w = torch.zeros(N, dtype=torch.float64, device=G.device)
+    w[keep.to(G.device)] = scale.to(device=G.device, dtype=torch.float64) / N
+    loss = (stats.yy - 2.0 * float(w @ b) + float(w @ (G @ w))) / stats.count
+    return max(0.0, loss), max(0.0, stats.dense_loss)
+
+
+class _Gather:
+    """A layer's output over the calibration batches, copied batch by batch (as each is computed,
+    before a later node could change it in place) into one tensor."""
+
+    def __init__(self, sizes):
+        self.sizes, self.tensor, self.at = sizes, None, 0
+
+    def add(self, b: int, value: torch.Tensor) -> None:
+        if self.tensor is None:
+            self.tensor = torch.empty((sum(self.sizes), *value.shape[1:]), dtype=value.dtype, device=value.device)
+        self.tensor[self.at : self.at + value.shape[0]].copy_(value)
+        self.at += value.shape[0]
+
+
+class Clock:
+    """Seconds per phase: ``total`` for the run, ``group`` for the current group.
+
+    Phases: setup (copies of the model, tracing), original (the original network's forward
+    passes), pruned (the pruned network's), inputs (concatenating and checking the captured
+    activations), statistics (the layer statistics of "local"), select (gfs.select, or the
+    criterion's decision), losses (the report's), fold, fold check, save (the checkpoint),
+    finish (parameters and FLOPs)."""
+
+    def __init__(self):
+        self.total: dict = {}
+        self.group: dict = {}
+
+    def add(self, name: str, seconds: float) -> None:
+        self.total[name] = self.total.get(name, 0.0) + seconds
+        self.group[name] = self.group.get(name, 0.0) + seconds
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - t0)
+
+
+# Bytes of live activations the runners may keep in checkpoints (None: half the free memory of
+# the calibration data's device, measured when the run starts).
+ACTIVATION_BUDGET: int | None = None
+
+
+def _free_memory(device) -> int:
+    """Free memory of ``device`` in bytes (host: available physical memory; 8 GiB if unknown)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    try:  # pragma: no cover
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover
+        return 8 << 30
+
+
 # ---- helpers -----------------------------------------------------------------------------------
 
 
@@ -383,7 +711,9 @@ def _choose(scan, layers, model_name) -> list:
         if not scan.groups:
             raise UnsupportedModelError(
                 f"{model_name} has no channel group gfs.prune can prune; for each Conv2d / Linear:\n"
-                f"{describe_rejected(scan)}"
+                f"{describe_rejected(scan)}\nTorch-Pruning's dependency graph handles these structures (grouped "
+                f"convolutions, attention, concatenations, residual streams): prune through "
+                f"gfs.integrations.torch_pruning.GFSImportance (pip install 'gfs[torch-pruning]')"
             )
         return list(scan.groups)
     if isinstance(layers, str):
@@ -404,7 +734,11 @@ def _choose(scan, layers, model_name) -> list:
         elif pat in by_name:
             chosen.add(pat)
         elif pat in scan.rejected:
-            raise UnsupportedModelError(f"layers: {pat!r} cannot be pruned: {scan.rejected[pat]}")
+            raise UnsupportedModelError(
+                f"layers: {pat!r} cannot be pruned: {scan.rejected[pat]}; Torch-Pruning's dependency graph "
+                f"handles such structures: prune through gfs.integrations.torch_pruning.GFSImportance "
+                f"(pip install 'gfs[torch-pruning]')"
+            )
         else:
             raise ValueError(
                 f"layers: {model_name} has no prunable layer named {pat!r} (groups are named by the layer "
