@@ -286,7 +286,7 @@ def test_prune_cli_errors_name_the_flag(tmp_path, random_weights, capsys):
         assert main(argv) == 2
         return capsys.readouterr().err
 
-    assert "--data 'mnist:/x' is not a data spec" in err([*base, "--data", "mnist:/x"])
+    assert "--data 'svhn:/x' is not a data spec" in err([*base, "--data", "svhn:/x"])
     msg = err([*base, "--data", f"cifar10:{tmp_path / 'none'}"])
     assert "--data cifar10:" in msg and "cifar-10-batches-py" in msg
     assert "--data imagefolder:" in err([*base, "--data", f"imagefolder:{tmp_path / 'none'}"])

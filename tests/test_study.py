@@ -250,3 +250,44 @@ def test_cli_quick(tmp_path, capsys):
         == 2
     )
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_study_data_specs():
+    assert study_cli.study_data(None) == ("digits", None)
+    assert study_cli.study_data("digits") == ("digits", None)
+    assert study_cli.study_data("fashion-mnist") == ("fashion-mnist", None)
+    assert study_cli.study_data("fashion-mnist:/d") == ("fashion-mnist", "/d")
+    assert study_cli.study_data("mnist:/d") == ("mnist", "/d")
+    assert study_cli.study_data(None, "/old") == ("mnist", "/old")  # --mnist DIR, deprecated
+    for bad, why in (("mnist", "mnist:DIR"), ("cifar10:/x", "expected digits"), ("fashion", "expected digits")):
+        with pytest.raises(ValueError, match=why):
+            study_cli.study_data(bad)
+    with pytest.raises(ValueError, match="only --data"):
+        study_cli.study_data("digits", "/old")
+
+
+def test_cli_data_fashion_mnist_and_the_old_mnist_flag(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "fm"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    _write_idx(str(folder / "train-images-idx3-ubyte.gz"), rng.integers(0, 256, (120, 28, 28)).astype(np.uint8), 0x08)
+    _write_idx(str(folder / "train-labels-idx1-ubyte.gz"), (np.arange(120) % 10).astype(np.uint8), 0x08)
+    grid = ["--widths", "8", "--sizes", "50,120", "--iterations", "10", "--prune-every", "5", "--k", "4"]
+    grid += ["--seeds", "1", "--backend", "torch", "--threads", "1", "--no-progress"]
+    out = tmp_path / "f"
+    assert study_cli.main(["study", "pretraining", "--data", f"fashion-mnist:{folder}", "--out", str(out), *grid]) == 0
+    assert "2 cell(s) computed" in capsys.readouterr().out
+    summary = json.load(open(out / "summary.json"))
+    assert summary["dataset"] == {"name": "fashion-mnist", "examples": 120, "dim": 784}
+
+    # --mnist DIR still works, says it is deprecated
+    assert study_cli.main(["study", "pretraining", "--mnist", str(folder), "--out", str(tmp_path / "m"), *grid]) == 0
+    assert "deprecated" in capsys.readouterr().err
+    assert json.load(open(tmp_path / "m" / "summary.json"))["dataset"]["name"] == "mnist"
+
+    # fashion-mnist without a folder reads the Debian package's; absent, the error says how to get it
+    monkeypatch.setattr("gfs.data.images.FASHION_MNIST_DIR", str(tmp_path / "absent"))
+    assert study_cli.main(["study", "pretraining", "--data", "fashion-mnist", "--out", str(tmp_path / "a"), *grid]) == 2
+    assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
+    assert study_cli.main(["study", "pretraining", "--data", "svhn:/x", "--out", str(tmp_path / "b"), *grid]) == 2
+    assert "--data 'svhn:/x'" in capsys.readouterr().err

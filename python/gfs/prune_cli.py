@@ -1,11 +1,12 @@
-"""`gfs prune` and `gfs bench prune`: argument parsing and printing. The work is
+"""`gfs prune`, `gfs bench prune` and `gfs bench quality`: argument parsing and printing. The work is
 gfs.workflow.run_job (train -> prune -> fine-tune -> evaluate -> save, see gfs.workflow).
 
     gfs prune --model resnet50 --data cifar10:~/data --ratio 0.5 --out pruned.safetensors \\
               --weights resnet50-cifar10.safetensors --finetune-epochs 2
 
-Steps: load the data (``--data``, see gfs.data.load_image_data); build the torchvision model
-with ``weights=None`` and as many classes as the data have (gfs.models); load ``--weights`` (a
+Steps: load the data (``--data``, see gfs.data.load_image_data); build the model (torchvision's
+with ``weights=None``, or the CIFAR-style resnet56 / vgg16_bn of gfs.models) with as many classes
+as the data have; load ``--weights`` (a
 state dict, safetensors or ``torch.save``, read with ``weights_only=True``; gfs.weights), or,
 without a weights file, train it from scratch for ``--train-epochs`` (pruning an untrained
 network means nothing; the trained weights are written to OUT.dense.safetensors so the next run
@@ -115,9 +116,9 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
 
     p = subparsers.add_parser(
         "prune",
-        help="prune a torchvision ResNet / MobileNet on image data (train, prune, fine-tune, save)",
+        help="prune a ResNet / MobileNet / VGG on image data (train, prune, fine-tune, save)",
         description=(
-            "Prune the internal channels of a torchvision classifier by greedy forward selection (or a baseline "
+            "Prune the internal channels of a classifier by greedy forward selection (or a baseline "
             "criterion) and save the smaller model. Without --weights the model is first trained from scratch on "
             "--data for --train-epochs (pruning an untrained network means nothing). Pruning is checkpointed after "
             "every channel group to OUT.ckpt; --resume continues an interrupted run and ends with the same result. "
@@ -126,13 +127,22 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", required=True, choices=MODELS, help="torchvision architecture (built with weights=None)")
+    p.add_argument(
+        "--model",
+        required=True,
+        choices=MODELS,
+        help="architecture: torchvision's (built with weights=None), or resnet56 / vgg16_bn, the CIFAR-style "
+        "ResNet-56 (option-B shortcuts) and VGG-16-BN for 32x32 images (gfs.models)",
+    )
     p.add_argument(
         "--data",
         default="digits",
         metavar="DATA",
-        help="digits (scikit-learn's digits, upsampled; no download), cifar10:DIR (DIR/cifar-10-batches-py) "
-        "or imagefolder:DIR (class folders; DIR/train and DIR/val if present)",
+        help="digits (scikit-learn's digits, upsampled; no download), cifar10:DIR (DIR/cifar-10-batches-py), "
+        "imagefolder:DIR (class folders; DIR/train and DIR/val if present), fashion-mnist[:DIR] (the four IDX "
+        "files, plain or .gz; default DIR /usr/share/datasets/fashion-mnist, from the Debian package "
+        "dataset-fashion-mnist) or mnist:DIR (MNIST's four IDX files); (Fashion-)MNIST's 28x28 grey images are "
+        "zero-padded to 32x32 and repeated to 3 channels",
     )
     p.add_argument("--out", required=True, metavar="PATH", help="output model file (e.g. pruned.safetensors)")
     budget = p.add_mutually_exclusive_group()
@@ -183,7 +193,7 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
         "--image-size",
         type=positive_int,
         metavar="S",
-        help="image side (default 32 for digits / CIFAR-10, 224 for image folders)",
+        help="image side (default 32 for digits / CIFAR-10 / (Fashion-)MNIST, 224 for image folders)",
     )
     calib = p.add_mutually_exclusive_group()
     calib.add_argument(
@@ -274,46 +284,65 @@ def _cmd_prune(args) -> int:
     return 0
 
 
-# ---- gfs bench prune ------------------------------------------------------------------------------
+# ---- gfs bench prune / gfs bench quality -------------------------------------------------------
+
+# `gfs bench NAME ARGS...` runs benchmarks/SCRIPT's main(ARGS) from the source checkout.
+BENCHES = {
+    "prune": "prune_baselines.py",
+    "quality": "quality.py",
+}
 
 
-def _bench_script() -> str:
+def _bench_script(name: str = "prune") -> str:
     here = os.path.dirname(os.path.abspath(__file__))
-    return os.path.normpath(os.path.join(here, "..", "..", "benchmarks", "prune_baselines.py"))
+    return os.path.normpath(os.path.join(here, "..", "..", "benchmarks", BENCHES[name]))
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `gfs bench prune` (runs benchmarks/prune_baselines.py of the source checkout)."""
+    """Register `gfs bench prune` and `gfs bench quality` (they run benchmarks/prune_baselines.py
+    and benchmarks/quality.py of the source checkout; every argument after the name is theirs)."""
     bench = subparsers.add_parser(
         "bench",
-        help="benchmarks: `gfs bench prune` (pruning baselines on the embedded data)",
+        help="benchmarks: `gfs bench prune` (pruning baselines on the embedded data), `gfs bench quality` "
+        "(gfs vs Torch-Pruning's criteria at equal FLOPs on Fashion-MNIST)",
         description="Benchmarks run from a source checkout of gfs.",
     )
     bsub = bench.add_subparsers(dest="bench", metavar="BENCH")
     bsub.required = True
-    bp = bsub.add_parser(
-        "prune",
-        add_help=False,
-        help="L1 / random / gfs local / gfs loss at 50%% kept on ResNet-18 and MobileNetV2, plus the "
+    helps = {
+        "prune": "L1 / random / gfs local / gfs loss at 50%% kept on ResNet-18 and MobileNetV2, plus the "
         "selection time of local vs loss (benchmarks/prune_baselines.py; --help for its flags)",
-    )
-    bp.set_defaults(func=lambda args: run_bench_prune([]))
+        "quality": "ResNet-56 and MobileNetV2 on Fashion-MNIST pruned to 2x and 4x fewer FLOPs by gfs and by "
+        "Torch-Pruning's criteria: accuracy before / after BN recalibration / after fine-tuning, resumable "
+        "(benchmarks/quality.py; --help for its flags, --quick for a few minutes' run)",
+    }
+    for name in BENCHES:
+        # every further argument, --help included, belongs to the script: no option of its own
+        bp = bsub.add_parser(name, add_help=False, prefix_chars="\x00", help=helps[name])
+        bp.add_argument("script_args", nargs=argparse.REMAINDER)
+        bp.set_defaults(func=lambda args, name=name: run_bench(name, args.script_args))
     return bench
+
+
+def run_bench(name: str, argv) -> int:
+    """`gfs bench NAME ARGS...`: run benchmarks/SCRIPT's main(ARGS) (SCRIPT from BENCHES)."""
+    import importlib.util
+
+    path = _bench_script(name)
+    if not os.path.isfile(path):
+        print(
+            f"gfs bench {name}: {path} not found; it runs from a source checkout of gfs (benchmarks/ is not installed "
+            f"with the package): run python benchmarks/{BENCHES[name]} there",
+            file=sys.stderr,
+        )
+        return 2
+    spec = importlib.util.spec_from_file_location(f"gfs_bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and pickling look a module up by name
+    spec.loader.exec_module(module)
+    return int(module.main(list(argv)) or 0)
 
 
 def run_bench_prune(argv) -> int:
     """`gfs bench prune ARGS...`: run benchmarks/prune_baselines.py's main(ARGS)."""
-    import importlib.util
-
-    path = _bench_script()
-    if not os.path.isfile(path):
-        print(
-            f"gfs bench prune: {path} not found; it runs from a source checkout of gfs (benchmarks/ is not installed "
-            f"with the package): run python benchmarks/prune_baselines.py there",
-            file=sys.stderr,
-        )
-        return 2
-    spec = importlib.util.spec_from_file_location("gfs_prune_baselines", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return int(module.main(list(argv)) or 0)
+    return run_bench("prune", argv)

@@ -36,7 +36,7 @@ import torch
 
 from . import pruning
 from .data import load_image_data
-from .models import MODELS, build_model, internal_layers
+from .models import MODELS, TORCHVISION_MODELS, build_model, internal_layers
 from .pruning.criteria import CRITERIA
 from .pruning.finetune import FinetuneResult, evaluate, finetune, time_forward
 from .weights import load_weights, save_weights, stored_training
@@ -427,7 +427,8 @@ def _dense_weights(job: PruneJob, flow: Workflow, model, say) -> str:
     same training (--resume), trained here (and saved to OUT.dense.safetensors), or none.
     Returns where they came from."""
     data, checkpoint = flow.data, job.checkpoint
-    label = f"torchvision {job.model} with {data.classes} classes"
+    zoo = "torchvision" if job.model in TORCHVISION_MODELS else "gfs.models"
+    label = f"{zoo} {job.model} with {data.classes} classes"
     training = job.training_fingerprint(data)
     reuse = False
     if not job.weights and job.resume and os.path.isfile(job.dense_path):

@@ -2,7 +2,9 @@
 
 - `read_idx` / `write_idx`: the format itself (write is used by tests and tools that make
   small IDX files), plain or gzipped, with the magic number, dimensions and file size checked.
-- `load_mnist_idx`: real MNIST (or any data set in MNIST's four-file layout) from a local folder.
+- `read_idx_splits`: the raw uint8 images and labels of a data set in MNIST's four-file layout
+  (MNIST, Fashion-MNIST) from a local folder, plain or gzipped; `load_mnist_idx`: the same as
+  rows of features (the two-layer studies). The CNN loaders are in gfs.data.images.
 """
 
 from __future__ import annotations
@@ -109,22 +111,26 @@ def _find(directory: str, name: str) -> str:
     raise IdxError(f"{os.path.join(directory, name)}: not found (nor {name}.gz) in {directory!r}")
 
 
-def load_mnist_idx(directory: str, standardise: bool = True, *, test: bool = True) -> Dataset:
-    """MNIST (or any data set in MNIST's four-file IDX layout) from a local folder.
+def read_idx_splits(directory: str, *, test: bool = True, layout: str = "MNIST") -> dict:
+    """The raw arrays of a data set in MNIST's four-file IDX layout (MNIST, Fashion-MNIST, ...).
 
-    Reads train-images-idx3-ubyte, train-labels-idx1-ubyte and, with `test`,
-    t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte, each plain or gzipped (name + ".gz").
-    Images become float32 rows of rows*cols pixels, scaled to [0, 1] and then, with
-    `standardise`, to zero mean and unit variance per pixel using the training statistics.
-    Without `test` only the two training files are read, and the test split is empty.
+    Reads train-images-idx3-ubyte and train-labels-idx1-ubyte and, with ``test``,
+    t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte from ``directory``, each plain or gzipped
+    (name + ".gz", as the Debian package dataset-fashion-mnist ships them). Returns
+    ``{"train": (images, labels), "t10k": (images, labels)}`` (no "t10k" without ``test``):
+    images as stored, (n, rows, cols) uint8; labels (n,) int64.
 
     Raises `IdxError`, naming the file, when a file is missing, has the wrong magic number, or
-    when images and labels disagree in count or an image set's size does not match.
+    when images and labels disagree in count or the two splits in image size. ``layout`` names
+    the data set in the message for a missing folder.
     """
     wanted = [split for split in ("train", "t10k") if test or split == "train"]
     files = {name: v for name, v in MNIST_FILES.items() if name.split("-")[0] in wanted}
     if not os.path.isdir(directory):
-        raise IdxError(f"{directory!r}: not a folder (pass the folder holding the MNIST IDX files {', '.join(files)})")
+        raise IdxError(
+            f"{directory!r}: not a folder (pass the folder holding the {layout} IDX files {', '.join(files)}, "
+            "each plain or .gz)"
+        )
     arrays = {}
     paths = {}
     for name, (magic, ndim) in files.items():
@@ -138,19 +144,39 @@ def load_mnist_idx(directory: str, standardise: bool = True, *, test: bool = Tru
                 f"{paths[f'{split}-labels-idx1-ubyte']}: {len(labels)} labels, but "
                 f"{paths[f'{split}-images-idx3-ubyte']} has {len(images)} images"
             )
-        splits[split] = (images.reshape(len(images), -1).astype(np.float64) / 255.0, labels.astype(np.int64))
+        splits[split] = (images, labels.astype(np.int64))
+    if test and splits["train"][0].shape[1:] != splits["t10k"][0].shape[1:]:
+        raise IdxError(
+            f"{paths['t10k-images-idx3-ubyte']}: images of {splits['t10k'][0].shape[1:]} pixels, but the training "
+            f"images in {paths['train-images-idx3-ubyte']} have {splits['train'][0].shape[1:]}"
+        )
+    return splits
+
+
+def load_mnist_idx(directory: str, standardise: bool = True, *, test: bool = True, name: str = "MNIST") -> Dataset:
+    """MNIST (or any data set in MNIST's four-file IDX layout, e.g. Fashion-MNIST) from a local folder.
+
+    Reads train-images-idx3-ubyte, train-labels-idx1-ubyte and, with `test`,
+    t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte, each plain or gzipped (name + ".gz").
+    Images become float32 rows of rows*cols pixels, scaled to [0, 1] and then, with
+    `standardise`, to zero mean and unit variance per pixel using the training statistics.
+    Without `test` only the two training files are read, and the test split is empty.
+    `name` names the data set in the result (``Dataset.name``) and in errors.
+
+    Raises `IdxError`, naming the file, when a file is missing, has the wrong magic number, or
+    when images and labels disagree in count or an image set's size does not match.
+    """
+    splits = {
+        split: (images.reshape(len(images), -1).astype(np.float64) / 255.0, labels)
+        for split, (images, labels) in read_idx_splits(directory, test=test, layout=name).items()
+    }
     x_train, y_train = splits["train"]
     x_test, y_test = splits.get("t10k", (x_train[:0], y_train[:0]))
-    if x_train.shape[1] != x_test.shape[1]:
-        raise IdxError(
-            f"{paths['t10k-images-idx3-ubyte']}: images of {x_test.shape[1]} pixels, but the training "
-            f"images in {paths['train-images-idx3-ubyte']} have {x_train.shape[1]}"
-        )
     if standardise:
         x_train, x_test = _standardise(x_train, x_test)
     classes = int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1
     return Dataset(
-        f"MNIST (IDX files in {directory})",
+        f"{name} (IDX files in {directory})",
         torch.from_numpy(x_train.astype(np.float32)),
         torch.from_numpy(y_train),
         torch.from_numpy(x_test.astype(np.float32)),

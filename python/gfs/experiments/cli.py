@@ -36,21 +36,29 @@ def add_study_parser(subparsers) -> argparse.ArgumentParser:
             "forward selection (no fine-tuning) and record the pruned accuracy on the training sub-set. Writes "
             "cells.jsonl (resumable), results.csv, summary.csv, summary.json and figure.png to --out, and prints the "
             "finding: does the pre-training threshold (red line) not decrease as the data set grows? Default: "
-            "scikit-learn's digits (a few minutes on 2 CPU cores); --mnist DIR runs the paper's MNIST scale."
+            "scikit-learn's digits (a few minutes on 2 CPU cores); --data mnist:DIR or --data fashion-mnist runs the "
+            "paper's scale (sizes 1K, 5K..50K, 8000 iterations, prune every 1000 to 200, widths 500/1000/2000, "
+            "3 seeds) on MNIST or Fashion-MNIST."
         ),
     )
     pre.add_argument(
-        "--mnist",
-        metavar="DIR",
-        help="folder with train-images-idx3-ubyte and train-labels-idx1-ubyte "
-        "(each may be .gz): the paper's scale (sizes 1K,5K..50K, 8000 iterations, prune every 1000 to 200)",
+        "--data",
+        metavar="DATA",
+        default=None,
+        help="digits (the default: scikit-learn's 8x8 digits, embedded; the small default grid), mnist:DIR "
+        "(train-images-idx3-ubyte and train-labels-idx1-ubyte in DIR, each may be .gz) or fashion-mnist[:DIR] "
+        "(the same files of Fashion-MNIST; DIR defaults to /usr/share/datasets/fashion-mnist, the Debian package "
+        "dataset-fashion-mnist): the paper's scale (sizes 1K,5K..50K, 8000 iterations, prune every 1000 to 200, "
+        "widths 500,1000,2000, 3 seeds); labels: class < 5 vs >= 5",
     )
+    pre.add_argument("--mnist", metavar="DIR", help="deprecated: the same as --data mnist:DIR")
     pre.add_argument(
         "--out",
         metavar="DIR",
         default=None,
-        help="output folder (default runs/study-pretraining, "
-        "runs/study-pretraining-quick with --quick, runs/study-pretraining-mnist with --mnist)",
+        help="output folder (default runs/study-pretraining, runs/study-pretraining-quick with --quick, "
+        "runs/study-pretraining-mnist / -fashion-mnist with --data mnist:DIR / fashion-mnist, -quick added with "
+        "--quick)",
     )
     pre.add_argument("--quick", action="store_true", help="a seconds-long smoke run (2 widths, 3 sizes, 1 seed)")
     pre.add_argument("--resume", action="store_true", help="keep the cells already in --out and compute the rest")
@@ -69,7 +77,7 @@ def add_study_parser(subparsers) -> argparse.ArgumentParser:
         type=int,
         metavar="T",
         help="torch threads while it runs (default 1 on digits: small "
-        "matrices; 0 = torch's own setting, the default with --mnist)",
+        "matrices; 0 = torch's own setting, the default with --data mnist:DIR / fashion-mnist)",
     )
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
     pre.set_defaults(func=_cmd_pretraining)
@@ -91,18 +99,52 @@ def add_study_parser(subparsers) -> argparse.ArgumentParser:
     return study
 
 
+def study_data(data: str | None, mnist: str | None = None) -> tuple[str, str | None]:
+    """(dataset, folder) of `gfs study pretraining --data DATA` (and of the deprecated --mnist
+    DIR, the same as --data mnist:DIR, with a note on stderr): "digits", "mnist:DIR",
+    "fashion-mnist" or "fashion-mnist:DIR". ValueError naming the flag otherwise."""
+    if mnist is not None:
+        if data is not None:
+            raise ValueError("--mnist DIR is the old spelling of --data mnist:DIR; pass only --data")
+        print("gfs study pretraining: --mnist DIR is deprecated; use --data mnist:DIR", file=sys.stderr)
+        data = f"mnist:{mnist}"
+    spec = (data or "digits").strip()
+    if spec == "digits":
+        return "digits", None
+    if spec == "fashion-mnist":
+        return "fashion-mnist", None
+    kind, _, folder = spec.partition(":")
+    if kind in ("mnist", "fashion-mnist") and folder:
+        return kind, folder
+    if kind == "mnist":
+        raise ValueError("--data mnist needs the folder of the MNIST IDX files: --data mnist:DIR")
+    raise ValueError(f"--data {spec!r}: expected digits, mnist:DIR, fashion-mnist or fashion-mnist:DIR")
+
+
 def _cmd_pretraining(args: argparse.Namespace) -> int:
     from ..data import IdxError
     from .pretraining import PretrainingConfig, pretraining_study
 
-    if args.mnist and args.quick:
+    try:
+        dataset, folder = study_data(args.data, args.mnist)
+    except ValueError as exc:
+        print(f"gfs study pretraining: {exc}", file=sys.stderr)
+        return 2
+    if dataset != "digits" and args.quick:
         cfg = PretrainingConfig.paper(
-            args.mnist, widths=(64, 256), sizes=(1000, 5000), iterations=200, prune_every=100, k=32, seeds=(0,)
+            folder,
+            dataset=dataset,
+            widths=(64, 256),
+            sizes=(1000, 5000),
+            iterations=200,
+            prune_every=100,
+            k=32,
+            seeds=(0,),
         )
-        out = args.out or "runs/study-pretraining-mnist-quick"
-    elif args.mnist:
-        cfg = PretrainingConfig.paper(args.mnist)
-        out = args.out or "runs/study-pretraining-mnist"
+        out = args.out or f"runs/study-pretraining-{dataset}-quick"
+    elif dataset != "digits":
+        cfg = PretrainingConfig.paper(folder, dataset=dataset)
+        out = args.out or f"runs/study-pretraining-{dataset}"
     elif args.quick:
         cfg = PretrainingConfig.quick()
         out = args.out or "runs/study-pretraining-quick"

@@ -3,7 +3,8 @@ as library code: `gfs.experiments.pretraining_study`.
 
 Protocol (one *cell* = one hidden width W, one sub-data-set size S, one seed):
 
-1. Labels are binarised: digit < 5 -> 0, digit >= 5 -> 1.
+1. Labels are binarised: digit < 5 -> 0, digit >= 5 -> 1 (Fashion-MNIST: classes 0-4, T-shirt,
+   trouser, pullover, dress, coat -> 0; classes 5-9, sandal, shirt, sneaker, bag, ankle boot -> 1).
 2. A class-balanced sub-data-set of S examples is drawn (the same number from each of the ten
    digit classes; the subsets of one seed are nested).
 3. A two-layer network in the mean-field parameterisation,
@@ -46,11 +47,12 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import numpy as np
 import torch
 
-from ..data import Dataset, balanced_subsets, load_digits, load_mnist_idx
+from ..data import Dataset, balanced_subsets, idx_folder, load_digits, load_mnist_idx
 from .fits import line_fit
 
 DIGITS_SIZES = (100, 300, 500, 700, 900, 1100, 1300, 1500, 1797)
 MNIST_SIZES = (1000,) + tuple(range(5000, 50001, 5000))
+DATASETS = ("digits", "mnist", "fashion-mnist")  # fashion-mnist: MNIST's layout, Zalando's clothes
 
 _ACCURACY_SLACK = 1e-9  # float noise allowed when comparing mean accuracies
 
@@ -58,10 +60,14 @@ _ACCURACY_SLACK = 1e-9  # float noise allowed when comparing mean accuracies
 @dataclass
 class PretrainingConfig:
     """Every setting of the study. `default()` is the embedded digits run, `paper()` the paper's
-    MNIST scale, `quick()` a seconds-long smoke run."""
+    MNIST scale (on MNIST or Fashion-MNIST), `quick()` a seconds-long smoke run.
+
+    ``dataset``: "digits" (scikit-learn's, embedded), "mnist" (IDX files in ``data_dir``) or
+    "fashion-mnist" (IDX files in ``data_dir``, default /usr/share/datasets/fashion-mnist, the
+    Debian package dataset-fashion-mnist)."""
 
     dataset: str = "digits"
-    mnist_dir: str | None = None
+    data_dir: str | None = None
     widths: tuple = (64, 256, 1024)
     sizes: tuple = DIGITS_SIZES
     iterations: int = 4000
@@ -88,12 +94,14 @@ class PretrainingConfig:
         return cls(**base)
 
     @classmethod
-    def paper(cls, mnist_dir: str, **overrides) -> PretrainingConfig:
-        """Sizes 1K, 5K, ..., 50K, 8000 iterations, pruning every 1000 to 200 neurons, 3 seeds.
-        The paper's widths were lost in extraction: (500, 1000, 2000) stand in."""
+    def paper(cls, data_dir: str | None = None, *, dataset: str = "mnist", **overrides) -> PretrainingConfig:
+        """Sizes 1K, 5K, ..., 50K, 8000 iterations, pruning every 1000 to 200 neurons, 3 seeds, on
+        ``dataset`` ("mnist": the paper's; "fashion-mnist": the same protocol on Fashion-MNIST)
+        read from ``data_dir``. The paper's widths were lost in extraction: (500, 1000, 2000)
+        stand in."""
         base = dict(
-            dataset="mnist",
-            mnist_dir=mnist_dir,
+            dataset=dataset,
+            data_dir=data_dir,
             widths=(500, 1000, 2000),
             sizes=MNIST_SIZES,
             iterations=8000,
@@ -110,10 +118,10 @@ class PretrainingConfig:
         return list(range(0, self.iterations + 1, self.prune_every))
 
     def validate(self) -> None:
-        if self.dataset not in ("digits", "mnist"):
-            raise ValueError(f"dataset must be 'digits' or 'mnist', got {self.dataset!r}")
-        if self.dataset == "mnist" and not self.mnist_dir:
-            raise ValueError("dataset='mnist' needs mnist_dir, the folder with the MNIST IDX files")
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {', '.join(map(repr, DATASETS))}, got {self.dataset!r}")
+        if self.dataset == "mnist" and not self.data_dir:
+            raise ValueError("dataset='mnist' needs data_dir, the folder with the MNIST IDX files")
         for name in ("widths", "sizes", "seeds"):
             if not getattr(self, name):
                 raise ValueError(f"{name} is empty; give at least one")
@@ -131,7 +139,7 @@ class PretrainingConfig:
         which widths, sizes and seeds are in the grid (a cell depends on its own width, size and
         seed only, so a study can be extended by more of them and resumed)."""
         d = asdict(self)
-        for name in ("backend", "mnist_dir", "widths", "sizes", "seeds", "tol", "threads"):
+        for name in ("backend", "data_dir", "widths", "sizes", "seeds", "tol", "threads"):
             d.pop(name)
         return d
 
@@ -627,12 +635,15 @@ class StudyResult:
 
 
 def _load_dataset(cfg: PretrainingConfig, dataset: Dataset | None) -> Dataset:
-    """`dataset`, or the one `cfg` names: MNIST's training split (only its two files are read)
-    or all of scikit-learn's digits, pixels in [0, 1], named as the config names them."""
+    """`dataset`, or the one `cfg` names: MNIST's or Fashion-MNIST's training split (only its two
+    files are read) or all of scikit-learn's digits, pixels in [0, 1], named as the config names
+    them. A missing folder is a ValueError (for Fashion-MNIST naming the Debian package)."""
     if dataset is not None:
         return dataset
-    if cfg.dataset == "mnist":
-        data = load_mnist_idx(cfg.mnist_dir, standardise=False, test=False)
+    if cfg.dataset in ("mnist", "fashion-mnist"):
+        folder = idx_folder(cfg.dataset, cfg.data_dir, what="dataset")
+        name = "Fashion-MNIST" if cfg.dataset == "fashion-mnist" else "MNIST"
+        data = load_mnist_idx(folder, standardise=False, test=False, name=name)
     else:
         data = load_digits()
     return replace(data, name=cfg.dataset)
@@ -647,7 +658,7 @@ def normalise(X: np.ndarray) -> np.ndarray:
 
 
 def binary_labels(classes: torch.Tensor) -> torch.Tensor:
-    """Step 1 of the protocol: digit < 5 -> 0, digit >= 5 -> 1 (float32)."""
+    """Step 1 of the protocol: class < 5 -> 0, class >= 5 -> 1 (float32)."""
     return (classes >= 5).to(torch.float32)
 
 
