@@ -259,7 +259,9 @@ def _trace(twin: nn.Module, example: torch.Tensor, name: str):
     except Exception as e:  # noqa: BLE001 - any tracing failure means: cannot analyse
         raise UnsupportedModelError(
             f"cannot trace {name} with torch.fx ({type(e).__name__}: {e}); gfs.prune finds channel groups from "
-            f"the traced data flow, so models with data-dependent control flow are not supported"
+            f"the traced data flow, so models with data-dependent control flow are not supported; Torch-Pruning "
+            f"traces with autograd instead: prune through gfs.integrations.torch_pruning.GFSImportance "
+            f"(pip install 'gfs[torch-pruning]')"
         ) from None
     prop = _ShapeProp(gm)
     printed = io.StringIO()  # ShapeProp prints a traceback of a failing node to stderr: keep it out
