@@ -15,9 +15,11 @@ fine-tuning:
 - gfs: GFSImportance in sequential and one-shot mode, each followed by compensate(); and the
   sequential scores alone (no compensate(): what a score-only adapter gives).
 
-Two sets of groups: "internal" (the channel groups gfs.prune finds: ResNet block-internal
-channels, MobileNetV2 stem and expanded hidden channels; the other layers are Torch-Pruning's
-ignored_layers), where gfs.prune(criterion="local") is also run as the reference; and "all"
+Two sets of groups: "internal" (the channel groups of gfs.prune with
+layers=gfs.models.internal_layers(model), as in `gfs bench prune` and the README: ResNet
+block-internal channels, MobileNetV2 stem and expanded hidden channels; the other layers are
+Torch-Pruning's ignored_layers), where gfs.prune(criterion="local") is also run as the
+reference; and "all"
 (every Torch-Pruning group, residual streams included; only the classifier ignored). Within a
 set every importance removes the same number of channels from every group (checked). Writes the
 table with the machine, torch and Torch-Pruning versions, commit, seeds and 1-minute loads.
@@ -121,15 +123,26 @@ def _importance(name, seed):
     }[name]()
 
 
-def _ignored(model, which, example):
+def _ignored(model, which, example, name):
+    """Torch-Pruning's ignored_layers for a set of groups: "all" ignores the classifier only;
+    "internal" every dense layer but the producers of gfs.prune's groups with
+    layers=gfs.models.internal_layers(name) (the channels of `gfs bench prune` and the README)."""
+    import fnmatch
+
     import torch.nn as nn
 
+    from gfs.models import internal_layers
     from gfs.pruning import find_groups
 
     dense = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) or type(m) is nn.Conv2d]
     if which == "all":
         return [m for _, m in dense if isinstance(m, nn.Linear) and m is dense[-1][1]]  # the classifier
-    producers = {g.producer for g in find_groups(model, example).groups}
+    patterns = internal_layers(name)
+    producers = {
+        g.producer
+        for g in find_groups(model, example).groups
+        if patterns is None or any(fnmatch.fnmatchcase(g.name, p) for p in patterns)
+    }
     return [m for n, m in dense if n not in producers and (isinstance(m, nn.Linear) or m.groups == 1)]
 
 
@@ -143,7 +156,7 @@ def _widths(model):
     }
 
 
-def prune_once(dense, name, which, calib, example, seed, ratio):
+def prune_once(dense, name, which, calib, example, seed, ratio, model_name):
     """Prune a copy of ``dense`` with importance ``name``; returns (model, seconds)."""
     import torch
     import torch.nn.functional as F
@@ -155,7 +168,11 @@ def prune_once(dense, name, which, calib, example, seed, ratio):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pruner = tp.pruner.BasePruner(
-            model, example, importance=imp, pruning_ratio=ratio, ignored_layers=_ignored(model, which, example)
+            model,
+            example,
+            importance=imp,
+            pruning_ratio=ratio,
+            ignored_layers=_ignored(model, which, example, model_name),
         )
     t0 = time.perf_counter()
     if name.startswith("gfs"):
@@ -225,7 +242,7 @@ def run(args) -> dict:
             plan = list(args.importances)
             for imp_name in plan:
                 load_before = load1()
-                model, seconds = prune_once(dense.model, imp_name, which, calib, example, args.seed, args.ratio)
+                model, seconds = prune_once(dense.model, imp_name, which, calib, example, args.seed, args.ratio, name)
                 w = _widths(model)
                 if widths is None:
                     widths = w
@@ -303,9 +320,10 @@ def markdown(res: dict) -> str:
         f"images (gfs; Taylor's gradients). No fine-tuning; no BatchNorm re-estimation. Accuracy on the "
         f"{res['images']['test']} test images.",
         "",
-        "'internal': the groups gfs.prune finds (ResNet block-internal channels; MobileNetV2 stem and expanded "
-        "hidden channels; the other layers in ignored_layers). 'all': every Torch-Pruning group, residual streams "
-        "included (only the classifier ignored).",
+        "'internal': the groups of gfs.prune with layers=gfs.models.internal_layers (ResNet block-internal "
+        "channels; MobileNetV2 stem and expanded hidden channels; the other layers in ignored_layers), the channels "
+        "of `gfs bench prune`. 'all': every Torch-Pruning group, residual streams included (only the classifier "
+        "ignored).",
         "",
     ]
     for name, e in res["models"].items():
