@@ -177,12 +177,13 @@ class GraphRunner:
             del self.checkpoints[q], self._versions[q]
 
     def keep_only(self, positions) -> None:
-        """Drop checkpoints that no future run needs: keep those in ``positions`` (and 0), and the
-        latest one before their minimum (a start for runs that need an earlier one)."""
+        """Drop checkpoints that no future run needs: keep those in ``positions`` (and 0), and,
+        when there is none at their minimum, the latest one before it (a start for the run that
+        needs it)."""
         positions = set(positions)
         low = min(positions, default=0)
         below = [q for q in self.checkpoints if q < low]
-        keep = positions | {0} | ({max(below)} if below else set())
+        keep = positions | {0} | ({max(below)} if below and low not in self.checkpoints else set())
         for q in [q for q in self.checkpoints if q not in keep]:
             del self.checkpoints[q], self._versions[q]
 
@@ -256,7 +257,8 @@ class GraphRunner:
         store: dict = {}
         taking: dict = {}
         base, versions = self.checkpoints[start], self._versions[start]
-        if consume and start != 0:
+        consume = consume and start != 0 and self._intact(start)
+        if consume:
             del self.checkpoints[start], self._versions[start]
         for b, x in enumerate(self.batches):
             env = dict(base[b]) if consume else self._resume(base[b], versions[b])

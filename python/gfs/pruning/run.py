@@ -269,12 +269,16 @@ class PruneRun:
         layer = self.pruned.get_submodule(g.consumer)
         se_fc1 = [self.node_of[m.name] for m in g.members if m.kind == "se"]
         at_consumer = [pc] if self.network is not None else []  # criterion "loss" runs the network from there
+        start = self.runner.start_for(self.producers[i])
         got = self._run_pruned(
-            self.runner.start_for(self.producers[i]),
+            start,
             pc,
             inputs=[consumer, *se_fc1],
             checkpoint_at=self.producers[i:] + at_consumer,
             force=at_consumer,
+            # the start is not needed again when a checkpoint at the producer replaces it (else,
+            # within the budget, it is the start of the pass after the fold)
+            consume=start < self.producers[i] and start not in self.producers[i:],
         )
         target = self._run_original(consumer)
         with self.clock("inputs"):
