@@ -344,8 +344,9 @@ def markdown(res: dict) -> str:
                 )
         lines.append("")
     lines += [
-        "Channels: the output channels of every Conv2d / Linear, summed. 'prune s': the importance's calibration "
-        "and Torch-Pruning's step (and compensate()); for gfs.prune its whole call.",
+        "Channels: the output channels of every Conv2d / Linear, summed (a MobileNetV2 hidden channel counts twice: "
+        "the expand and the depthwise convolution's). 'prune s': the importance's calibration and Torch-Pruning's "
+        "step (and compensate()); for gfs.prune its whole call; wall time on the shared machine (see the load).",
         "",
     ]
     return "\n".join(lines)
