@@ -27,6 +27,14 @@ exact comparison, O(N m) per batch) and their rows of G, b and u_sum are made eq
 
 The dense network (the uniform average of the u_j) needs no data either: its loss is
 (||y||^2 - 2 mean(b) + mean(G)) / count.
+
+Checked once. Statistics that GramStats built itself from checked batches (update, merge,
+all_reduce, from_features, to), or that passed `validate`, are remembered as valid together with
+their state: the G and b tensors, their in-place version counters (every torch operation that
+writes them bumps these), yy and count. `gfs.select` re-validates (O(N^2)) only when that state
+changed since, e.g. a loaded file or statistics edited by hand; otherwise its set-up is O(N).
+mean(G), for the dense loss, is kept with the same state. Writes that bypass torch (through
+`.numpy()` or `.data`) are not seen: call `validate()` after them.
 """
 
 from __future__ import annotations
@@ -115,6 +123,55 @@ class GramStats:
         # by other means, e.g. layer statistics, make it unknown)
         self._rep = torch.zeros(n, dtype=torch.int64)
         self._rep_count = 0
+        # the state (see _state) in which these statistics were last known valid, and mean(G)
+        # with the state it was computed in; empty statistics are valid
+        self._valid_state: tuple | None = None
+        self._gmean: tuple[tuple, float] | None = None
+        self._mark_valid()
+
+    # -- the remembered state ---------------------------------------------------------------
+    def _state(self) -> tuple:
+        """What identifies the statistics' values: G and b (objects and in-place version
+        counters), yy, count and the pending products."""
+        return (self._G, _version(self._G), self.b, _version(self.b), self.yy, self.count, self._acc.cols)
+
+    def _is(self, state: tuple | None) -> bool:
+        now = self._state()
+        return (
+            state is not None
+            and state[0] is now[0]
+            and state[2] is now[2]
+            and now[1] is not None  # (inference tensors have no version counter: never known)
+            and now[3] is not None
+            and state[1] == now[1]
+            and state[3] == now[3]
+            and all(a == b for a, b in zip(state[4:], now[4:], strict=True))  # (a NaN yy never matches)
+        )
+
+    def _mark_valid(self) -> None:
+        self._valid_state = self._state()
+
+    def _known_valid(self) -> bool:
+        return self._is(self._valid_state)
+
+    def _finish(self) -> torch.Tensor:
+        """Add the pending products into G (the last part of building it); mean(G) is computed
+        with them while the statistics are known valid, so a selection needs no pass over G."""
+        if self._acc.cols:
+            valid = self._known_valid()
+            self._acc.flush(self._G)
+            self._equalise_duplicates(G=True)
+            if valid:
+                self._mark_valid()
+                self._mean_of_G()
+        return self._G
+
+    def _mean_of_G(self) -> float:
+        """mean(G), remembered with the state it was computed in."""
+        G = self._finish()
+        if self._gmean is None or not self._is(self._gmean[0]):
+            self._gmean = (self._state(), float(G.mean()))
+        return self._gmean[1]
 
     # -- building ---------------------------------------------------------------------------
     @property
@@ -124,10 +181,7 @@ class GramStats:
     @property
     def G(self) -> torch.Tensor:
         """(N, N) float64, exactly symmetric (pending products are added in first)."""
-        if self._acc.cols:
-            self._acc.flush(self._G)
-            self._equalise_duplicates(G=True)
-        return self._G
+        return self._finish()
 
     def _duplicates(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(members, reps): candidates known identical to a lower one, and that one; None if none."""
@@ -167,7 +221,9 @@ class GramStats:
                 f"features must have shape (N, M) or (N, *S) with one row per candidate; got shape {tuple(U.shape)}"
             )
         kwargs.setdefault("device", U.device)
-        return cls(int(U.shape[0]), **kwargs).update(U, targets, _names=("features", "targets"))
+        stats = cls(int(U.shape[0]), **kwargs).update(U, targets, _names=("features", "targets"))
+        stats._finish()  # one batch, nothing more to add: G complete, mean(G) with it
+        return stats
 
     def update(
         self, features_batch, targets_batch, *, _names=("features_batch", "targets_batch"), _amax=None
@@ -207,6 +263,7 @@ class GramStats:
                 )
         U = U.detach().reshape(self.n, m)
         y = y.detach().reshape(m)
+        valid = self._known_valid()
         if _amax is None:  # (gfs.select has checked them already and passes max |U|, |y|)
             _amax = max(check.check_finite(U, fname), check.check_finite(y, tname))
         cdt = self.compute_dtype or (torch.float64 if U.dtype == torch.float64 else torch.float32)
@@ -234,6 +291,10 @@ class GramStats:
         self.y_sum += float(y64.sum())
         self.count += m
         self._equalise_duplicates(G=not self._acc.cols)
+        # sums of checked, finite batches (rescaled ones too: their products are finite float64
+        # numbers, check_representable) stay valid
+        if valid:
+            self._mark_valid()
         return self
 
     # -- combining --------------------------------------------------------------------------
@@ -246,6 +307,7 @@ class GramStats:
                 f"cannot merge GramStats of n={other.n} candidates into n={self.n}: "
                 "both must describe the same candidates"
             )
+        valid = self._known_valid() and other._known_valid()
         self._merge_partition(other._rep if other._rep_count == other.count else None, other.count)
         self.G.add_(other.G.to(self.device))
         self.b += other.b.to(self.device)
@@ -256,6 +318,9 @@ class GramStats:
         if other.precision == torch.float32:
             self.precision = torch.float32
         self._equalise_duplicates(G=True)
+        if valid:
+            self._mark_valid()
+            self._mean_of_G()
         return self
 
     def all_reduce(self, group=None) -> GramStats:
@@ -270,7 +335,13 @@ class GramStats:
             )
         n = self.n
         tail = torch.tensor(
-            [self.yy, self.y_sum, float(self.count), 1.0 if self.precision == torch.float32 else 0.0],
+            [
+                self.yy,
+                self.y_sum,
+                float(self.count),
+                1.0 if self.precision == torch.float32 else 0.0,
+                0.0 if self._known_valid() else 1.0,  # ranks whose statistics are not known valid
+            ],
             dtype=torch.float64,
             device=self.device,
         )
@@ -286,12 +357,17 @@ class GramStats:
         self.G.copy_(flat[: n * n].view(n, n))
         self.b.copy_(flat[n * n : n * n + n])
         self.u_sum.copy_(flat[n * n + n : n * n + 2 * n])
-        yy, y_sum, count, low = flat[n * n + 2 * n :].tolist()
+        yy, y_sum, count, low, unknown = flat[n * n + 2 * n :].tolist()
         self.yy, self.y_sum, self.count = yy, y_sum, int(round(count))
         if low > 0:
             self.precision = torch.float32
         self._rep, self._rep_count = (rep, self.count) if rep is not None else (self._rep, -1)
         self._equalise_duplicates(G=True)
+        if unknown == 0:  # every rank's statistics were built by GramStats (or validated)
+            self._mark_valid()
+            self._mean_of_G()
+        else:
+            self._valid_state = None
         return self
 
     # -- storage ----------------------------------------------------------------------------
@@ -377,6 +453,7 @@ class GramStats:
         if rep is not None:
             stats._rep, stats._rep_count = rep.clone(), count
         stats.precision = torch.float32 if data.get("precision") == "float32" else torch.float64
+        stats._valid_state = None  # a file: validated by the first selection (or validate())
         return stats
 
     def to(self, device) -> GramStats:
@@ -392,7 +469,7 @@ class GramStats:
         """Loss of the dense network (mean_j u_j): (||y||^2 - 2 mean(b) + mean(G)) / count."""
         if self.count == 0:
             return float("nan")
-        return (self.yy - 2.0 * float(self.b.mean()) + float(self.G.mean())) / self.count
+        return (self.yy - 2.0 * float(self.b.mean()) + self._mean_of_G()) / self.count
 
     @property
     def rtol(self) -> float:
@@ -403,7 +480,10 @@ class GramStats:
         """Raise ValueError, naming the field and the remedy, unless the statistics can drive a
         selection: non-empty, finite, and consistent with a Gram matrix (O(N^2) checks: diag >= 0,
         |G_ij| <= sqrt(G_ii G_jj), b_j^2 <= G_jj ||y||^2). `full=True` also checks that
-        [[G, b], [b^T, ||y||^2]] is positive semi-definite (a Cholesky factorisation, O(N^3))."""
+        [[G, b], [b^T, ||y||^2]] is positive semi-definite (a Cholesky factorisation, O(N^3)).
+
+        Statistics that pass are remembered as valid until they change (see the module
+        docstring), so that `gfs.select` does not check them again."""
         if self.count <= 0:
             raise ValueError(f"{name} is empty (count=0): call {name}.update(features_batch, targets_batch) first")
         fix = "the statistics are corrupted (a damaged file, or batches of other candidates merged in); rebuild them"
@@ -454,12 +534,35 @@ class GramStats:
                     f"{name} is not positive semi-definite ([[G, b], [b^T, yy]] has a negative eigenvalue "
                     f"beyond rounding); {fix}"
                 )
+        self._mark_valid()
+
+    def _check_for_selection(self, name: str = "stats") -> None:
+        """`validate` (O(N^2)) unless these statistics are known valid in their present state
+        (built by GramStats from checked batches, or validated, and unchanged since); then only
+        the O(N) checks."""
+        self._finish()
+        if not self._known_valid():
+            self.validate(name)
+            return
+        if self.count <= 0:
+            raise ValueError(f"{name} is empty (count=0): call {name}.update(features_batch, targets_batch) first")
+        d = torch.diagonal(self._G)
+        if not (math.isfinite(self.yy) and math.isfinite(float(d.sum())) and math.isfinite(float(self.b.sum()))):
+            self.validate(name)  # an overflow in float64 sums: say where
 
     def __repr__(self) -> str:
         return (
             f"GramStats(n={self.n}, count={self.count}, device={str(self.device)!r}, "
             f"precision={str(self.precision).removeprefix('torch.')})"
         )
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """t's in-place version counter (None for inference tensors, which have none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 def _check_stored_tensor(t, key: str, shape: tuple, dtype: torch.dtype, what: str) -> None:
