@@ -148,6 +148,21 @@ def test_a_value_changed_in_place_spoils_its_checkpoint_and_is_recomputed():
     same_result(new, reference_prune(model, two_batches(x), keep=4, progress=False), stats_losses=True)
 
 
+def strided():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 10, 3, padding=1),
+        nn.BatchNorm2d(10),
+        nn.ReLU(),
+        nn.Conv2d(10, 7, (3, 5), stride=(2, 3), dilation=(2, 1), padding=(3, 1)),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(7, 4),
+    ).eval()
+    return model, torch.randn(6, 3, 13, 11, generator=torch.Generator().manual_seed(2))
+
+
 def test_the_sampled_fold_check_is_the_full_one_and_catches_a_wrong_fold(monkeypatch):
     """Forced onto the sample (FULL_CHECK_MACS=0, 16 positions), the fold check of a correct fold
     is at the rounding level, as the full check's; a fold that scales one kept column wrongly, or
@@ -174,6 +189,19 @@ def test_the_sampled_fold_check_is_the_full_one_and_catches_a_wrong_fold(monkeyp
         keep = keep.clone()
         keep[0] = missing[0]
         real(model, group, keep.sort().values, scale, se_means)
+
+    monkeypatch.setattr(run_module, "CHECK_POSITIONS", 4)
+    for arch in ("mlp", "strided"):  # Linear consumers; a strided, dilated, padded conv consumer
+        m, xs = build(arch) if arch == "mlp" else strided()
+        monkeypatch.setattr(run_module, "FULL_CHECK_MACS", 0)
+        res = prune(m, two_batches(xs), keep=3, progress=False)
+        monkeypatch.setattr(run_module, "FULL_CHECK_MACS", 1 << 40)
+        ref = prune(m, two_batches(xs), keep=3, progress=False)
+        same_model(res, ref)
+        assert all(r.fold_error <= 1e-6 for r in res.report + ref.report), arch
+        assert all(a.fold_error != b.fold_error for a, b in zip(res.report, ref.report, strict=True)), arch
+    monkeypatch.setattr(run_module, "FULL_CHECK_MACS", 0)
+    monkeypatch.setattr(run_module, "CHECK_POSITIONS", 16)
 
     for bad in (wrong_scale, wrong_channel):
         monkeypatch.setattr(run_module, "fold_into", bad)
