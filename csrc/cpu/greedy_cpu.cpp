@@ -1,10 +1,11 @@
 // CPU implementations of the gfs operators (schemas in csrc/ops.cpp).
 //
-// One streaming pass over U per greedy step: every thread owns a contiguous block of rows
-// (candidates); for each row it computes e_j = <r, u_j> with AVX2/FMA, and in the same pass the
+// One streaming pass over U per greedy step: the threads share out blocks of rows (candidates);
+// for each row a thread computes e_j = <r, u_j> with AVX2/FMA, and in the same pass the
 // score a_j - 2 t e_j, its masked argmin (ties to the lowest index) and max_j e_j (for the
 // Frank-Wolfe gap). Nothing of size N x M is written. The whole k-step loop runs inside one
-// OpenMP parallel region, with barriers between the phases of a step.
+// OpenMP parallel region with no barrier per step: threads claim chunks of rows, and one that
+// waits too long on another's chunk computes it itself (see greedy_uniform_impl).
 //
 // Determinism of ties: every row's dot product is computed by the same sequence of operations
 // (same accumulators, same chunking from the row's first element, unaligned loads and no
@@ -16,12 +17,13 @@
 //
 // Safety (DESIGN.md section 3): nothing inside a parallel region allocates or throws. The outputs
 // (k entries each, checked) and every thread's scratch are allocated before the region; Ctrl-C is
-// polled by thread 0 (the caller's thread) once per step and acted on by all threads at the same
-// step boundary (see greedy_uniform_impl and csrc/cpu/interrupt.h).
+// polled by thread 0 (the caller's thread) once per step, and every thread leaves the loop at
+// its next check (see greedy_uniform_impl and csrc/cpu/interrupt.h).
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <immintrin.h>
+#include <x86intrin.h>
 #include <omp.h>
 #include <torch/library.h>
 #include <torch/types.h>
@@ -29,6 +31,7 @@
 #include "interrupt.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -414,26 +417,93 @@ GFS_INLINE void update_residual(const T* __restrict uj, const S* __restrict y, i
 //   step computes e = U float(r) once, giving both the next step's scores and the gap at z_{t+1}
 //   (2 (max_j e_j - r.z) / M); the pass after the last step gives the last gap only.
 //
-// One barrier per step: each thread keeps its own copy of z and r (the O(M) update is done by
-// every thread, identically, instead of being split and synchronised), and the per-thread
-// partials of consecutive passes alternate between two buffers, so a thread that runs ahead
-// never overwrites what a slower one is still reading. On shared (oversubscribed) cores every
-// barrier is a chance to wait for a descheduled thread; fewer of them keep the loop robust.
+// No barrier per step (a thread that the OS deschedules must not stall the others: on a machine
+// where another process holds a core, a per-step barrier made 2 threads 2x-6x slower than 1):
+// - Pass p (p = 0: norms, b and a_j; p >= 1: e = U r_p) is cut into C chunks of rows. Threads
+//   claim chunks from one shared counter, compute each chunk's partial (argmin, max e) and
+//   publish it in their own slot for that chunk, tagged with p (a seqlock).
+// - A thread that finds every chunk of pass p claimed waits for the others' chunks; when one is
+//   not published within about two chunk times (its owner was descheduled), the thread computes
+//   that chunk itself. Every row's arithmetic is the same whoever computes it (see the file
+//   comment), so the copies are bit-identical and either one may be combined.
+// - Every thread combines the chunk partials of pass p in chunk order (the pick: ties to the
+//   lowest index, as a sequential scan) and updates its own copy of z, r (and without
+//   replacement its mask), identically. The pick of step t, its loss and the gap it closes are
+//   written to the outputs (identical values from any thread), then `progress` (picks known)
+//   is raised.
+// - A thread that was descheduled and comes back behind (progress > its step) does not
+//   recompute passes: it reads the picks it missed from the outputs and replays the O(M) update
+//   of z and r for each, then joins the current pass.
+// The only waits left are on chunks of the pass at hand, bounded by the helping, and the join at
+// the end of the parallel region (once per call).
 //
-// Interrupts ride on the same double buffer: before the barrier of step t, thread 0 (the caller's
-// thread, the only one that can see Python's signals) writes its poll result into its partial of
-// pass t + 1; after the barrier every thread reads that one flag, so all leave at the same step.
-// Thread 0 rewrites that buffer only at step t + 2, after the next barrier, by which time every
-// thread has read it.
+// Interrupts: thread 0 (the caller's thread, the only one that can see Python's signals) polls
+// once per step it takes and raises `stop`; every thread checks it at each step and while it
+// waits, and leaves; the caller then raises (the outputs are dropped).
 //
-// Nothing in the parallel region allocates or throws: the outputs (k entries, written by thread
-// 0) and every thread's z, r and mask are allocated before it.
+// Nothing in the parallel region allocates or throws: the outputs (k entries), every thread's z,
+// r and mask, the slots and a_j are allocated before it.
 struct StepOut {
   int64_t* picks;
   double* losses;
   double* gaps;
-  int64_t steps = 0;  // steps taken, written by thread 0 after the loop
+  int64_t steps = 0;  // steps taken, set after the loop
 };
+
+// A chunk's partial of one pass, as one thread published it. seq = 2 p + 2: holds pass p's
+// partial; odd: being rewritten. Only its owner thread writes a slot.
+struct alignas(64) Slot {
+  std::atomic<int64_t> seq{0};
+  std::atomic<double> best{0.0};
+  std::atomic<int64_t> best_j{-1};
+  std::atomic<double> max_e{0.0};
+  std::atomic<bool> has_e{false};
+
+  void publish(int64_t pass, const Partial& p) {
+    seq.store(2 * pass + 1, std::memory_order_relaxed);
+    std::atomic_thread_fence(std::memory_order_release);
+    best.store(p.best, std::memory_order_relaxed);
+    best_j.store(p.best_j, std::memory_order_relaxed);
+    max_e.store(p.max_e, std::memory_order_relaxed);
+    has_e.store(p.has_e, std::memory_order_relaxed);
+    seq.store(2 * pass + 2, std::memory_order_release);
+  }
+  bool holds(int64_t pass) const { return seq.load(std::memory_order_acquire) == 2 * pass + 2; }
+  // Copies pass `pass`'s partial into p; false if the slot holds another pass (or is being
+  // rewritten, which only happens once its owner has moved past `pass`).
+  bool read(int64_t pass, Partial& p) const {
+    const int64_t s = seq.load(std::memory_order_acquire);
+    if (s != 2 * pass + 2) return false;
+    p.best = best.load(std::memory_order_relaxed);
+    p.best_j = best_j.load(std::memory_order_relaxed);
+    p.max_e = max_e.load(std::memory_order_relaxed);
+    p.has_e = has_e.load(std::memory_order_relaxed);
+    std::atomic_thread_fence(std::memory_order_acquire);
+    return seq.load(std::memory_order_relaxed) == s;
+  }
+};
+
+struct alignas(64) SharedCounter {
+  std::atomic<int64_t> v{0};
+};
+
+// Rows per chunk: a multiple of kRows, about kChunksPerThread chunks per thread, and between
+// kMinChunkBytes (claiming and publishing a chunk cost ~0.1-0.3 us, small next to its work) and
+// kMaxChunkBytes of U (the end of a pass waits for at most one chunk of another thread).
+constexpr int64_t kChunksPerThread = 16;
+constexpr int64_t kMinChunkBytes = int64_t(1) << 17;
+constexpr int64_t kMaxChunkBytes = int64_t(1) << 22;
+
+int64_t rows_per_chunk(int64_t N, int64_t row_bytes, int nt) {
+  if (nt <= 1) return N;
+  const int64_t total = N * row_bytes;
+  const int64_t target = std::clamp(total / (nt * kChunksPerThread), kMinChunkBytes, kMaxChunkBytes);
+  int64_t r = std::max<int64_t>(1, (target + row_bytes - 1) / row_bytes);
+  r = (r + kRows - 1) / kRows * kRows;
+  return std::min(r, N);
+}
+
+GFS_INLINE uint64_t ticks() { return __rdtsc(); }
 
 template <typename T>
 void greedy_uniform_impl(const at::Tensor& U, const at::Tensor& y, int64_t k, bool replacement, double stop_loss,
@@ -443,11 +513,14 @@ void greedy_uniform_impl(const at::Tensor& U, const at::Tensor& y, int64_t k, bo
   const int64_t N = U.size(0), M = U.size(1);
   const T* u = reinterpret_cast<const T*>(U.const_data_ptr());
   const S* yp = y.const_data_ptr<S>();
-  const int nt = num_threads_for(N, M);
+  int nt = num_threads_for(N, M);
+  const int64_t R = rows_per_chunk(N, M * int64_t(sizeof(T)), nt);
+  const int64_t C = (N + R - 1) / R;  // chunks per pass
+  nt = int(std::min<int64_t>(nt, C));
   auto a_buf = gfs_native::checked_array<double>(N, op, "the scores a_j");
-  auto part_buf = gfs_native::checked_array<Partial>(2 * int64_t(nt), op, "the per-thread partials");
+  auto slot_buf = gfs_native::checked_array<Slot>(C * nt, op, "the per-chunk partials");
   double* a = a_buf.get();
-  Partial* part = part_buf.get();  // [pass parity][thread]
+  Slot* slots = slot_buf.get();  // [chunk][thread]
   // Every thread's state: z (float64) and r (accumulation type), M each, and without replacement
   // the mask of taken candidates, N each; rows padded to cache lines, first touched by their thread.
   const int64_t ldz = (M + 7) / 8 * 8, ldr = (M + 15) / 16 * 16, ldt = replacement ? 0 : (N + 63) / 64 * 64;
@@ -455,92 +528,185 @@ void greedy_uniform_impl(const at::Tensor& U, const at::Tensor& y, int64_t k, bo
   auto r_buf = gfs_native::checked_array<S>(nt * ldr, op, "the per-thread residual");
   auto taken_buf = gfs_native::checked_array<uint8_t>(nt * ldt, op, "the per-thread masks");
   const double inf = std::numeric_limits<double>::infinity();
+  // claim = (pass + 1) * 2^24 + the next unclaimed chunk of that pass; progress = picks known;
+  // finished = steps taken, once the last gap is written (0 before); stop: interrupted.
+  constexpr int64_t kClaimBits = 24;
+  SharedCounter claim, progress, finished, stop;
+  const int64_t cmax = int64_t(1) << kClaimBits;
+  if (C >= cmax) {  // unreachable for any N that fits in memory with >= 8 rows a chunk; be safe
+    nt = 1;
+  }
 
 #pragma omp parallel num_threads(nt)
   {
     const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
-    const int64_t lo = block_start(N, nth, tid), hi = block_start(N, nth, tid + 1);
     double* z = z_buf.get() + tid * ldz;
     S* rs = r_buf.get() + tid * ldr;  // fully written by update_residual before any read
     uint8_t* taken = taken_buf.get() + tid * ldt;
     std::fill(z, z + M, 0.0);
     if (!replacement) std::fill(taken, taken + N, uint8_t(0));
-    double rz = 0;  // r.z at the current z
+    double rz = 0;       // r.z at the current z
+    int64_t t = 0;       // the step this thread is at (its z is z_t)
+    bool last = false;   // step t - 1 was the last: the pass at hand gives the last gap only
+    double chunk_ticks = 0;  // this thread's recent time for one chunk (for the grace period)
 
-    // Pass 0: norms and b, a_j, and step 0's argmin (score a_j, nothing taken yet).
-    Partial* mine = &part[tid];
-    mine->reset();
-    for_each_norm_and_b(u, M, yp, lo, hi, [&](int64_t j, S nj, S bj) {
-      a[j] = mul_sub(double(nj), 2.0, double(bj));
-      mine->offer(a[j], j);
-    });
-#pragma omp barrier
-
-    int64_t t = 0;
-    bool interrupted = false;
-    for (;; ++t) {
-      // Combine the partials of pass t in thread order (every thread identically): the pick of
-      // step t, and for t > 0 the max of e = U r_t for the gap at z_t.
-      const Partial* last_pass = &part[(t & 1) * nt];
-      Partial all;
-      for (int i = 0; i < nth; ++i) {
-        if (last_pass[i].best_j >= 0) all.offer(last_pass[i].best, last_pass[i].best_j);
-        if (t > 0 && last_pass[i].has_e) all.offer_e(last_pass[i].max_e);
-      }
-      const int64_t j = all.best_j;
-      if (tid == 0) {
-        if (t > 0) out.gaps[t - 1] = 2.0 * (all.max_e - rz) / double(M);
-        out.picks[t] = j;
-      }
-      if (!replacement) taken[j] = 1;
-
-      double sl;
-      update_residual(u + j * M, yp, M, t, z, rs, &sl, &rz);
-      const double loss = sl / double(M);
-      if (tid == 0) out.losses[t] = loss;
-      const bool last = loss <= stop_loss || t + 1 == k;
-
-      // The pass: e = U r_{t+1}; max e always, the scores of step t + 1 unless this was the last.
-      mine = &part[((t + 1) & 1) * nt + tid];
-      mine->reset();
-      if (tid == 0 && !last) mine->stop = interrupt.poll();
-      const S* rp = rs;
-      if (last) {
-        for_each_dot(u, M, rp, lo, hi, [&](int64_t, S e) { mine->offer_e(double(e)); });
+    auto picks_ref = [&](int64_t i) { return std::atomic_ref<int64_t>(out.picks[i]); };
+    auto behind = [&](int64_t pass) {
+      return stop.v.load(std::memory_order_relaxed) != 0 || finished.v.load(std::memory_order_acquire) != 0 ||
+             (!last && progress.v.load(std::memory_order_acquire) > pass);
+    };
+    auto published = [&](int64_t c, int64_t pass) {
+      for (int i = 0; i < nth; ++i)
+        if (slots[c * nth + i].holds(pass)) return true;
+      return false;
+    };
+    // Chunk c of pass `pass` into this thread's slot; `helping`: give up as soon as another
+    // thread publishes it (or this thread is behind). Returns whether it published.
+    auto compute_chunk = [&](int64_t c, int64_t pass, bool helping) -> bool {
+      const int64_t lo = c * R, hi = std::min(N, lo + R);
+      const uint64_t t0 = ticks();
+      Partial mine;
+      mine.reset();
+      bool ok = true;
+      // the scan, row group by row group; between groups a helper checks whether to give up
+      auto scan = [&](auto&& each_group) {
+        for (int64_t g = lo; g < hi; g += kRows) {
+          if (helping && (published(c, pass) || behind(pass))) {
+            ok = false;
+            return;
+          }
+          each_group(g, std::min(hi, g + kRows));
+        }
+      };
+      if (pass == 0) {
+        scan([&](int64_t g0, int64_t g1) {
+          for_each_norm_and_b(u, M, yp, g0, g1, [&](int64_t j, S nj, S bj) {
+            const double aj = mul_sub(double(nj), 2.0, double(bj));
+            std::atomic_ref<double>(a[j]).store(aj, std::memory_order_relaxed);
+            mine.offer(aj, j);
+          });
+        });
+      } else if (last) {
+        scan([&](int64_t g0, int64_t g1) {
+          for_each_dot(u, M, rs, g0, g1, [&](int64_t, S e) { mine.offer_e(double(e)); });
+        });
       } else {
-        const double two_t = 2.0 * double(t + 1);
+        const double two_t = 2.0 * double(pass);
+        auto aj = [&](int64_t jj) { return std::atomic_ref<double>(a[jj]).load(std::memory_order_relaxed); };
         if (replacement) {
-          for_each_dot(u, M, rp, lo, hi, [&](int64_t jj, S e) {
-            mine->offer_e(double(e));
-            mine->offer(mul_sub(a[jj], two_t, double(e)), jj);
+          scan([&](int64_t g0, int64_t g1) {
+            for_each_dot(u, M, rs, g0, g1, [&](int64_t jj, S e) {
+              mine.offer_e(double(e));
+              mine.offer(mul_sub(aj(jj), two_t, double(e)), jj);
+            });
           });
         } else {
-          const uint8_t* tk = taken;
-          for_each_dot(u, M, rp, lo, hi, [&](int64_t jj, S e) {
-            mine->offer_e(double(e));
-            mine->offer(tk[jj] ? inf : mul_sub(a[jj], two_t, double(e)), jj);
+          scan([&](int64_t g0, int64_t g1) {
+            for_each_dot(u, M, rs, g0, g1, [&](int64_t jj, S e) {
+              mine.offer_e(double(e));
+              mine.offer(taken[jj] ? inf : mul_sub(aj(jj), two_t, double(e)), jj);
+            });
           });
         }
       }
-#pragma omp barrier
-      if (last) break;
-      if (part[((t + 1) & 1) * nt].stop) {  // thread 0's flag, the same for every thread
-        interrupted = true;
+      if (!ok) return false;
+      slots[c * nth + tid].publish(pass, mine);
+      // a running estimate that a descheduled spell (milliseconds) cannot inflate at once
+      const double dt = double(ticks() - t0);
+      chunk_ticks = chunk_ticks == 0 ? dt : 0.75 * chunk_ticks + 0.25 * std::min(dt, 2.0 * chunk_ticks);
+      return true;
+    };
+    // Pass `pass`: claim and compute chunks, then make sure every chunk is published (waiting
+    // about two chunk times for another thread's, then computing it). False when this thread
+    // should stop working on it (interrupted, finished, or behind the others).
+    auto run_pass = [&](int64_t pass) -> bool {
+      int64_t v = claim.v.load(std::memory_order_acquire);
+      for (;;) {
+        const int64_t vp = (v >> kClaimBits) - 1, next = v & (cmax - 1);
+        if (vp > pass) return false;  // another thread started a later pass: this one is behind
+        int64_t c, nv;
+        if (vp < pass) {
+          c = 0;
+          nv = ((pass + 1) << kClaimBits) | 1;
+        } else {
+          if (next >= C) break;
+          c = next;
+          nv = v + 1;
+        }
+        if (!claim.v.compare_exchange_weak(v, nv, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
+        compute_chunk(c, pass, false);
+        v = claim.v.load(std::memory_order_acquire);
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        if (published(c, pass)) continue;
+        const uint64_t t0 = ticks();
+        const double grace = 2.0 * chunk_ticks + 2000.0;
+        while (!published(c, pass)) {
+          if (behind(pass)) return false;
+          if (double(ticks() - t0) > grace) {
+            compute_chunk(c, pass, true);
+            continue;  // published by this thread or the other; or behind, checked above
+          }
+          _mm_pause();
+        }
+      }
+      return true;
+    };
+    // The chunk partials of pass `pass`, combined in chunk order.
+    auto combine = [&](int64_t pass, Partial& all) -> bool {
+      all.reset();
+      for (int64_t c = 0; c < C; ++c) {
+        Partial p;
+        bool got = slots[c * nth + tid].read(pass, p);
+        for (int i = 0; i < nth && !got; ++i) got = i != tid && slots[c * nth + i].read(pass, p);
+        if (!got) return false;
+        if (p.best_j >= 0) all.offer(p.best, p.best_j);
+        if (pass > 0 && p.has_e) all.offer_e(p.max_e);
+      }
+      return true;
+    };
+
+    for (;;) {
+      if (stop.v.load(std::memory_order_relaxed) != 0 || finished.v.load(std::memory_order_acquire) != 0) break;
+      if (last) {  // the pass after the last step: the last gap
+        Partial all;
+        if (!run_pass(t) || !combine(t, all)) continue;
+        std::atomic_ref<double>(out.gaps[t - 1]).store(2.0 * (all.max_e - rz) / double(M), std::memory_order_relaxed);
+        finished.v.store(t, std::memory_order_release);
         break;
       }
-    }
-
-    if (tid == 0) {
-      if (!interrupted) {
-        const Partial* last_pass = &part[((t + 1) & 1) * nt];
+      // The pick of step t: published already (this thread is behind), or from pass t.
+      int64_t j;
+      bool mine = false;
+      if (progress.v.load(std::memory_order_acquire) > t) {
+        j = picks_ref(t).load(std::memory_order_relaxed);
+      } else {
         Partial all;
-        for (int i = 0; i < nth; ++i)
-          if (last_pass[i].has_e) all.offer_e(last_pass[i].max_e);
-        out.gaps[t] = 2.0 * (all.max_e - rz) / double(M);
+        if (!run_pass(t) || !combine(t, all)) continue;
+        j = all.best_j;
+        mine = true;
+        picks_ref(t).store(j, std::memory_order_relaxed);
+        if (t > 0)
+          std::atomic_ref<double>(out.gaps[t - 1]).store(2.0 * (all.max_e - rz) / double(M), std::memory_order_relaxed);
       }
-      out.steps = t + 1;
+      if (!replacement) taken[j] = 1;
+      double sl;
+      update_residual(u + j * M, yp, M, t, z, rs, &sl, &rz);
+      const double loss = sl / double(M);
+      if (mine) {
+        std::atomic_ref<double>(out.losses[t]).store(loss, std::memory_order_relaxed);
+        int64_t p = progress.v.load(std::memory_order_relaxed);
+        while (p < t + 1 && !progress.v.compare_exchange_weak(p, t + 1, std::memory_order_release,
+                                                              std::memory_order_relaxed)) {
+        }
+      }
+      last = loss <= stop_loss || t + 1 == k;
+      if (tid == 0 && !last && interrupt.poll()) stop.v.store(1, std::memory_order_relaxed);
+      ++t;
     }
   }
+  out.steps = finished.v.load(std::memory_order_acquire);
+  TORCH_CHECK(out.steps >= 1 || interrupt.pending(), "gfs::greedy_uniform: internal error, the loop took no step");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> greedy_uniform_cpu(const at::Tensor& U, const at::Tensor& y,
