@@ -123,6 +123,56 @@ def wrapped_reference(model, batches):
     return res, seconds, spent
 
 
+def flop_accounting(net, size: int) -> dict:
+    """Work per calibration image as a multiple of one forward pass, from a prune of 2 images:
+    the two networks' passes (counted by torch.utils.flop_counter around the graph runners) and
+    the layer statistics' multiply-adds (the "offsets" identity of gfs.stats.conv2d_stats:
+    positions x ((C K)^2 / 2 for G + C K C_out for b), counted from the shapes)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import gfs
+    from gfs.pruning import capture, criteria
+    from gfs.pruning import run as run_module
+    from gfs.pruning.fold import count_flops
+
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    forward = count_flops(net, x)
+    counted = {"pruned": 0, "original": 0, "statistics": 0}
+    real_run, real_stats, real_init = capture.GraphRunner.run, criteria.gram_statistics, run_module.PruneRun.__init__
+    state = {}
+
+    def counting_run(self, *a, **k):
+        who = "pruned" if self.root is state["run"].pruned else "original"
+        c = FlopCounterMode(display=False)
+        with c:
+            got = real_run(self, *a, **k)
+        counted[who] += c.get_total_flops()
+        return got
+
+    def counting_stats(X, layer, target):
+        C, Cout = layer.weight.shape[1], layer.weight.shape[0]
+        K = layer.weight[0, 0].numel() if layer.weight.dim() == 4 else 1
+        S = target.numel() // Cout
+        counted["statistics"] += 2 * S * ((C * K) ** 2 / 2 + C * K * Cout)  # 2 flops per multiply-add
+        return real_stats(X, layer, target)
+
+    def init(self, *a, **k):
+        state["run"] = self
+        real_init(self, *a, **k)
+
+    capture.GraphRunner.run, criteria.gram_statistics, run_module.PruneRun.__init__ = counting_run, counting_stats, init
+    try:
+        gfs.prune(net, [x[:1], x[1:]], ratio=0.5, criterion="local", progress=False)
+    finally:
+        capture.GraphRunner.run, criteria.gram_statistics, run_module.PruneRun.__init__ = (
+            real_run,
+            real_stats,
+            real_init,
+        )
+    return {k: v / forward for k, v in counted.items()}
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     import torch
@@ -221,6 +271,11 @@ def main(argv=None) -> int:
             f"and scales: {same}, same weights: {same_weights}, losses within {worst:.1e} (relative)"
         )
         print("its phases: " + ", ".join(f"{k} {v:.2f}" for k, v in ref_phases.items()))
+    out["work_per_forward"] = flop_accounting(net, args.size)
+    print(
+        "work as a multiple of one forward pass (FLOPs): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in out["work_per_forward"].items())
+    )
     out["load_1min"] = load
     out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
