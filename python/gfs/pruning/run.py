@@ -29,17 +29,19 @@ What it costs (issue 16). Each network runs forward once over the calibration da
 per group: the original network from one consumer to the next (its live values are kept
 between groups), the pruned network from the latest checkpoint before the group's producer (the
 values live there, kept by reference: GraphRunner) to its consumer; after a fold only the
-group's own segment, producer to consumer, runs again, with the new modules. Memory: per
-calibration sample, the values live at the current point of each network and at the group's
-producer (for ResNet-50 at 224 x 224, at most about 3.2 MB for the original, 3.2 MB at the
-producer and 0.8 MB for the consumer input and its target each: the layer1 residual stream,
-256 x 56 x 56 floats); above ``ACTIVATION_BUDGET`` (default: half the free memory) checkpoints
-are not kept and the values are recomputed from the input instead. The reported losses of
-"local" come from its statistics (no forward pass, see :meth:`PruneRun.measure`); the fold check
-(:class:`FoldCheck`) compares the folded consumer's output, taken on the next pass, with the
-masked original's on every output position when that is cheap and on a sample of positions
-(the image borders among them) otherwise. ``PruneResult.timings`` and each row's ``phases``
-say where the time went.
+group's own segment, producer to consumer, runs again, with the new modules (ResNet-50 at ratio
+0.5: 0.99 and 0.90 forward passes of FLOPs; benchmarks/prune_resnet50.py). Memory: what is kept
+between passes is the values live at the checkpoints, the original network's after its last
+consumer and the pruned network's at the group's producer (and at the next one); for ResNet-50
+at 224 x 224 at most 10.7 MiB per calibration image (a layer1 residual-stream tensor, 256 x 56 x
+56 floats, is 3.1 MiB), 690 MiB for 64 images, plus the current group's consumer input and
+target. Above ``ACTIVATION_BUDGET`` (default: half the free memory) checkpoints are not taken
+and the values are recomputed from an earlier one, at worst from the input. The reported
+losses of "local" come from its statistics (no forward pass, see :meth:`PruneRun.measure`); the
+fold check (:class:`FoldCheck`) compares the folded consumer's output, taken on the next pass,
+with the masked original's on every output position when that is cheap and on a sample of
+positions (the image borders among them) otherwise. ``PruneResult.timings`` and each row's
+``phases`` say where the time went.
 
 Arguments are validated by gfs.prune (gfs.pruning.api) before they get here.
 """
