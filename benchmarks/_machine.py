@@ -24,3 +24,10 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown-cpu"
+
+
+def slug() -> str:
+    """<cpu-model>-<cores>c, lower case, for results file names (e.g. amd-epyc-2c)."""
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "-", cpu_model().lower()).strip("-") + f"-{os.cpu_count()}c"
