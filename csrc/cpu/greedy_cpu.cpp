@@ -487,20 +487,21 @@ struct alignas(64) SharedCounter {
   std::atomic<int64_t> v{0};
 };
 
-// Rows per chunk: a multiple of kRows, about kChunksPerThread chunks per thread, and between
-// kMinChunkBytes (claiming and publishing a chunk cost ~0.1-0.3 us, small next to its work) and
-// kMaxChunkBytes of U (the end of a pass waits for at most one chunk of another thread).
+// Rows per chunk: a multiple of kRows, at least one chunk per thread, about kChunksPerThread
+// chunks per thread on large passes, and between kMinChunkBytes (a chunk's claim, publication
+// and combination cost ~0.1-0.5 us; small passes get one chunk per thread, like a static split)
+// and kMaxChunkBytes of U (the end of a pass waits for at most one chunk of another thread).
 constexpr int64_t kChunksPerThread = 16;
-constexpr int64_t kMinChunkBytes = int64_t(1) << 17;
+constexpr int64_t kMinChunkBytes = int64_t(1) << 19;
 constexpr int64_t kMaxChunkBytes = int64_t(1) << 22;
 
 int64_t rows_per_chunk(int64_t N, int64_t row_bytes, int nt) {
   if (nt <= 1) return N;
   const int64_t total = N * row_bytes;
   const int64_t target = std::clamp(total / (nt * kChunksPerThread), kMinChunkBytes, kMaxChunkBytes);
-  int64_t r = std::max<int64_t>(1, (target + row_bytes - 1) / row_bytes);
-  r = (r + kRows - 1) / kRows * kRows;
-  return std::min(r, N);
+  const auto round_up = [](int64_t r) { return (r + kRows - 1) / kRows * kRows; };
+  const int64_t r = round_up(std::max<int64_t>(1, (target + row_bytes - 1) / row_bytes));
+  return std::min({r, round_up((N + nt - 1) / nt), N});
 }
 
 GFS_INLINE uint64_t ticks() { return __rdtsc(); }
