@@ -357,8 +357,20 @@ def markdown(out) -> str:
             + " | ".join(f"{ph.get(k, 0.0):.2f}" for k in _PHASES)
             + " |"
         )
+    lines += ["", _HISTORY]
     return "\n".join(lines) + "\n"
 
+
+_HISTORY = """## Earlier measurements (the recomputing path)
+
+- Issue 16's starting point, this 2-core machine: 40.9 s = 10.5 x one eval forward pass (3.9 s); the
+  selection itself (statistics + gfs.select) a third or less of each group's time, the rest
+  capturing inputs, running each consumer twice for the report's losses, folding and the fold
+  check.
+- 2026-12-01, commit 11d757f (2-core Xeon, 1-min load ~1.4): 68.0 s; 135 s with another benchmark on
+  one of the cores (commit 82cd09c). That file also has the measurements behind the cost rule of
+  gfs.stats.conv2d_stats (offsets vs materialised, commit 14679ef): `git show
+  11d757f:benchmarks/results/prune-resnet50-cpu.md`."""
 
 _PHASES = ("original", "pruned", "inputs", "statistics", "select", "losses", "fold", "fold check")
 
