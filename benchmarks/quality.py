@@ -4,44 +4,48 @@
     python benchmarks/quality.py --quick    # a few minutes: 1 seed, tiny sizes, written under runs/
 
 For each model (ResNet-56 and torchvision's MobileNetV2 by default) and seed, the dense network
-is trained from scratch once (gfs.workflow, TRAIN_RECIPE) on a class-balanced subset of the
+is trained from scratch once (gfs.workflow, TRAIN_RECIPE) on a seeded random subset of the
 Fashion-MNIST training images, then pruned to 2x and 4x fewer FLOPs by every method, each
 pruned network evaluated on the test images three times: as pruned, after BatchNorm
 recalibration (the running statistics re-estimated on --recal training images, nothing trained),
-and after the same short fine-tune. Every method prunes the same channel groups (the internal
-channels of gfs.models.internal_layers: conv1 of ResNet-56's 27 BasicBlocks; MobileNetV2's
-stem and expanded hidden channels), and every FLOPs figure is counted the same way
-(torch.utils.flop_counter through gfs, 2 per multiply-add, one 32x32 image).
+and after the same short fine-tune (from the recalibrated network; --no-bn-recal: from the
+pruned one). Every method prunes the same channel groups (the internal channels of
+gfs.models.internal_layers: conv1 of ResNet-56's 27 BasicBlocks; MobileNetV2's stem and 16
+expanded hidden layers), and every FLOPs figure is counted the same way (torch.utils.flop_counter
+through gfs, 2 per multiply-add, one image).
 
-Methods (--methods; names, or gfs[...] with options, see METHODS and parse_method):
+Methods (--methods: names, all, or gfs[...] with options; see METHODS and parse_method):
 
 - gfs: greedy forward selection with criterion "local" (each consumer imitates its dense
   output, gfs.prune), the papers' uniform step, and one keep ratio for every group, the largest
   whose FLOPs are at most the target (FlopModel.uniform_ratio: exact, from the layer shapes);
-- gfs variants (gfs-NAME, or gfs[step=...,budget=...,rounds=...,rescale=...]): step
-  line_search or refit (gfs-line_search, gfs-refit); budget=global (gfs-global: the FLOPs
+- gfs variants (gfs-NAME, or gfs[step=...,budget=...,rounds=...,rescale=...,fold=...]):
+  step line_search or refit (gfs-line_search, gfs-refit); budget=global (gfs-global: the FLOPs
   budget spent where the selection losses drop most per FLOP: a first gfs.prune at ratio 1
   records every group's loss curve, relative to its target's energy, then FlopModel.allocate
   adds channels greedily by loss drop per FLOP up to the target); budget=eps (gfs-eps: the same
-  curves, every group kept to the same relative loss eps, eps bisected to meet the target: the
-  papers' stopping rule with a relative eps); rounds=2 (gfs-seq2, sequential: two prunes of
-  sqrt(factor) each, BatchNorm recalibrated between them, instead of one shot); rescale=1
-  (gfs-rescale: each consumer's weight norm moved back to its dense value, the factor folded
-  into the BatchNorm after it, rescale_into_bn: the same function, a better-conditioned start
-  for fine-tuning);
+  curves, every group kept to the same relative loss eps, eps bisected to meet the target, what
+  is left of the budget then spent as by budget=global: the papers' stopping rule with a
+  relative eps); rounds=2 (gfs-seq2, sequential: two prunes of sqrt(factor) each, BatchNorm
+  recalibrated between them, instead of one shot); rescale=1 (gfs-rescale: each consumer's
+  weight norm moved back to its dense value, the factor folded into the BatchNorm after it,
+  rescale_into_bn: the same function, a better-conditioned start for fine-tuning); fold=0
+  (gfs-nofold, gfs-refit-nofold: gfs's choice of channels, the consumers' weights left as in the
+  dense network, as the baselines leave them: what the selection alone is worth);
 - tp-IMPORTANCE and tp-IMPORTANCE-global: Torch-Pruning's MetaPruner with the L1
   (MagnitudeImportance p=1), BNScale, Taylor (gradients of the cross-entropy on the calibration
-  images), FPGM, LAMP and random importances, local (the same ratio in every group) or global
-  (one ranking over all groups), the pruning ratio bisected to the smallest whose FLOPs are at
-  most the target. Needs torch-pruning (pip install "torch-pruning==1.6.*", or gfs's extra
-  gfs[torch-pruning]); without it those rows are skipped, with a message.
+  images), FPGM, LAMP and random importances, local (every group keeps the channels the gfs row
+  keeps: the same architecture) or global (one ranking over all groups, the pruning ratio
+  bisected to the smallest whose FLOPs are within the target). Needs torch-pruning (pip install
+  "torch-pruning==1.6.*", or gfs's extra gfs[torch-pruning]); without it those rows are skipped,
+  with a message.
 
-Sizes for 2 CPU cores (the defaults; state them with the results): 10,000 training images (a
-seeded random subset per seed), all 10,000 test images, 32x32 (the 28x28 images zero-padded), 10
-epochs of training from scratch (batch 64, lr 0.05), 512 calibration images, 1,024 images for
-BatchNorm recalibration, 1 epoch of fine-tuning (lr 0.01), 1 torch thread, 3 seeds, 17 methods,
-factors 2 and 4. --quick: 2,000 training images of 16x16, 500 test images, 3 epochs, 128
-calibration images, 1 seed and 5 methods.
+Sizes for 2 CPU cores (the defaults; the report states them): 10,000 training images (a seeded
+random subset per seed), all 10,000 test images, 32x32 (the 28x28 images zero-padded), 10 epochs
+of training from scratch (batch 64, lr 0.05), 512 calibration images, 1,024 images for BatchNorm
+recalibration, 1 epoch of fine-tuning (lr 0.01), 1 torch thread, 3 seeds, the 17 methods of
+DEFAULT_METHODS, factors 2 and 4. --quick: 2,000 training images of 16x16, 500 test images, 3
+epochs, 128 calibration and 256 recalibration images, 1 seed, the 5 QUICK_METHODS.
 
 Resumable: the dense weights and every finished (model, seed, factor, method) cell are written
 atomically under --work (default runs/quality, runs/quality-quick with --quick) as they finish,
@@ -74,7 +78,7 @@ from prune_baselines import commit, machine  # noqa: E402
 FACTORS = (2, 4)  # FLOPs reduction targets
 MODELS = ("resnet56", "mobilenet_v2")
 TP_IMPORTANCES = ("l1", "bnscale", "taylor", "fpgm", "lamp", "random")
-GFS_DEFAULTS = {"step": "uniform", "budget": "uniform", "rounds": 1, "rescale": 0}
+GFS_DEFAULTS = {"step": "uniform", "budget": "uniform", "rounds": 1, "rescale": 0, "fold": 1}
 # Named methods; gfs[...] spells any other combination of the gfs options.
 METHODS = {
     "gfs": {},
@@ -84,11 +88,19 @@ METHODS = {
     "gfs-eps": {"budget": "eps"},
     "gfs-seq2": {"rounds": 2},
     "gfs-rescale": {"rescale": 1},
+    "gfs-nofold": {"fold": 0},
+    "gfs-refit-nofold": {"step": "refit", "fold": 0},
 }
-DEFAULT_METHODS = tuple(METHODS) + tuple(f"tp-{imp}{mode}" for mode in ("", "-global") for imp in TP_IMPORTANCES)
+TP_METHODS = tuple(f"tp-{imp}{mode}" for mode in ("", "-global") for imp in TP_IMPORTANCES)
+# The default run: the papers' default, the best step rule as pruned (refit), the best after BN
+# recalibration (refit's channels, dense weights), sequential, the papers' eps rule, and every
+# Torch-Pruning row. gfs-line_search, gfs-global and gfs-rescale are left out (the quick run:
+# benchmarks/results/quality-fashion-mnist-quick-cpu.md); --methods all runs every one.
+DEFAULT_METHODS = ("gfs", "gfs-refit", "gfs-refit-nofold", "gfs-seq2", "gfs-eps") + TP_METHODS
+ALL_METHODS = tuple(METHODS) + TP_METHODS
 
 # --quick runs these unless --methods says otherwise (every method: --methods all)
-QUICK_METHODS = ("gfs", "gfs-global", "tp-l1", "tp-lamp-global", "tp-random")
+QUICK_METHODS = ("gfs", "gfs-refit-nofold", "tp-l1", "tp-taylor", "tp-lamp-global")
 
 TP_MISSING = (
     "torch-pruning is not installed, so the Torch-Pruning rows are skipped: pip install 'torch-pruning==1.6.*' "
@@ -102,8 +114,9 @@ TP_MISSING = (
 def parse_method(text: str) -> dict:
     """A method name -> {"name", "kind": "gfs" | "tp", ...options}.
 
-    gfs: "gfs", a name of METHODS, or "gfs[step=refit,budget=global,rounds=2,rescale=1]" (step
-    uniform / line_search / refit; budget uniform / global / eps; rounds >= 1; rescale 0 / 1).
+    gfs: "gfs", a name of METHODS, or "gfs[step=refit,budget=global,rounds=2,rescale=1,fold=0]"
+    (step uniform / line_search / refit; budget uniform / global / eps; rounds >= 1; rescale and
+    fold 0 / 1).
     Torch-Pruning:
     "tp-IMPORTANCE" (local) or "tp-IMPORTANCE-global", IMPORTANCE one of TP_IMPORTANCES.
     ValueError for anything else."""
@@ -117,9 +130,9 @@ def parse_method(text: str) -> dict:
             key, _, value = part.partition("=")
             if key not in GFS_DEFAULTS or not value:
                 raise ValueError(
-                    f"method {text!r}: unknown option {part!r} (options: step=, budget=, rounds=, rescale=)"
+                    f"method {text!r}: unknown option {part!r} (options: step=, budget=, rounds=, rescale=, fold=)"
                 )
-            opts[key] = int(value) if key in ("rounds", "rescale") else value
+            opts[key] = int(value) if key in ("rounds", "rescale", "fold") else value
         if opts["step"] not in ("uniform", "line_search", "refit"):
             raise ValueError(f"method {text!r}: step must be uniform, line_search or refit")
         if opts["budget"] not in ("uniform", "global", "eps"):
@@ -131,7 +144,7 @@ def parse_method(text: str) -> dict:
     if m and m.group(1) in TP_IMPORTANCES:
         return {"name": text, "kind": "tp", "importance": m.group(1), "global": bool(m.group(2))}
     raise ValueError(
-        f"unknown method {text!r}: expected one of {', '.join(DEFAULT_METHODS)}, or gfs[step=...,budget=...,rounds=...]"
+        f"unknown method {text!r}: expected one of {', '.join(ALL_METHODS)}, or gfs[step=...,budget=...,...]"
     )
 
 
@@ -225,15 +238,16 @@ class FlopModel:
             lo, hi = (mid, hi) if self.flops(self.keeps_for_ratio(mid)) <= target else (lo, mid)
         return max(lo, 1e-9)  # gfs.prune takes ratio in (0, 1]; 1e-9 keeps one channel per group, as 0 would
 
-    def allocate(self, curves: dict, target: float, minimum: int = 1) -> dict:
+    def allocate(self, curves: dict, target: float, minimum: int = 1, start: dict | None = None) -> dict:
         """Per-group keep counts within ``target`` FLOPs, spent greedily where the relative
         selection loss drops most per FLOP: each step adds one channel to the group with the
         largest (best average loss drop over any number of further channels) / (FLOPs of one
         more channel), among those still within the target. ``curves[g][k]``: the relative loss
-        with k channels kept (k = 0 .. C, non-increasing)."""
+        with k channels kept (k = 0 .. C, non-increasing). ``start``: keep counts to add to
+        (default ``minimum`` channels per group)."""
         import numpy as np
 
-        keeps = {g: min(minimum, c) for g, c in self.channels.items()}
+        keeps = dict(start) if start is not None else {g: min(minimum, c) for g, c in self.channels.items()}
         slopes = {}
 
         def slope(g):
@@ -283,7 +297,9 @@ class FlopModel:
         for _ in range(60):
             mid = (lo + hi) / 2
             lo, hi = (lo, mid) if self.flops(keeps_at(mid)) <= target else (mid, hi)
-        return keeps_at(hi), hi
+        # the keep counts are a step function of eps (a flat curve jumps from C to 1 channel): what
+        # the last step leaves of the budget is spent greedily, by loss drop per FLOP
+        return self.allocate(curves, target, start=keeps_at(hi)), hi
 
 
 # ---- pruning ----------------------------------------------------------------------------------
@@ -447,6 +463,20 @@ def rescale_into_bn(pruned, reference, groups) -> list:
     return done
 
 
+def unfold(pruned, reference, report) -> int:
+    """Undo the fold of the selection's weights (in place): each consumer's kept input columns
+    become ``reference``'s columns again, so the pruned network is the dense one with the other
+    channels dropped, as the baselines leave it (gfs chose the channels, nothing else). Returns
+    the number of consumers changed."""
+    import torch
+
+    mods, ref = dict(pruned.named_modules()), dict(reference.named_modules())
+    for r in report:
+        with torch.no_grad():
+            mods[r.consumer].weight.copy_(ref[r.consumer].weight[:, r.kept])
+    return len(report)
+
+
 def gfs_method(model, calib, layers, target: float, opts: dict, recal_batches, seed: int) -> tuple:
     """Prune ``model`` with gfs to at most ``target`` FLOPs; returns (pruned model, info)."""
     import torch
@@ -485,7 +515,9 @@ def gfs_method(model, calib, layers, target: float, opts: dict, recal_batches, s
             info["search_seconds"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             result = prune_keeps(current, calib, keeps, **common)
-        current = result.model
+        before, current = current, result.model
+        if not opts["fold"]:
+            entry["unfolded"] = unfold(current, before, result.report)
         if opts["rescale"]:
             entry["rescaled"] = rescale_into_bn(current, model, groups)
         if r + 1 < opts["rounds"] and recal_batches is not None:
@@ -646,6 +678,7 @@ def parse(argv):
     p.add_argument("--out", help="report prefix (default benchmarks/results/quality-fashion-mnist-cpu)")
     p.add_argument("--overwrite", action="store_true", help="discard a --work folder of other settings")
     p.add_argument("--report-only", action="store_true", help="only write the report from the finished cells")
+    p.add_argument("--note", help="a line added to the report (e.g. where and on which code the cells ran)")
     p.add_argument("--progress", action="store_true", help="progress bars (off: plain lines, for logs)")
     args = p.parse_args(argv)
     if args.quick:
@@ -659,7 +692,7 @@ def parse(argv):
                 setattr(args, k, v)
     try:
         args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-        names = DEFAULT_METHODS if args.methods.strip() == "all" else _split_methods(args.methods)
+        names = ALL_METHODS if args.methods.strip() == "all" else _split_methods(args.methods)
         args.methods = [parse_method(m) for m in names]
         args.factors = [float(f) for f in args.factors.split(",") if f.strip()]
     except ValueError as exc:
@@ -920,6 +953,7 @@ def run(args, started: dict) -> None:
                 if cell is None:
                     continue
                 cell["settings"] = digest
+                cell["cell_seconds"] = time.perf_counter() - t0
                 write_json(cell_path(args, name, seed, factor, method["name"]), cell)
                 if "error" in cell:
                     continue
@@ -951,7 +985,7 @@ def _stats(values):
     if not values:
         return None, None
     mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
     return mean, std
 
 
@@ -968,7 +1002,7 @@ def summarise(cells: list) -> list:
         for stage in ("dense", "pruned", "recalibrated", "finetuned"):
             row[stage] = _stats([c["accuracy"][stage] for c in cs])
         rows.append(row)
-    order = {m: i for i, m in enumerate(DEFAULT_METHODS)}
+    order = {m: i for i, m in enumerate(ALL_METHODS)}
     rows.sort(key=lambda r: (r["model"], r["factor"], order.get(r["method"], len(order)), r["method"]))
     return rows
 
@@ -977,7 +1011,7 @@ def _pct(ms) -> str:
     mean, std = ms
     if mean is None:
         return "-"
-    return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if std else "")
+    return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
 
 
 def markdown(res: dict) -> str:
@@ -1002,10 +1036,12 @@ def markdown(res: dict) -> str:
         f"{'recalibrated' if s['bn_recal'] else 'pruned'} model, the same for every row. Seeds 0..{s['seeds'] - 1} "
         "(initialisation, batch order, subsets, random criteria); mean ± standard deviation over seeds.",
         "",
+        *([res["note"], ""] if res.get("note") else []),
         "FLOPs: one image, 2 per multiply-add (torch.utils.flop_counter). prune s: the pruning itself (gfs: the "
-        "gfs.prune calls, with the ratio-1 profile of budget=global and the recalibration between rounds; "
-        "Torch-Pruning: graph, importance and pruning, with Taylor's gradients); search s: finding the ratio that "
-        "meets the FLOPs target.",
+        "gfs.prune call(s), with the recalibration between rounds; Torch-Pruning: graph, importance and pruning, "
+        "with Taylor's gradients); search s: finding the channels that meet the FLOPs target (gfs budget=global "
+        "/ eps: with the gfs.prune at ratio 1 that records the loss curves; Torch-Pruning global: the bisection "
+        "of its ratio). Both are wall times on a shared machine: compare them within one run only.",
         "",
     ]
     for model, dense in res["dense"].items():
@@ -1063,8 +1099,9 @@ def figure(res: dict, path: str) -> str | None:
     except ImportError:
         return None
     models = list(res["dense"])
-    stages = (("recalibrated", "after BN recalibration"), ("finetuned", "after fine-tuning"))
-    fig, axes = plt.subplots(len(models), 2, figsize=(12, 4.2 * len(models)), squeeze=False)
+    stages = (("pruned", "as pruned"), ("recalibrated", "after BN recalibration"), ("finetuned", "after fine-tuning"))
+    fig, axes = plt.subplots(len(models), len(stages), figsize=(17, 4.4 * len(models)), squeeze=False)
+    colours = plt.get_cmap("tab20").colors
     for i, model in enumerate(models):
         dense = res["dense"][model]
         rows = [r for r in res["rows"] if r["model"] == model]
@@ -1072,21 +1109,16 @@ def figure(res: dict, path: str) -> str | None:
         for j, (stage, title) in enumerate(stages):
             ax = axes[i][j]
             for k, method in enumerate(methods):
-                pts = sorted((r["flops"], r[stage][0], r[stage][1]) for r in rows if r["method"] == method)
-                pts = [p for p in pts if p[1] is not None]
-                if not pts:
-                    continue
-                x = [dense["flops"] / 1e6] + [p[0] / 1e6 for p in pts]
-                y = [dense["accuracy"][0]] + [p[1] for p in pts]
-                e = [0.0] + [p[2] or 0.0 for p in pts]
-                gfs_row = method.startswith("gfs")
+                pts = [(r["flops"], r[stage][0], r[stage][1]) for r in rows if r["method"] == method]
+                pts = sorted([p for p in pts if p[1] is not None] + [(dense["flops"], dense["accuracy"][0], None)])
                 ax.errorbar(
-                    x,
-                    [100 * v for v in y],
-                    yerr=[100 * v for v in e],
+                    [p[0] / 1e6 for p in pts],
+                    [100 * p[1] for p in pts],
+                    yerr=[100 * (p[2] or 0.0) for p in pts],
+                    color=colours[k % len(colours)],
                     marker="os^vD<>pPX*h"[k % 12],
-                    linestyle="-" if gfs_row else "--",
-                    linewidth=2.0 if method == "gfs" else 1.0,
+                    linestyle="-" if method.startswith("gfs") else "--",
+                    linewidth=2.2 if method == "gfs" else 1.0,
                     capsize=2,
                     label=method,
                 )
@@ -1095,9 +1127,9 @@ def figure(res: dict, path: str) -> str | None:
             ax.set_ylabel("test accuracy (%)")
             ax.set_title(f"{model}: {title}")
             ax.grid(alpha=0.3)
-        axes[i][1].legend(fontsize=7, ncol=2)
+        axes[i][-1].legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
 
@@ -1145,6 +1177,7 @@ def report(args, digest: str, started: dict) -> dict:
         "rows": rows,
         "cells": cells,
         "failed": failed,
+        "note": args.note,
         "skipped": None if tp_version or not any(m["kind"] == "tp" for m in args.methods) else TP_MISSING,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -65,7 +65,9 @@ def test_methods_by_name(Q):
         with pytest.raises(ValueError):
             Q.parse_method(bad)
     assert Q._split_methods("gfs,gfs[step=refit,rounds=2],tp-l1") == ["gfs", "gfs[step=refit,rounds=2]", "tp-l1"]
-    assert len(set(Q.DEFAULT_METHODS)) == len(Q.DEFAULT_METHODS) == len(Q.METHODS) + 12
+    assert len(set(Q.ALL_METHODS)) == len(Q.ALL_METHODS) == len(Q.METHODS) + 12
+    assert set(Q.DEFAULT_METHODS) <= set(Q.ALL_METHODS) and set(Q.QUICK_METHODS) <= set(Q.ALL_METHODS)
+    assert Q.parse_method("gfs-nofold")["fold"] == 0 and Q.parse_method("gfs[fold=0]")["fold"] == 0
 
 
 @pytest.mark.parametrize("name", ["resnet56", "mobilenet_v2"])
