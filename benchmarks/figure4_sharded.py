@@ -143,8 +143,12 @@ def _spawn(target, args_list):
 
 
 def measure(args) -> dict:
-    out = tempfile.mkdtemp(prefix="figure4-")
-    results = {"sharded": {}, "single": {}}
+    with tempfile.TemporaryDirectory(prefix="figure4-") as out:
+        return _measure(args, out)
+
+
+def _measure(args, out: str) -> dict:
+    results: dict = {"sharded": {}, "single": {}}
     for world in args.ranks:
         store = os.path.join(out, f"store{world}")
         _spawn(_rank, [(r, world, store, args, out) for r in range(world)])
@@ -210,26 +214,34 @@ def figure(results, path, title) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    blocks = [row["block"] for row in results["sharded"][1]]
-    widths = [row["N"] for row in results["sharded"][1]]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    n = len(results["sharded"])
-    for i, (world, rows) in enumerate(results["sharded"].items()):
+    one = results["sharded"][1]
+    blocks, widths = [row["block"] for row in one], [row["N"] for row in one]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
+    bars = {f"{w} rank{'s' if w > 1 else ''}": rows for w, rows in results["sharded"].items()}
+    if 2 in results["single"]:
+        bars["gfs.select, 1 process, 2 threads"] = results["single"][2]
+    n = len(bars)
+    for i, (label, rows) in enumerate(bars.items()):
         xs = [x + (i - (n - 1) / 2) * 0.8 / n for x in range(len(blocks))]
-        bars = a.bar(xs, [row["select_s"] for row in rows], 0.8 / n, label=f"{world} rank{'s' if world > 1 else ''}")
-        for bar, row, row1 in zip(bars, rows, results["sharded"][1], strict=True):
+        hatch = "//" if label.startswith("gfs.select") else None
+        drawn = a.bar(xs, [row["select_s"] for row in rows], 0.8 / n, label=label, hatch=hatch)
+        for bar, row, row1 in zip(drawn, rows, one, strict=True):
             top = (bar.get_x() + bar.get_width() / 2, bar.get_height())
             a.annotate(f"{row1['select_s'] / row['select_s']:.1f}x", top, ha="center", va="bottom", fontsize=7)
-        b.plot(widths, [row["bytes"] for row in rows], "o-", label=f"{world} rank{'s' if world > 1 else ''}")
     a.set_xticks(range(len(blocks)), [f"{blk}\nN={w}" for blk, w in zip(blocks, widths, strict=True)])
     a.set_ylabel("selection time (s), slowest rank")
-    a.set_title("time to select N/2 channels (speed-up over 1 rank)")
-    a.legend()
+    a.set_title("select N/2 channels (speed-up over 1 rank)", fontsize=10)
+    a.legend(fontsize=8)
+    for world, rows in results["sharded"].items():
+        line = b.plot(widths, [row["bytes"] for row in rows], "o-", label=f"{world} rank(s): received")[0]
+        read = [4 * row["M"] * -(-row["N"] // world) for row in rows]
+        b.plot(widths, read, "s--", color=line.get_color(), label=f"{world} rank(s): U read (local pass)")
     b.set_xscale("log", base=2)
+    b.set_yscale("log")
     b.set_xlabel("block width N (channels)")
-    b.set_ylabel("bytes received per step per rank")
-    b.set_title("received per step: the pick (24 B a rank) and one row of U (4 M B)")
-    b.legend()
+    b.set_ylabel("bytes per step and rank")
+    b.set_title("per step: received (the pick + one row of U) vs read", fontsize=10)
+    b.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -247,7 +259,19 @@ def main() -> None:
     )
     p.add_argument("--max-wait", type=float, default=900.0)
     p.add_argument("--quick", action="store_true", help="batch 2, one repeat: a smoke test")
+    p.add_argument("--replot", metavar="JSON", help="only write the figure again from a results .json")
     args = p.parse_args()
+    if args.replot:
+        with open(args.replot) as f:
+            saved = json.load(f)
+        results = {kind: {int(n): rows for n, rows in part.items()} for kind, part in saved["results"].items()}
+        load = saved["load"]
+        figure(
+            results,
+            args.replot.removesuffix(".json") + ".png",
+            f"{saved['machine']}; load {load[0]:.2f} -> {load[1]:.2f}",
+        )
+        return
     args.blocks = BLOCKS
     if args.quick:
         args.batch, args.repeat = 2, 1

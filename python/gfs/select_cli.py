@@ -132,7 +132,9 @@ def _sharded(args, rank: int, world: int):
     if own:
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
     try:
-        error, shard, targets = None, None, None
+        error: BaseException | None = None
+        shard: GramShard | torch.Tensor | None = None
+        targets = None
         try:  # every rank reads its part; a failure anywhere is reported by every rank
             if args.stats is not None:
                 shard = GramShard.from_stats(gfs.GramStats.load(args.stats, device=args.device), rank, world)
