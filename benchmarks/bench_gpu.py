@@ -4,7 +4,7 @@ bandwidth floor (a bare device-to-device copy of U), float32 and bfloat16.
 For each (shape, dtype):
   - copy:     dst.copy_(U), median of several; copy bandwidth = (bytes read + bytes written) / time.
               A step must read U once, so its floor is bytes(U) / copy bandwidth.
-  - mv:       a bare torch.mv(U, q) in U's dtype (DESIGN section 5's floor of a streaming step).
+  - mv:       a bare torch.mv(U, q) in U's dtype (docs/design.md section 5's floor of a streaming step).
   - per step: (time of a whole select with k = K) - (with k = 1), over K - 1: prepare, the final
               gap pass and the end-of-call read cancel out.
   - select:   a whole select with k = 256 (the uniform rule, with replacement, no stop loss).

@@ -1,4 +1,4 @@
-"""The CPU ratio table, measured in one process on this machine (DESIGN.md section 5).
+"""The CPU ratio table, measured in one process on this machine (docs/design.md section 5).
 
     PYTHONPATH=python:src python benchmarks/ratios.py [--quick] [--no-wait] [--out benchmarks/results]
 

@@ -2,7 +2,7 @@
 // csrc/cuda (TORCH_LIBRARY_IMPL). Python calls them as torch.ops.gfs.<name>; the wrappers and
 // fake (meta) implementations live in src/gfs_kernels/_ops.py.
 //
-// Notation (DESIGN.md section 2): U is (N, M), row j is candidate u_j; y is the target (M);
+// Notation (docs/design.md section 2): U is (N, M), row j is candidate u_j; y is the target (M);
 // r = y - z is the residual of the current subnetwork z. Scores use
 //   a_j = ||u_j||^2 - 2 <y, u_j>,   e_j = <r, u_j>,
 //   step t (z = z_t, t candidates chosen so far):  score_j = a_j - 2 t e_j,
@@ -23,7 +23,7 @@ TORCH_LIBRARY(gfs, m) {
   m.def("prepare(Tensor U, Tensor y) -> (Tensor norms, Tensor b)");
   // e = U r: one streaming pass over U, accumulation as in prepare.
   m.def("dots(Tensor U, Tensor r) -> Tensor");
-  // The whole uniform-step greedy loop (DESIGN section 1) in one native call.
+  // The whole uniform-step greedy loop (docs/design.md section 1) in one native call.
   //   indices: int64 (s,), s <= k steps taken; losses: float64 (s,), ||y - z_{t+1}||^2 / M;
   //   gaps: float64 (s,), Frank-Wolfe gap at z_{t+1}, max_j <2 (y - z), u_j - z> / M.
   // Stops after the first step whose loss <= stop_loss (pass a negative value for "never").

@@ -1,4 +1,4 @@
-"""Float64 brute-force greedy forward selection, written from DESIGN.md section 1 alone.
+"""Float64 brute-force greedy forward selection, written from docs/design.md section 1 alone.
 
 Independent of every kernel: each candidate's loss ||y - (t z + u_j)/(t+1)||^2 is computed
 directly (no expansion, no norms trick), in float64, on the values the backends see (half
@@ -112,7 +112,7 @@ def hull_optimum(U, y):
     return best / M
 
 
-# -- line search (DESIGN section 1: z <- z + gamma (u_j - z), gamma in [0, 1]) --------------------
+# -- line search (docs/design.md section 1: z <- z + gamma (u_j - z), gamma in [0, 1]) --------------------
 def line_search_candidates(U, y, z, first):
     """For every candidate j: (loss of z + gamma_j (u_j - z), gamma_j), with gamma_j the closed-form
     minimiser <y - z, d> / ||d||^2 clipped to [0, 1] (0 when d = 0); gamma = 1 at step 0."""

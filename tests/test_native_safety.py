@@ -1,4 +1,4 @@
-"""The native loops are safe to call with any k and stop on Ctrl-C (DESIGN.md section 3: native
+"""The native loops are safe to call with any k and stop on Ctrl-C (docs/design.md section 3: native
 code never throws across an OpenMP region, checks for interrupts, and allocates nothing whose size
 it has not checked first).
 

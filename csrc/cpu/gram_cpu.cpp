@@ -1,6 +1,6 @@
 // The Gram engine's whole k-step loop on CPU, in one native call (op gfs::gram_greedy).
 //
-// Inputs are sufficient statistics (DESIGN.md section 2): G = U U^T (N x N, float64), b = U y,
+// Inputs are sufficient statistics (docs/design.md section 2): G = U U^T (N x N, float64), b = U y,
 // yy = ||y||^2, count = M. Nothing of size M exists here: a step reads at most one row of G and
 // does O(N) work ("uniform", "line_search") or O(N * |set|) work ("refit"). Every quantity is
 // float64. Semantics (the gram_loop of python/gfs/engines/{uniform,line_search,refit}.py is the
@@ -27,7 +27,7 @@
 // Stops after the first step whose loss <= stop_loss. Losses are returned unclamped (the Python
 // wrapper turns a clearly negative loss into a "not positive semi-definite" error).
 //
-// Safety (DESIGN.md section 3): the outputs (k entries each) and every buffer whose size grows
+// Safety (docs/design.md section 3): the outputs (k entries each) and every buffer whose size grows
 // with the steps (refit's factor) are allocated, with checked sizes, before the loop; nothing
 // inside a parallel region (run_pass) allocates or throws; the loop polls for Ctrl-C once per
 // step (csrc/cpu/interrupt.h) and raises KeyboardInterrupt after leaving it.

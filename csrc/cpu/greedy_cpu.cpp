@@ -15,7 +15,7 @@
 // index, as the uniform rule's stream_loop in python/gfs/engines/uniform.py (the definition these
 // kernels follow).
 //
-// Safety (DESIGN.md section 3): nothing inside a parallel region allocates or throws. The outputs
+// Safety (docs/design.md section 3): nothing inside a parallel region allocates or throws. The outputs
 // (k entries each, checked) and every thread's scratch are allocated before the region; Ctrl-C is
 // polled by thread 0 (the caller's thread) once per step, and every thread leaves the loop at
 // its next check (see greedy_uniform_impl and csrc/cpu/interrupt.h).

@@ -1,4 +1,4 @@
-// Safety of the native selection loops (DESIGN.md section 3, "Rules of the house": native code
+// Safety of the native selection loops (docs/design.md section 3, "Rules of the house": native code
 // never throws across an OpenMP region, checks for interrupts, and allocates nothing whose size
 // it has not checked first). Shared by csrc/cpu/greedy_cpu.cpp, csrc/cpu/gram_cpu.cpp and
 // csrc/cuda/greedy_cuda.cu; implemented in csrc/cpu/interrupt.cpp (the only file that includes

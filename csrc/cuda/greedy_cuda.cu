@@ -1,6 +1,6 @@
 // CUDA implementations of the gfs operators (schemas in csrc/ops.cpp).
 //
-// The greedy step in its nearest-neighbour form (DESIGN.md section 2): with S_t the sum of the t
+// The greedy step in its nearest-neighbour form (docs/design.md section 2): with S_t the sum of the t
 // rows picked so far and q_t = (t+1) y - S_t, the pick of step t is
 //     argmin_j  norms_j - 2 d_j,   d = U q_t        (ties to the lowest index),
 // and <r_t, u_j> = (d_j - b_j) / t (b = U y) gives the Frank-Wolfe gap at z_t = S_t / t from the
@@ -20,7 +20,7 @@
 //   loss           one block: the float64 loss ||r_{t+1}||^2 / M (fixed-order sum), t += 1,
 //                  and the stop flag, after which every kernel of the later steps exits at once.
 // Storage float32 / float16 / bfloat16 accumulates in float32, float64 in float64.
-// Safety (DESIGN.md section 3): the k-sized outputs are allocated once, checked, before the
+// Safety (docs/design.md section 3): the k-sized outputs are allocated once, checked, before the
 // launches (csrc/cpu/interrupt.h: a k that cannot fit is a clean error naming k and the bytes);
 // the host polls for Ctrl-C between steps, stops launching and raises KeyboardInterrupt.
 // Only c10/cuda headers: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers, which a

@@ -3,7 +3,7 @@
     sel = gfs.select(features, targets, k)   # features (N, M): one row per candidate
     stats = gfs.GramStats(N); stats.update(features_batch, targets_batch); gfs.select(stats, k=k)
 
-See DESIGN.md for the math; gfs_kernels holds the backends ("naive", "torch", "cpu", ...).
+See docs/design.md for the math; gfs_kernels holds the backends ("naive", "torch", "cpu", ...).
 """
 
 from .pruning import PruneResult, prune  # gfs.prune is the function; helpers: from gfs.pruning import save, load, ...

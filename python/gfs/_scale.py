@@ -3,7 +3,7 @@
 Multiplying U and y by the same power of two changes no argmin (every rule's scores scale by one
 positive factor) and is exact in binary floating point unless a value leaves the dtype's range.
 Data whose products would overflow or underflow the accumulation dtype are brought near 1
-first, and losses are reported back in the caller's units (DESIGN section 3).
+first, and losses are reported back in the caller's units (docs/design.md section 3).
 """
 
 from __future__ import annotations

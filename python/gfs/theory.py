@@ -1,7 +1,7 @@
 """Diagnostics of a selection problem (the paper's Appendix C study of singular values at random
 initialisation is gfs.experiments.singular_values).
 
-Notation (DESIGN.md section 1): candidates u_1..u_N in R^M (rows of U), target y in R^M, and
+Notation (docs/design.md section 1): candidates u_1..u_N in R^M (rows of U), target y in R^M, and
 gfs's loss f(z) = ||y - z||^2 / M (the per-entry mean, as in `Selection.losses`). C is the convex
 hull of the u_j; the dense network is the uniform average u_bar = mean_j u_j, a point of C.
 

@@ -1,4 +1,4 @@
-"""Triton kernels of the streaming greedy step, in the nearest-neighbour form (DESIGN section 2).
+"""Triton kernels of the streaming greedy step, in the nearest-neighbour form (docs/design.md section 2).
 
 With S_t the sum of the t rows picked so far and q_t = (t+1) y - S_t, the step-t loss of
 candidate j is (||q_t||^2 + ||u_j||^2 - 2 <q_t, u_j>) / (t+1)^2, so the pick is

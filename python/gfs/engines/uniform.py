@@ -4,7 +4,7 @@
 
 With r = y - z_t and a_j = ||u_j||^2 - 2 <y, u_j>, the step-t loss of candidate j is
 (||q||^2 + a_j - 2 t <r, u_j>) / (t+1)^2 for a q that does not depend on j, so the pick is
-argmin_j a_j - 2 t e_j with e = U r (DESIGN section 2); ties go to the lowest index. The weights
+argmin_j a_j - 2 t e_j with e = U r (docs/design.md section 2); ties go to the lowest index. The weights
 are counts / steps.
 
 Two loops, the readable statement of the rule that the native kernels follow step for step

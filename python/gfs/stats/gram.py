@@ -1,7 +1,7 @@
 """GramStats: the sufficient statistics of greedy forward selection.
 
 Every step rule needs only inner products among the candidates and with the target
-(DESIGN.md section 2), so a selection can run from
+(docs/design.md section 2), so a selection can run from
 
     G = U U^T (N x N),  b = U y (N),  ||y||^2,  count = M (the number of entries summed),
 

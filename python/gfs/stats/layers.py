@@ -1,5 +1,5 @@
 """Layer statistics: GramStats of a Linear or Conv2d layer's input channels as candidates,
-without forming the N x M contributions (DESIGN section 2)."""
+without forming the N x M contributions (docs/design.md section 2)."""
 
 from __future__ import annotations
 
