@@ -47,8 +47,9 @@ class Comm:
     (the current GPU under NCCL, else the CPU); gathered tables come back on the CPU. `calls` and `bytes`
     count the collectives and the bytes of their results that reached this rank."""
 
-    def __init__(self, group, timeout: datetime.timedelta):
+    def __init__(self, group, timeout: datetime.timedelta, name: str = "select_sharded"):
         self.group = group
+        self.name = name  # the call, as the errors name it
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         self.backend = str(dist.get_backend(group))
         cuda = self.backend == "nccl"
@@ -83,11 +84,16 @@ class Comm:
             text = str(exc).strip()
             first = text.splitlines()[0] if text else type(exc).__name__
             raise CollectiveError(
-                f"select_sharded on rank {self.rank} of {self.world}: {what} ({self.stage}) failed: another rank "
+                f"{self.name} on rank {self.rank} of {self.world}: {what} ({self.stage}) failed: another rank "
                 f"raised, died, or did not join within timeout={self.timeout.total_seconds():g} s (every rank must "
                 f"call with its part of the same problem; see the other ranks' errors). {self.backend} said: {first}"
             ) from exc
         self.bytes += received
+
+    def call(self, what: str, fn, received: int = 0) -> None:
+        """Run ``fn`` (collectives on the group, e.g. gfs.GramStats.all_reduce) as one counted
+        collective: its failure is a CollectiveError saying ``what`` failed."""
+        self._run(what, fn, received)
 
     def all_gather(self, row: torch.Tensor, what: str) -> torch.Tensor:
         """(world, len): every rank's 1-D `row` (all of the same length and dtype)."""

@@ -15,7 +15,9 @@ import torch
 import torch.nn as nn
 
 from .. import _validation as check
+from ..distributed.comm import DEFAULT_TIMEOUT
 from .criteria import CRITERIA
+from .parallel import ranks_for
 from .result import LayerReport, PruneResult
 from .run import PruneRun
 
@@ -132,6 +134,8 @@ def prune(
     shortlist=None,
     tolerance=None,
     checkpoint=None,
+    group=None,
+    timeout=DEFAULT_TIMEOUT,
 ) -> PruneResult:
     """Prune the channels of ``model`` group by group; return a new, physically smaller model.
 
@@ -203,7 +207,28 @@ def prune(
         with the same model, calibration data and settings, its groups are replayed (folded
         without re-selection) and pruning continues from there: the result is the same model as
         an uninterrupted run's. A file from another run is refused (ValueError). The file is
-        kept when pruning ends; see gfs.pruning.resume.
+        kept when pruning ends; see gfs.pruning.resume. Data-parallel: rank 0 writes it, every
+        rank reads it (a file system all ranks see).
+    group : torch.distributed ProcessGroup, optional
+        Data-parallel calibration (gfs.pruning.parallel). When torch.distributed is initialised
+        (``group`` None: the world) with more than one rank, every rank calls gfs.prune with the
+        same model and settings and *its own share* of the calibration batches (e.g. the
+        batches ``rank::world`` or a contiguous block of them, at least one each); each rank
+        runs the forward passes and layer statistics of its batches, the statistics are summed
+        with one all-reduce per group, the selection runs once on the same statistics on every
+        rank, and every rank returns the same pruned model (checked at the end by a SHA-256 of
+        each rank's model). The result is the single-process run's on all the ranks' batches
+        (in rank order) up to the rounding of the statistics' sums: the same kept channels
+        (unless two candidates' scores tie within that rounding), and then, with
+        ``step="uniform"`` and no replacement, the same model bit for bit; with "line_search" or
+        "refit" the scales agree to rounding. Criterion "loss" is not data-parallel (it runs
+        the network per candidate): use it in one process. gloo for CPU models, NCCL for one
+        GPU per rank. A group of one rank is the single-process run.
+    timeout : float seconds or timedelta
+        Data-parallel: bounds every collective (default 5 minutes; the group's own timeout is
+        restored afterwards). A rank that raises, or fails to write the checkpoint, makes every
+        rank raise (naming it) at the next exchange; a rank that dies or stops answering ends the
+        others with a gfs.distributed.CollectiveError.
 
     Returns
     -------
@@ -218,6 +243,77 @@ def prune(
     >>> result = gfs.prune(net, torch.randn(8, 3, 64, 64), ratio=0.5, progress=False)
     >>> print(result.summary())  # doctest: +SKIP
     """
+    ranks = ranks_for(group, timeout)
+    kwargs = dict(
+        keep=keep,
+        ratio=ratio,
+        criterion=criterion,
+        step=step,
+        replacement=replacement,
+        eps=eps,
+        layers=layers,
+        progress=progress,
+        seed=seed,
+        backend=backend,
+        loss_candidates=loss_candidates,
+        loss_batch=loss_batch,
+        shortlist=shortlist,
+        tolerance=tolerance,
+        checkpoint=checkpoint,
+    )
+    if ranks is None:
+        run = _new_run(model, calibration, **kwargs)
+        run.start()
+        with torch.no_grad(), run.bar:
+            for i in range(len(run.groups)):
+                run.step(i)
+            return run.finish()
+    with ranks.bounded():
+        made, error = None, None
+        options: dict = {}
+        facts: dict = {"samples": 0}
+        try:
+            if criterion == "loss":
+                raise ValueError(
+                    "criterion 'loss' is not data-parallel (it runs the rest of the network for every candidate on "
+                    "every batch): run it in one process, or use criterion 'local'"
+                )
+            made = _new_run(model, calibration, ranks=ranks, **kwargs)
+            options, facts = made.rank_settings()
+        except Exception as exc:  # reported on every rank by the first agreement
+            error = exc
+        table = ranks.setup(options, facts, error)
+        assert made is not None  # (the agreement raised on every rank otherwise)
+        made.join(table)
+        made.start()
+        with torch.no_grad(), made.bar:
+            for i in range(len(made.groups)):
+                made.step(i)
+            return made.finish()
+
+
+def _new_run(
+    model,
+    calibration,
+    *,
+    keep,
+    ratio,
+    criterion,
+    step,
+    replacement,
+    eps,
+    layers,
+    progress,
+    seed,
+    backend,
+    loss_candidates,
+    loss_batch,
+    shortlist,
+    tolerance,
+    checkpoint,
+    ranks=None,
+) -> PruneRun:
+    """The arguments checked, and the PruneRun (planned: traced, groups, runners)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     keep, ratio = _check_budget(keep, ratio)
@@ -245,9 +341,6 @@ def prune(
         backend=backend,
         loss_options=loss_opts,
         checkpoint=checkpoint,
+        **({} if ranks is None else {"ranks": ranks}),
     )
-    run.start()
-    with torch.no_grad(), run.bar:
-        for i in range(len(run.groups)):
-            run.step(i)
-        return run.finish()
+    return run

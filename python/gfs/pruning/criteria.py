@@ -287,6 +287,9 @@ class Context:
     shortlist: int | None = None
     tolerance: float | None = None
     on_step: object = None  # called after each greedy step ("loss"): progress
+    # data-parallel calibration ("local"): the problem built from this rank's batches in, the
+    # problem of all ranks' batches out (gfs.pruning.parallel: the GramStats summed over the ranks)
+    reduce: object = None
 
 
 class Criterion:
@@ -311,6 +314,8 @@ class LocalImitation(Criterion):
             method = "materialise"  # a streaming-only backend was asked for: it needs the features
         t0 = time.perf_counter()
         features, y, sampled = local_problem(ctx.X, ctx.layer, ctx.target, method=method, generator=ctx.generator)
+        if ctx.reduce is not None:
+            features = ctx.reduce(features)
         t1 = time.perf_counter()
         N = ctx.group.channels
         sel = select_channels(

@@ -115,9 +115,13 @@ class PruneRun:
         backend,
         loss_options: dict,
         checkpoint,
+        ranks=None,
     ):
         self.t_start = time.perf_counter()
         self.clock = Clock()
+        self.ranks = ranks  # data-parallel calibration: this rank's side (gfs.pruning.parallel), or None
+        if ranks is not None:
+            progress = progress and ranks.rank == 0
         self.model = model
         self.name = type(model).__name__
         self.criterion = criterion
@@ -152,6 +156,9 @@ class PruneRun:
                     "compares the pruned network's top-1 with the original's"
                 )
         self.checkpoint, self.fingerprint = checkpoint, None
+        self.settings = dict(
+            criterion=criterion, keep=keep, ratio=ratio, seed=int(seed), **self.options, **loss_options
+        )
         if checkpoint is not None:
             self.fingerprint = _fingerprint(
                 self.reference,
@@ -159,7 +166,7 @@ class PruneRun:
                 self.labels if self.crit.needs_network else None,
                 self.groups,
                 self.budgets,
-                dict(criterion=criterion, keep=keep, ratio=ratio, seed=int(seed), **self.options, **loss_options),
+                self.settings,
             )
         self.say = (lambda s: print(f"[gfs.prune] {s}", file=sys.stderr, flush=True)) if progress else (lambda s: None)
         self.producers = [self.runner.pos[self.node_of[g.producer]] for g in self.groups]
@@ -173,17 +180,63 @@ class PruneRun:
 
     def start(self) -> None:
         """Fresh or resumed: read the checkpoint, if there is one, for the finished groups'
-        decisions and the seeded generator's state after them."""
+        decisions and the seeded generator's state after them. (Data-parallel: every rank reads
+        it, and the ranks agree on how many groups it holds.)"""
         if self.checkpoint is not None:
-            found = resume.read(self.checkpoint, self.fingerprint)
+            error = None
+            try:
+                found = resume.read(self.checkpoint, self.fingerprint)
+            except Exception as exc:
+                if self.ranks is None:
+                    raise
+                found, error = None, exc
             if found is not None:
                 self.done, state = found
                 self.generator.set_state(state)
+            if self.ranks is not None:
+                with self.clock("exchange"):
+                    what = f"gfs.prune (reading the checkpoint {self.checkpoint}; every rank must see the same file)"
+                    self.ranks.check({"groups_in_checkpoint": len(self.done)}, error, what)
+        samples = sum(b.shape[0] for b in self.batches)
+        if self.ranks is not None:
+            ranks = self.ranks
+            samples_text = f"{ranks.total} calibration samples on {ranks.world} ranks (data-parallel; {samples} here)"
+        else:
+            samples_text = f"{samples} calibration samples"
         self.say(
             f"{self.name}: {len(self.groups)} channel groups to prune with criterion {self.criterion!r}, "
-            f"{len(self.skipped)} layers left whole, {sum(b.shape[0] for b in self.batches)} calibration samples"
+            f"{len(self.skipped)} layers left whole, {samples_text}"
             + (f"; resuming after {len(self.done)} groups from {self.checkpoint}" if self.done else "")
         )
+
+    # ---- data-parallel calibration: what the ranks agree on at the start --------------------
+
+    def rank_settings(self) -> tuple[dict, dict]:
+        """(options every rank must share, this rank's facts) for the first agreement of a
+        data-parallel run (gfs.pruning.parallel)."""
+        from .parallel import _model_digest, digest
+
+        x = self.batches[0]
+        options = {
+            **{k: v for k, v in self.settings.items()},
+            "model": self.name,
+            "weights": _model_digest(self.reference),
+            "groups": digest([[g.name, g.producer, g.consumer, g.channels, self.budgets[g.name]] for g in self.groups]),
+            "input": [str(x.dtype), x.device.type, list(x.shape[1:])],
+            "checkpoint": self.checkpoint,
+        }
+        facts = {"samples": sum(b.shape[0] for b in self.batches)}
+        if self.fingerprint is not None:
+            facts["calibration"] = self.fingerprint["calibration"]
+        return options, facts
+
+    def join(self, table: list) -> None:
+        """After the first agreement: the checkpoint's fingerprint covers every rank's batches."""
+        if self.fingerprint is not None:
+            from .parallel import digest
+
+            self.fingerprint["calibration"] = digest([f["calibration"] for f in table])
+            self.fingerprint["ranks"] = [f["samples"] for f in table]
 
     def step(self, i: int) -> LayerReport:
         """Prune group i (the groups before it are pruned): decide anew, or replay the decision
@@ -194,9 +247,16 @@ class PruneRun:
         self.bar.group(g, self.budgets[g.name])
         fresh = i >= len(self.done)
         if fresh:
-            captured = self.capture(i)
-            decision = self.decide(i, captured)
-            row, expected = self.measure(i, captured, decision)
+            if self.ranks is not None:
+                self.ranks.begin(g.name)
+            try:
+                captured = self.capture(i)
+                decision = self.decide(i, captured)
+                row, expected = self.measure(i, captured, decision)
+            except Exception as exc:
+                if self.ranks is not None and not self.ranks.exchanged:
+                    self.ranks.fail(exc)  # before the ranks' exchange: raised on every rank
+                raise
             se_means = captured.se_means
             del captured
         else:
@@ -214,7 +274,9 @@ class PruneRun:
     def finish(self) -> PruneResult:
         """The last group's fold check, the parameters and FLOPs before and after, the training
         flags of the input model's modules: the PruneResult."""
-        if self.pending:
+        if self.ranks is not None:
+            self._finish_ranks()
+        elif self.pending:
             t0 = time.perf_counter()
             self.clock.group = {}
             idx = self.pending.index
@@ -258,6 +320,27 @@ class PruneRun:
         )
         return result
 
+    def _finish_ranks(self) -> None:
+        """Data-parallel: the last fold check, the last agreement (the ranks' pruned models
+        compared), the checkpoint's last write (rank 0; its failure raised on every rank)."""
+        t0 = time.perf_counter()
+        self.clock.group = {}
+        idx = self.pending.index if self.pending else None
+        if self.pending:
+            self.check_fold()
+        with self.clock("exchange"):
+            self._fold_errors(self.ranks.final(self.pruned))
+        if idx is None:
+            return
+        with self.clock("save"):
+            self.save()
+        if self.checkpoint is not None:
+            with self.clock("exchange"):
+                self.ranks.check({}, None, "gfs.prune (the checkpoint's last write, on rank 0)")
+        self.report[idx].seconds += time.perf_counter() - t0
+        for k, v in self.clock.group.items():
+            self.report[idx].phases[k] = self.report[idx].phases.get(k, 0.0) + v
+
     # ---- the phases of one group ---------------------------------------------------------------
 
     def capture(self, i: int) -> Captured:
@@ -290,7 +373,10 @@ class PruneRun:
             if self.crit.needs_data:
                 _check_finite(X, f"the input of its consumer {g.consumer!r} (the network pruned so far)", g)
                 _check_finite(target, f"the original network's output of {g.consumer!r}", g)
-            se_means = {n.target: got[("in", n)].double().mean(dim=(0, 2, 3)) for n in se_fc1}
+            if self.ranks is None:
+                se_means = {n.target: got[("in", n)].double().mean(dim=(0, 2, 3)) for n in se_fc1}
+            else:  # this rank's sums and count; the means of all ranks' come from the exchange
+                se_means = {n.target: _sums_per_channel(got[("in", n)]) for n in se_fc1}
         return Captured(X, target, se_means)
 
     def _run_pruned(self, start: int, stop: int, **kwargs) -> dict:
@@ -345,8 +431,10 @@ class PruneRun:
             shortlist=opts.get("shortlist"),
             tolerance=opts.get("tolerance"),
             on_step=self.bar.step,
+            reduce=(lambda stats: self._exchange(i, captured, stats=stats)) if self.ranks is not None else None,
             **self.options,
         )
+        exchanged = self.clock.total.get("exchange", 0.0)
         try:
             decision = self.crit.decide(ctx)
         except ValueError as exc:  # say which group (the message is the selection's or the statistics')
@@ -355,6 +443,9 @@ class PruneRun:
             ) from exc
         spent = time.perf_counter() - t0
         parts = {k: v for k, v in decision.timings.items() if k in ("statistics", "select")}
+        if "statistics" in parts:  # (data-parallel: the exchange inside is its own phase)
+            parts["statistics"] -= self.clock.total.get("exchange", 0.0) - exchanged
+            spent -= self.clock.total.get("exchange", 0.0) - exchanged
         for k, v in parts.items():
             self.clock.add(k, v)
         self.clock.add("select", spent - sum(parts.values()))  # the criterion's own time
@@ -376,12 +467,24 @@ class PruneRun:
         with self.clock("losses"):
             if isinstance(decision.stats, GramStats):
                 loss, dense_loss = _stats_losses(decision.stats, decision.keep, decision.scale, g.channels)
-            else:
+            elif self.ranks is None:
                 sub = _subnetwork(X, layer, decision.keep, decision.scale, g)
                 dense = consumer_output(X, layer)
                 loss = float(((target.double() - sub.double()) ** 2).mean())
                 dense_loss = float(((target.double() - dense.double()) ** 2).mean())
                 del sub, dense
+            else:  # data-parallel: the sums of every rank's squared errors, from the exchange
+                sub = _subnetwork(X, layer, decision.keep, decision.scale, g)
+                dense = consumer_output(X, layer)
+                sums = [
+                    float(((target.double() - sub.double()) ** 2).sum()),
+                    float(((target.double() - dense.double()) ** 2).sum()),
+                    target.numel(),
+                ]
+                del sub, dense
+                per_rank = self._exchange(i, captured, sums=sums)
+                total = [sum(s[c] for s in per_rank) for c in range(3)]
+                loss, dense_loss = total[0] / max(1, total[2]), total[1] / max(1, total[2])
         decision.stats = None
         sel = decision.selection
         net_loss = net_dense = top1 = None
@@ -406,8 +509,56 @@ class PruneRun:
             top1=top1,
         )
         with self.clock("fold check"):
-            check = FoldCheck(i, self.node_of[g.consumer], X, layer, decision.keep, decision.scale, g, self.batches)
+            check = FoldCheck(
+                i,
+                self.node_of[g.consumer],
+                X,
+                layer,
+                decision.keep,
+                decision.scale,
+                g,
+                self.batches,
+                share=self._share(),
+            )
         return row, check
+
+    def _share(self):
+        """(this rank's first sample, samples on all ranks) of a data-parallel run; else None."""
+        return None if self.ranks is None else (self.ranks.offset, self.ranks.total)
+
+    def _exchange(self, i: int, captured: Captured, *, stats=None, sums=None):
+        """Data-parallel: group i's exchange (gfs.pruning.parallel): errors and fold checks
+        agreed, the squeeze-excitation sums and the statistics (or the report's loss sums)
+        summed over the ranks. Returns the statistics of all ranks' batches, or every rank's
+        ``sums``."""
+        g = self.groups[i]
+        error = None
+        if stats is not None and not isinstance(stats, GramStats):
+            error = ValueError(
+                f"data-parallel calibration sums the Gram layer statistics, but the consumer {g.consumer!r} needs "
+                f"the materialised problem (its padding mode or grouping, or backend={self.options['backend']!r}, "
+                f"which runs the streaming engine only); prune in one process, or pass backend='auto'"
+            )
+        with self.clock("exchange"):
+            folds, per_rank = self.ranks.exchange(error, sums)
+            self._fold_errors(folds)
+            if captured.se_means:
+                names = list(captured.se_means)
+                flat = torch.cat([captured.se_means[n] for n in names])
+                flat = self.ranks.sum(flat)
+                at = 0
+                for n in names:
+                    width = captured.se_means[n].numel()
+                    part = flat[at : at + width]
+                    captured.se_means[n] = part[:-1] / part[-1]  # the sums over the count
+                    at += width
+            if stats is not None:
+                return self.ranks.sum_stats(stats)
+        return per_rank
+
+    def _fold_errors(self, folds: dict) -> None:
+        for index, value in folds.items():
+            self.report[index].fold_error = value
 
     def replay(self, i: int):
         """A group finished before the run was interrupted: its stored decision, squeeze-excitation
@@ -453,7 +604,10 @@ class PruneRun:
     def _finish_check(self) -> None:
         with self.clock("fold check"):
             check, self.pending = self.pending, None
-            self.report[check.index].fold_error = check.error()
+            if self.ranks is None:
+                self.report[check.index].fold_error = check.error()
+            else:  # this rank's part; the ranks' maxima at the next exchange
+                self.ranks.folds.append([check.index, *check.parts()])
 
     def record(self, i: int, row: LayerReport, selection, se_means: dict, check) -> None:
         """Group i is folded: its row and selection join the report, and its fold check waits
@@ -474,6 +628,17 @@ class PruneRun:
         generator's state (see gfs.pruning.resume)."""
         if self.checkpoint is None:
             return
+        if self.ranks is not None:  # data-parallel: rank 0 writes; a failure is raised at the next exchange
+            if self.ranks.rank != 0:
+                return
+            try:
+                self._write()
+            except Exception as exc:
+                self.ranks.error = exc
+            return
+        self._write()
+
+    def _write(self) -> None:
         done = [
             dict(keep=r.kept, scale=r.scale, se_means=se_means, selection=selection, row=r.row())
             for r, (se_means, selection) in zip(self.report, self._folded, strict=True)
@@ -515,7 +680,7 @@ class FoldCheck:
     stride mistake would show first.
     """
 
-    def __init__(self, index: int, node, X: torch.Tensor, layer: nn.Module, keep, scale, g, batches):
+    def __init__(self, index: int, node, X: torch.Tensor, layer: nn.Module, keep, scale, g, batches, share=None):
         self.index, self.node = index, node
         self.seconds = 0.0
         self.sizes = [x.shape[0] for x in batches]
@@ -526,6 +691,11 @@ class FoldCheck:
         Cout = layer.weight.shape[0]
         K = layer.weight[0, 0].numel() if conv else 1
         positions = _positions(X, layer)
+        first = 0  # data-parallel (share = (this rank's first sample, all samples)): X is this rank's
+        if share is not None:  # samples; the choice of positions is made for all ranks' samples
+            per = math.prod(positions) // max(1, X.shape[0]) if X.dim() > 1 else 1
+            first = share[0] * per
+            positions = (share[1], *positions[1:]) if conv else (share[1] * per,)
         total = math.prod(positions)
         se = any(m.kind == "se" for m in g.members)
         full = (
@@ -542,13 +712,18 @@ class FoldCheck:
         m = min(total, max(CHECK_POSITIONS, FULL_CHECK_MACS // (N * K * Cout)))
         gen = torch.Generator().manual_seed(_CHECK_SEED + index)
         self.positions = _sample_positions(positions if conv else None, total, m, gen)
+        if share is not None:  # those on this rank's samples, numbered from its first
+            here = math.prod(_positions(X, layer))
+            mine = (self.positions >= first) & (self.positions < first + here)
+            self.positions = self.positions[mine] - first
         s = torch.zeros(N, dtype=torch.float64)
         s[keep] = scale.double()
         self.expected = _expected_at(X, layer, s, self.positions)  # (m, Cout) float64
-        self.scale_of = self.expected.abs().max()
+        self.scale_of = self.expected.abs().max() if self.expected.numel() else torch.zeros((), dtype=torch.float64)
         self.conv = conv
         # per batch: the sampled positions that fall in it, relative to the batch
-        per_sample = positions[1] * positions[2] if conv else (total // X.shape[0] if X.dim() > 1 else 1)
+        samples = X.shape[0] if share is None else share[1]
+        per_sample = positions[1] * positions[2] if conv else (total // samples if X.dim() > 1 else 1)
         self.got: list = []  # per batch: the folded consumer's output at the sampled positions
         self.rows = []  # per batch: (rows of expected, where they are in the batch's output)
         lo = 0
@@ -580,11 +755,18 @@ class FoldCheck:
 
     def error(self) -> float:
         """max |folded - expected| / max |expected| over the positions checked."""
+        self.parts()
+        return float(self.err / self.scale_of.cpu().clamp_min(1e-30))
+
+    def parts(self) -> tuple[float, float]:
+        """(max |folded - expected|, max |expected|) over the positions checked (data-parallel:
+        this rank's; their maxima over the ranks give the fold error)."""
         if self.positions is not None and self.got:
             got = torch.cat(self.got).cpu().double()  # (m, Cout), in the order of the positions
-            self.err = torch.maximum(self.err, (got - self.expected).abs().max())
+            if got.numel():
+                self.err = torch.maximum(self.err, (got - self.expected).abs().max())
             self.got = []
-        return float(self.err / self.scale_of.cpu().clamp_min(1e-30))
+        return float(self.err), float(self.scale_of.cpu())
 
 
 def _positions(X, layer):
@@ -645,6 +827,12 @@ def _expected_at(X, layer, s, positions) -> torch.Tensor:
     if layer.bias is not None:
         out += layer.bias.detach().double()
     return out.cpu()
+
+
+def _sums_per_channel(t: torch.Tensor) -> torch.Tensor:
+    """(C + 1,) float64: the sums of t (B, C, H, W) per channel, and the count of each sum."""
+    count = torch.tensor([t.numel() // max(1, t.shape[1])], dtype=torch.float64, device=t.device)
+    return torch.cat([t.double().sum(dim=(0, 2, 3)), count])
 
 
 def _stats_losses(stats: GramStats, keep, scale, N: int):
