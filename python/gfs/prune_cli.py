@@ -243,6 +243,20 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
         help="seed of the initialisation, batch order, calibration subset and the random criteria",
     )
     p.add_argument("--threads", type=positive_int, metavar="T", help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the model runs (cuda under torchrun: one GPU a rank, cuda:LOCAL_RANK, NCCL)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=300.0,
+        metavar="SECONDS",
+        help="under torchrun: bound on every collective of the data-parallel pruning (a rank that died or "
+        "stopped answering ends the others with an error after at most this long)",
+    )
     p.add_argument("--workers", type=nonnegative_int, default=0, metavar="W", help="DataLoader worker processes")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.set_defaults(func=_cmd_prune)
@@ -260,6 +274,51 @@ def _job_from_args(args):
 
 
 def _cmd_prune(args) -> int:
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world > 1:
+        return _cmd_prune_ranks(args, rank, world)
+    return _cmd_prune_one(args)
+
+
+def _cmd_prune_ranks(args, rank: int, world: int) -> int:
+    """`gfs prune` under torchrun: the process group (gloo, or NCCL with --device cuda: one GPU a
+    rank, LOCAL_RANK's), data-parallel pruning (gfs.workflow.run_job with rank and world), rank 0
+    prints and writes. An error on any rank ends every rank with a non-zero status."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from .distributed import CollectiveError
+
+    where = f"gfs prune (rank {rank} of {world})"
+    cuda = args.device == "cuda"
+    if cuda:
+        if not torch.cuda.is_available():
+            print(f"{where}: --device cuda: torch sees no CUDA device here; use --device cpu", file=sys.stderr)
+            return 2
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    own = not dist.is_initialized()  # (called from a job that has its process group: use it)
+    if own:
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=args.timeout))
+    try:
+        if rank != 0:
+            args.progress = False
+        code = _cmd_prune_one(args, rank=rank, world=world, where=where)
+    except (CollectiveError, RuntimeError, ValueError, TypeError) as exc:
+        print(f"{where}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        code = 1
+    if own:
+        if code == 0:
+            dist.destroy_process_group()
+        else:  # a gloo group whose peer died can abort in its destructors: leave now, with the status
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    return code
+
+
+def _cmd_prune_one(args, *, rank: int = 0, world: int = 1, where: str = "gfs prune") -> int:
     from .data import DataSpecError
     from .pruning import UnsupportedModelError
     from .weights import WeightsError
@@ -267,20 +326,22 @@ def _cmd_prune(args) -> int:
 
     job = _job_from_args(args)
     out, err = _consoles()
+    say = out.print if rank == 0 else (lambda text: None)
     try:
-        report = run_job(job, say=out.print, console=err)
+        report = run_job(job, say=say, console=err, rank=rank, world=world)
     except (JobError, WeightsError, DataSpecError, UnsupportedModelError) as exc:
-        print(f"gfs prune: {exc}", file=sys.stderr)
+        print(f"{where}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        where = (
+        hint = (
             f"the finished channel groups are in {job.checkpoint}; run the same command with --resume to continue"
             if os.path.isfile(job.checkpoint)
             else "no channel group had finished"
         )
-        print(f"\ngfs prune: interrupted; {where}", file=sys.stderr)
+        print(f"\n{where}: interrupted; {hint}", file=sys.stderr)
         return 130
-    _print_report(report, out)
+    if rank == 0:
+        _print_report(report, out)
     return 0
 
 

@@ -25,10 +25,12 @@ pickle) and a JSON report beside it.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import math
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 
@@ -194,14 +196,14 @@ class Workflow:
         training = self.train(model, epochs, lr=lr, description=description or f"{name}: training")
         return Dense(model, training, self.evaluate(model))
 
-    def prune(self, model, calibration, **options) -> Pruned:
+    def prune(self, model, calibration, *, evaluate: bool = True, **options) -> Pruned:
         """gfs.prune(model, calibration, **options) (seed and progress: the workflow's unless
-        given), timed, and the pruned model evaluated."""
+        given), timed, and the pruned model evaluated (unless ``evaluate=False``)."""
         options = {"progress": self.progress, "seed": self.seed, **options}
         t0 = time.perf_counter()
         result = pruning.prune(model, calibration, **options)
         seconds = time.perf_counter() - t0
-        return Pruned(result, seconds, self.evaluate(result.model))
+        return Pruned(result, seconds, self.evaluate(result.model) if evaluate else {})
 
     def finetune(self, pruned: Pruned, epochs: int, *, lr: float = 0.01, description: str = "fine-tuning") -> Pruned:
         """Fine-tune the pruned model (a copy) for ``epochs`` (none for 0) and evaluate it;
@@ -274,6 +276,8 @@ class PruneJob:
     threads: int | None = None
     workers: int = 0
     progress: bool = True
+    device: str = "cpu"  # where the model runs: "cpu" or "cuda" (under torchrun: cuda:LOCAL_RANK)
+    timeout: float = 300.0  # under torchrun: bound on every collective of gfs.prune, in seconds
 
     @property
     def checkpoint(self) -> str:
@@ -367,6 +371,12 @@ class PruneJob:
             raise JobError(f"--out {self.out}: the folder {folder} does not exist")
         if self.weights is not None and not os.path.isfile(self.weights):
             raise JobError(f"--weights {self.weights}: no such file")
+        if self.device not in ("cpu", "cuda"):
+            raise JobError(f"--device {self.device!r}: choose cpu or cuda")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise JobError("--device cuda: torch sees no CUDA device here; use --device cpu")
+        if not (math.isfinite(self.timeout) and self.timeout > 0):
+            raise JobError(f"--timeout must be a number of seconds > 0, got {self.timeout}")
 
 
 def _check_groups(model, layers, job: PruneJob, image_size: int) -> None:
@@ -395,7 +405,7 @@ def _check_groups(model, layers, job: PruneJob, image_size: int) -> None:
             )
 
 
-def run_job(job: PruneJob, *, say=None, console=None) -> dict:
+def run_job(job: PruneJob, *, say=None, console=None, rank: int = 0, world: int = 1) -> dict:
     """Run one `gfs prune` job end to end; returns the report written to OUT.json.
 
     Parameters
@@ -405,6 +415,15 @@ def run_job(job: PruneJob, *, say=None, console=None) -> dict:
         Called with each line worth telling (rich markup), e.g. a rich Console's ``print``.
     console : rich.console.Console, optional
         Where the progress bars go.
+    rank, world : int
+        Under torchrun (the process group initialised by the caller, e.g. gfs.prune_cli): this
+        process's rank and the number of ranks. Every rank loads the data and the dense weights
+        (trained, without --weights, by every rank alike from the same seed; gfs.prune checks that
+        the ranks' weights are the same) and takes a contiguous block of the calibration batches;
+        gfs.prune runs data-parallel (gfs.pruning.parallel) and every rank ends with the same
+        pruned model. Then rank 0 alone evaluates, fine-tunes and writes the outputs (each
+        atomically: a temporary file renamed over the path) and returns the report; the other
+        ranks return an empty dict.
 
     Raises JobError or gfs.weights.WeightsError (or gfs.data.DataSpecError,
     gfs.pruning.UnsupportedModelError) for bad settings and inputs, KeyboardInterrupt when
@@ -413,16 +432,16 @@ def run_job(job: PruneJob, *, say=None, console=None) -> dict:
     job.check()
     say = say or (lambda text: None)
     if job.threads is None:
-        return _run_job(job, say, console)
+        return _run_job(job, say, console, rank, world)
     saved = torch.get_num_threads()
     torch.set_num_threads(job.threads)
     try:
-        return _run_job(job, say, console)
+        return _run_job(job, say, console, rank, world)
     finally:
         torch.set_num_threads(saved)
 
 
-def _dense_weights(job: PruneJob, flow: Workflow, model, say) -> str:
+def _dense_weights(job: PruneJob, flow: Workflow, model, say, rank: int = 0) -> str:
     """Give ``model`` its dense weights: --weights, the trained weights of an earlier run with the
     same training (--resume), trained here (and saved to OUT.dense.safetensors), or none.
     Returns where they came from."""
@@ -467,7 +486,8 @@ def _dense_weights(job: PruneJob, flow: Workflow, model, say) -> str:
             f"(lr {job.train_lr}, seed {job.seed}) before pruning; pruning an untrained network means nothing"
         )
         trained = flow.train(model, job.train_epochs, lr=job.train_lr)
-        save_weights(model, job.dense_path, training=training)
+        if rank == 0:
+            save_weights(model, job.dense_path, training=training)
         return (
             f"trained here for {_plural(job.train_epochs, 'epoch')} ({trained.seconds:.0f} s; saved to "
             f"{job.dense_path})"
@@ -493,10 +513,12 @@ def _calibration(flow: Workflow, samples: int, console) -> list:
         return flow.calibration(samples, progress=lambda n: bar.update(task, completed=n))
 
 
-def _prune(job: PruneJob, flow: Workflow, model, calibration, layers) -> Pruned:
-    """gfs.prune, checkpointed to OUT.ckpt; its refusals as JobErrors naming the flag."""
+def _prune(job: PruneJob, flow: Workflow, model, calibration, layers, world: int = 1, rank: int = 0) -> Pruned:
+    """gfs.prune, checkpointed to OUT.ckpt; its refusals as JobErrors naming the flag.
+    (Under torchrun: data-parallel, the pruned model evaluated on rank 0 only.)"""
+    more = {} if world == 1 else {"timeout": job.timeout, "evaluate": rank == 0}
     try:
-        return flow.prune(model, calibration, layers=layers, checkpoint=job.checkpoint, **job.prune_options())
+        return flow.prune(model, calibration, layers=layers, checkpoint=job.checkpoint, **job.prune_options(), **more)
     except ValueError as exc:
         if "checkpoint" in str(exc):
             raise JobError(f"--resume: {exc}") from None
@@ -507,7 +529,22 @@ def _prune(job: PruneJob, flow: Workflow, model, calibration, layers) -> Pruned:
         raise JobError(f"gfs.prune refused the settings: {exc}") from None
 
 
-def _run_job(job: PruneJob, say, console) -> dict:
+def _replace(path: str, write) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then renamed over it (atomic: a reader
+    sees the old file or the whole new one, never a part)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _run_job(job: PruneJob, say, console, rank: int = 0, world: int = 1) -> dict:
     t_all = time.perf_counter()
     seconds = {}
     layers = job.layer_patterns()
@@ -526,22 +563,37 @@ def _run_job(job: PruneJob, say, console) -> dict:
     flow = Workflow(
         data, batch_size=job.batch_size, seed=job.seed, workers=job.workers, progress=job.progress, console=console
     )
-    say(f"[bold]gfs prune[/bold]: {job.model} on {data.describe()}")
+    say(f"[bold]gfs prune[/bold]: {job.model} on {data.describe()}" + (f" ({world} ranks)" if world > 1 else ""))
     model = flow.build(job.model)
     _check_groups(model, layers, job, data.image_size)  # before any training: fail fast
     seconds["data"] = time.perf_counter() - t0
+    if job.device == "cuda":  # (under torchrun the caller has set this rank's device: cuda:LOCAL_RANK)
+        model.to(f"cuda:{torch.cuda.current_device()}")
     t0 = time.perf_counter()
-    dense_source = _dense_weights(job, flow, model, say)
+    dense_source = _dense_weights(job, flow, model, say, rank)
     seconds["dense"] = time.perf_counter() - t0
     model.eval()
-    dense_eval = flow.evaluate(model)
-    say(f"dense: {dense_source}; test accuracy {dense_eval['accuracy']:.2%}")
+    dense_eval = None
+    if world == 1:  # (under torchrun rank 0 evaluates after pruning: the other ranks do not wait for it)
+        dense_eval = flow.evaluate(model)
+        say(f"dense: {dense_source}; test accuracy {dense_eval['accuracy']:.2%}")
 
     # 2. calibration -----------------------------------------------------------------------
     t0 = time.perf_counter()
     n_cal = job.calib_batches * job.batch_size if job.calib_batches else job.calib_size
     n_cal = min(n_cal, len(data.train))
     calib = _calibration(flow, n_cal, console)
+    if world > 1:  # this rank's contiguous block of the batches
+        from .distributed import rows_of
+
+        if len(calib) < world:
+            raise JobError(
+                f"{n_cal} calibration images make {len(calib)} batches of --batch-size {job.batch_size}, fewer "
+                f"than the {world} ranks: each rank needs at least one batch; pass a larger --calib-size or a "
+                f"smaller --batch-size"
+            )
+        lo, hi = rows_of(len(calib), rank, world)
+        calib = calib[lo:hi]
     seconds["calibration"] = time.perf_counter() - t0
 
     # 3. prune (checkpointed), fine-tune, save ---------------------------------------------
@@ -551,14 +603,21 @@ def _run_job(job: PruneJob, say, console) -> dict:
             if os.path.isfile(checkpoint)
             else f"--resume: no checkpoint {checkpoint} yet, starting afresh"
         )
-    out = _prune(job, flow, model, calib, layers)
+    out = _prune(job, flow, model, calib, layers, world, rank)
     seconds["prune"] = out.seconds
+    if rank != 0:  # every rank has the same pruned model: rank 0 alone goes on and writes
+        return {}
+    if dense_eval is None:
+        dense_eval = flow.evaluate(model)
+        say(f"dense: {dense_source}; test accuracy {dense_eval['accuracy']:.2%}")
     t0 = time.perf_counter()
     flow.finetune(out, job.finetune_epochs, lr=job.finetune_lr)
     seconds["finetune"] = time.perf_counter() - t0
     final = out.model
     final.eval()
-    fmt = pruning.save(final, job.out)
+    formats = []
+    _replace(job.out, lambda tmp: formats.append(pruning.save(final, tmp)))
+    fmt = formats[0]
     seconds["total"] = time.perf_counter() - t_all
 
     tuned = out.finetuned
@@ -587,9 +646,14 @@ def _run_job(job: PruneJob, say, console) -> dict:
         "out": job.out,
         "format": fmt,
         "calibration_images": n_cal,
+        "ranks": world,
     }
-    with open(job.report_path, "w") as f:
-        json.dump(report, f, indent=1)
+
+    def dump(tmp):
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=1)
+
+    _replace(job.report_path, dump)
     if os.path.isfile(checkpoint):
         os.remove(checkpoint)  # the result is saved; the checkpoint has done its job
     return report
