@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from ranks import spawn_ranks
 from reference import brute_force_uniform, check_path, path_gaps
 
 TIMEOUT = 2.0  # seconds: select_sharded's timeout in the hostile cases
@@ -260,21 +261,7 @@ def _worker(rank, world, path, out):
 
 def _session(world, tmp):
     """Run _worker on `world` spawned ranks; the exit codes (None: killed at the limit)."""
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, world, str(tmp / "rendezvous"), str(tmp))) for r in range(world)]
-    for p in procs:
-        p.start()
-    t0 = time.monotonic()
-    for p in procs:
-        p.join(max(0.1, SESSION_LIMIT - (time.monotonic() - t0)))
-    codes = [p.exitcode for p in procs]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    return codes
+    return spawn_ranks(_worker, world, tmp, SESSION_LIMIT)
 
 
 def _run(world, tmp_path_factory) -> dict:

@@ -26,6 +26,8 @@ import time
 import pytest
 import torch
 
+from ranks import spawn_ranks
+
 SESSION_LIMIT = 120.0  # seconds: a session that runs longer has a collective waiting: the test fails
 TIMEOUT = 20.0  # seconds: gfs.prune's timeout= in the session
 SAMPLED_CHECK_MACS = 1 << 12  # the fold check samples positions (spread over both ranks' images)
@@ -133,21 +135,8 @@ def _worker(rank, world, path, out):
 
 
 def _session(world, tmp):
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, world, str(tmp / "rendezvous"), str(tmp))) for r in range(world)]
-    for p in procs:
-        p.start()
-    t0 = time.monotonic()
-    for p in procs:
-        p.join(max(0.1, SESSION_LIMIT - (time.monotonic() - t0)))
-    codes = [p.exitcode for p in procs]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    return codes
+    """Run _worker on `world` spawned ranks; the exit codes (None: killed at the limit)."""
+    return spawn_ranks(_worker, world, tmp, SESSION_LIMIT)
 
 
 @pytest.fixture(scope="module")
