@@ -1150,9 +1150,14 @@ def report(args, digest: str, started: dict) -> dict:
         d["accuracy"] = _stats(list(d.pop("acc").values()))
         d["train_seconds"] = _stats([i["train_seconds"] for i in infos if i])[0] or 0.0
     try:
+        import importlib.metadata
+
         import torch_pruning
 
-        tp_version = getattr(torch_pruning, "__version__", "installed")
+        try:  # the package metadata: torch_pruning 1.6.1 says "1.6.0" in its __version__
+            tp_version = importlib.metadata.version("torch-pruning")
+        except importlib.metadata.PackageNotFoundError:
+            tp_version = getattr(torch_pruning, "__version__", "installed")
     except ImportError:
         tp_version = None
     res = {
