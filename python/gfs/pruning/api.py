@@ -11,7 +11,6 @@ import math
 import numbers
 import os
 
-import torch
 import torch.nn as nn
 
 from .. import _validation as check
@@ -19,7 +18,7 @@ from ..distributed.comm import DEFAULT_TIMEOUT
 from .criteria import CRITERIA
 from .parallel import ranks_for
 from .result import LayerReport, PruneResult
-from .run import PruneRun
+from .run import PruneRun, run_all
 
 __all__ = ["prune", "PruneResult", "LayerReport"]
 
@@ -262,12 +261,7 @@ def prune(
         checkpoint=checkpoint,
     )
     if ranks is None:
-        run = _new_run(model, calibration, **kwargs)
-        run.start()
-        with torch.no_grad(), run.bar:
-            for i in range(len(run.groups)):
-                run.step(i)
-            return run.finish()
+        return run_all(_new_run(model, calibration, **kwargs))
     with ranks.bounded():
         made, error = None, None
         options: dict = {}
@@ -285,11 +279,7 @@ def prune(
         table = ranks.setup(options, facts, error)
         assert made is not None  # (the agreement raised on every rank otherwise)
         made.join(table)
-        made.start()
-        with torch.no_grad(), made.bar:
-            for i in range(len(made.groups)):
-                made.step(i)
-            return made.finish()
+        return run_all(made)
 
 
 def _new_run(

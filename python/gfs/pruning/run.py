@@ -3,6 +3,7 @@ groups and their budgets, the two graph runners, the checkpoint, the report so f
 bars) and prunes one group at a time, in phases that are methods.
 
     run = PruneRun(model, calibration, keep=None, ratio=0.5, ...)  # plan: trace, groups, runners
+    result = run_all(run)          # that is:
     run.start()                    # a checkpoint's finished groups (resumed run), or none
     with torch.no_grad(), run.bar:
         for i in range(len(run.groups)):
@@ -1074,3 +1075,13 @@ class _Progress:
     def group_done(self):
         if self.bar is not None:
             self.bar.advance(self.groups)
+
+
+def run_all(run) -> PruneResult:
+    """The whole prune on a planned run (a PruneRun, or any object with its start / step / finish,
+    groups and bar): start, step on every group in forward order, finish."""
+    run.start()
+    with torch.no_grad(), run.bar:
+        for i in range(len(run.groups)):
+            run.step(i)
+        return run.finish()
