@@ -28,8 +28,8 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 
+from ._files import write_atomically
 from .argtypes import number, positive_int
 
 FORMAT = "gfs.Selection"
@@ -256,16 +256,10 @@ def read_selection(prefix: str) -> dict:
 
 def _replace(path: str, data: bytes) -> None:
     """Write `data` to `path` atomically: a temporary file beside it, renamed over it."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+
+    write_atomically(path, write)

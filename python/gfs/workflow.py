@@ -25,18 +25,17 @@ pickle) and a JSON report beside it.
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
 from . import pruning
+from ._files import write_atomically
 from .data import load_image_data
 from .models import MODELS, TORCHVISION_MODELS, build_model, internal_layers
 from .pruning.criteria import CRITERIA
@@ -529,21 +528,6 @@ def _prune(job: PruneJob, flow: Workflow, model, calibration, layers, world: int
         raise JobError(f"gfs.prune refused the settings: {exc}") from None
 
 
-def _replace(path: str, write) -> None:
-    """``write(tmp)`` to a temporary file beside ``path``, then renamed over it (atomic: a reader
-    sees the old file or the whole new one, never a part)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _run_job(job: PruneJob, say, console, rank: int = 0, world: int = 1) -> dict:
     t_all = time.perf_counter()
     seconds = {}
@@ -616,7 +600,7 @@ def _run_job(job: PruneJob, say, console, rank: int = 0, world: int = 1) -> dict
     final = out.model
     final.eval()
     formats = []
-    _replace(job.out, lambda tmp: formats.append(pruning.save(final, tmp)))
+    write_atomically(job.out, lambda tmp: formats.append(pruning.save(final, tmp)))
     fmt = formats[0]
     seconds["total"] = time.perf_counter() - t_all
 
@@ -653,7 +637,7 @@ def _run_job(job: PruneJob, say, console, rank: int = 0, world: int = 1) -> dict
         with open(tmp, "w") as f:
             json.dump(report, f, indent=1)
 
-    _replace(job.report_path, dump)
+    write_atomically(job.report_path, dump)
     if os.path.isfile(checkpoint):
         os.remove(checkpoint)  # the result is saved; the checkpoint has done its job
     return report

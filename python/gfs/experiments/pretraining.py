@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import numpy as np
 import torch
 
+from .._files import write_atomically
 from ..data import Dataset, balanced_subsets, idx_folder, load_digits, load_mnist_idx
 from .fits import line_fit
 
@@ -522,19 +523,22 @@ def _write_csv(path: str, rows: list[dict]) -> None:
     if not rows:
         return
     keys = list(rows[0])
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    write_atomically(path, write)
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1, default=_json_default)
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=1, default=_json_default)
+
+    write_atomically(path, write)
 
 
 def _json_default(o):

@@ -27,10 +27,11 @@ import hashlib
 import json
 import os
 import pickle
-import tempfile
 import zipfile
 
 import torch
+
+from .._files import write_atomically
 
 FORMAT = "gfs-prune-checkpoint/1"
 
@@ -97,19 +98,7 @@ def write(path, fingerprint: dict, done: list, generator: torch.Generator) -> No
         "tensors": tensors,
         "generator": generator.get_state(),
     }
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(blob, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomically(path, lambda tmp: torch.save(blob, tmp))
 
 
 def read(path, fingerprint: dict):
