@@ -219,7 +219,7 @@ class PruneRun:
 
         x = self.batches[0]
         options = {
-            **{k: v for k, v in self.settings.items()},
+            **self.settings,
             "model": self.name,
             "weights": _model_digest(self.reference),
             "groups": digest([[g.name, g.producer, g.consumer, g.channels, self.budgets[g.name]] for g in self.groups]),
