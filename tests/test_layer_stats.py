@@ -107,33 +107,40 @@ def test_selection_on_layer_stats_folds_into_a_pruned_layer():
 
 def _picks(monkeypatch):
     """Record which method conv2d_stats ran: "materialise" builds the contributions, "offsets"
-    goes through the patch statistics."""
+    goes through the patch statistics, "shifts" through the shifted products."""
     ran = []
-    contributions, patch_stats = L.conv2d_contributions, L._patch_stats
+    contributions, patch_stats, shift_stats = L.conv2d_contributions, L._patch_stats, L._shift_stats
     monkeypatch.setattr(L, "conv2d_contributions", lambda *a, **k: ran.append("materialise") or contributions(*a, **k))
     monkeypatch.setattr(L, "_patch_stats", lambda *a, **k: ran.append("offsets") or patch_stats(*a, **k))
+    monkeypatch.setattr(L, "_shift_stats", lambda *a, **k: ran.append("shifts") or shift_stats(*a, **k))
     return ran
 
 
 @pytest.mark.parametrize("with_target", [False, True])
 def test_auto_method_follows_the_cost_model(monkeypatch, with_target):
-    """method="auto" runs what conv2d_method decides for the layer's (C, C_out, K, positions):
-    few outputs (C_out = 1 < K = 9) materialise, many (C_out = 64) take the offsets identity; and
-    it follows the rule when the rule says otherwise. Either way the statistics are exact."""
+    """method="auto" runs what conv2d_method decides for the layer's (C, C_out, K, positions,
+    shifted rows): few outputs (C_out = 1 < K = 9) at stride 2 materialise, many (C_out = 64) at
+    stride 2 take the offsets identity, stride 1 the shifted products; and it follows the rule
+    when the rule says otherwise. Either way the statistics are exact."""
     g = _g(4)
-    x = torch.randn(2, 4, 6, 6, generator=g, dtype=torch.float64)  # padding 1: 2 x 6 x 6 positions
+    x = torch.randn(2, 4, 6, 6, generator=g, dtype=torch.float64)  # padding 1
     ran = _picks(monkeypatch)
     rule_of_stats = L.conv2d_method  # the cost model's rule (gfs.engines.cost), as the layer statistics call it
-    for C_out, expected in ((1, "materialise"), (64, "offsets")):
+    plan = L._shift_plan(6, 6, 3, 3, (1, 1), (1, 1), 6, 6)
+    for C_out, stride, expected in ((1, 2, "materialise"), (64, 2, "offsets"), (64, 1, "shifts")):
+        H = 6 // stride
+        shift_rows = 2 * L._shift_rows(plan, 6, 6, 3, 3, (1, 1)) if stride == 1 else None
+        methods = ("offsets", "materialise") + (("shifts",) if stride == 1 else ())
         W = torch.randn(C_out, 4, 3, 3, generator=g, dtype=torch.float64)
-        target = torch.randn(2, C_out, 6, 6, generator=g, dtype=torch.float64) if with_target else None
-        assert rule_of_stats(4, C_out, 9, 2 * 6 * 6, with_target) == expected  # the rule's own decision
+        target = torch.randn(2, C_out, H, H, generator=g, dtype=torch.float64) if with_target else None
+        conv = dict(padding=1, stride=stride)
+        assert rule_of_stats(4, C_out, 9, 2 * H * H, with_target, shift_rows=shift_rows) == expected
         ran.clear()
-        auto = S.conv2d_stats(x, W, target, padding=1)
+        auto = S.conv2d_stats(x, W, target, **conv)
         assert set(ran) == {expected}, (C_out, ran)
-        for method in ("offsets", "materialise"):
-            _close(auto, S.conv2d_stats(x, W, target, padding=1, method=method))
-        for forced in ("offsets", "materialise"):  # the rule decides, whatever it says
+        for method in methods:
+            _close(auto, S.conv2d_stats(x, W, target, method=method, **conv))
+        for forced in methods:  # the rule decides, whatever it says
             seen = []
 
             def rule(*a, forced=forced, seen=seen, **k):
@@ -142,13 +149,71 @@ def test_auto_method_follows_the_cost_model(monkeypatch, with_target):
 
             monkeypatch.setattr(L, "conv2d_method", rule)
             ran.clear()
-            S.conv2d_stats(x, W, target, padding=1)
+            S.conv2d_stats(x, W, target, **conv)
             assert set(ran) == {forced}, (forced, ran)
-            asked = dict(C=4, C_out=C_out, K=9, positions=72, has_target=with_target)
+            asked = dict(C=4, C_out=C_out, K=9, positions=2 * H * H, has_target=with_target, shift_rows=shift_rows)
             assert seen == [asked], seen
-            S.conv2d_stats(x, W, target, padding=1, method="offsets" if forced == "materialise" else "materialise")
+            S.conv2d_stats(x, W, target, method="offsets" if forced != "offsets" else "materialise", **conv)
             assert len(seen) == 1  # an explicit method does not ask the rule
         monkeypatch.setattr(L, "conv2d_method", rule_of_stats)
+
+
+SHIFTED = [  # stride-1 convs for the shifted products: (kernel, padding, dilation, H, W)
+    ((3, 3), (1, 1), (1, 1), 9, 8),  # "same": one border row / column per offset
+    ((3, 3), (0, 0), (1, 1), 6, 7),  # "valid": every offset reads less than the image
+    ((3, 3), (2, 2), (2, 2), 9, 8),
+    ((2, 3), (0, 1), (1, 1), 5, 5),
+    ((5, 5), (2, 2), (1, 1), 7, 6),
+    ((3, 3), (3, 1), (1, 2), 4, 9),  # padding beyond the kernel: outputs that read only zeros
+    ((3, 3), (1, 1), (1, 1), 1, 1),  # one pixel: most offsets read nothing
+    ((1, 3), (0, 1), (1, 1), 3, 3),
+    ((3, 3), (1, 1), (1, 1), 20, 18),  # large enough for the flat zero-padded layout
+    ((3, 3), (2, 2), (2, 2), 36, 36),
+]
+
+
+@pytest.mark.parametrize("geometry", SHIFTED, ids=lambda g: "k{}-p{}-d{}-{}x{}".format(*g))
+@pytest.mark.parametrize("with_target", [False, True])
+def test_shifts_equal_materialised(geometry, with_target):
+    """method="shifts" (one product per shift, borders corrected) equals the statistics of the
+    materialised contributions on "same", "valid", dilated, rectangular and over-padded convs,
+    with the whole-image products over exact rectangles (small images) and over the flat
+    zero-padded layout (large ones), summed over several chunks of positions."""
+    k, padding, dilation, H, W = geometry
+    g = _g(5)
+    x = torch.randn(3, 5, H, W, generator=g, dtype=torch.float64)
+    weight = torch.randn(4, 5, *k, generator=g, dtype=torch.float64)
+    bias = torch.randn(4, generator=g, dtype=torch.float64)
+    conv = dict(padding=padding, dilation=dilation)
+    dense = F.conv2d(x, weight, **conv)
+    target = dense + bias[:, None, None] + torch.randn(dense.shape, generator=g, dtype=torch.float64)
+    got = S.conv2d_stats(x, weight, target if with_target else None, bias, method="shifts", **conv)
+    chunked = S.conv2d_stats(
+        x, weight, target if with_target else None, bias, method="shifts", out=gfs.GramStats(5, chunk=7), **conv
+    )
+    U = S.conv2d_contributions(x, weight, **conv)
+    y = (target - bias[:, None, None]) if with_target else dense
+    want = gfs.GramStats.from_features(U.reshape(5, -1), y.reshape(-1))
+    _close(got, want)
+    _close(chunked, want)
+    assert (L._flat_layout(H, W, *k, dilation) is not None) == (H >= 18)
+
+
+def test_shifts_in_float32_and_rescaled():
+    """Float32 inputs: products in float32 over at most `chunk` positions, summed in float64
+    (the statistics say so); data whose products would overflow float32 go through the offsets
+    path's exact rescaling and give the same statistics scaled."""
+    g = _g(6)
+    x = torch.randn(4, 8, 20, 20, generator=g)
+    weight = torch.randn(8, 8, 3, 3, generator=g)
+    target = F.conv2d(x, weight, padding=1) + 0.1 * torch.randn(4, 8, 20, 20, generator=g)
+    got = S.conv2d_stats(x, weight, target, padding=1, method="shifts")
+    assert got.precision == torch.float32
+    exact = S.conv2d_stats(x.double(), weight.double(), target.double(), padding=1, method="shifts")
+    _close(got, exact, rtol=1e-5)
+    big = S.conv2d_stats(x * 2.0**100, weight, target * 2.0**100, padding=1, method="shifts")
+    assert torch.isfinite(big.G).all()
+    torch.testing.assert_close(big.G * 2.0**-200, exact.G, rtol=1e-5, atol=1e-5 * float(exact.G.abs().max()))
 
 
 BAD = {
@@ -177,6 +242,11 @@ BAD = {
         lambda: S.linear_stats(torch.zeros(5, 4), torch.zeros(3, 4), out=gfs.GramStats(3)),
         ValueError,
         "out must be GramStats of n=4",
+    ),
+    "shifts at stride 2": (
+        lambda: S.conv2d_stats(torch.zeros(1, 4, 5, 5), torch.zeros(2, 4, 3, 3), stride=2, method="shifts"),
+        ValueError,
+        "method 'shifts' takes stride 1, got stride=(2, 2)",
     ),
     "method": (
         lambda: S.conv2d_stats(torch.zeros(1, 4, 5, 5), torch.zeros(2, 4, 3, 3), method="fft"),

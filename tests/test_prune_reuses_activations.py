@@ -220,3 +220,29 @@ def test_a_resumed_run_replays_without_running_the_groups_before(monkeypatch, tm
     assert [r.fold_error for r in again.report] == [r.fold_error for r in whole.report]
     assert not math.isnan(again.report[-1].fold_error)
     assert "statistics" not in again.timings and "original" not in again.timings
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])  # (MobileNetV2 has no 3x3 consumer with groups=1)
+def test_shifted_statistics_prune_what_the_offsets_identity_prunes(monkeypatch, arch):
+    """The stride-1 3x3 consumers' statistics by shifted products (issue 16) give the prune the
+    offsets identity gave: the same kept channels, scales and losses to the rounding of the
+    float32 products."""
+    from gfs.stats import layers
+
+    model, x = build(arch)
+    batches = two_batches(x)
+    ran = []
+    real = layers._shift_stats
+    monkeypatch.setattr(layers, "_shift_stats", lambda *a, **k: ran.append(1) or real(*a, **k))
+    new = prune(model, batches, ratio=0.5, progress=False)
+    assert ran  # the shifted products ran
+    rule = layers.conv2d_method
+    monkeypatch.setattr(layers, "conv2d_method", lambda *a, shift_rows=None, **k: rule(*a, **k))
+    ran.clear()
+    old = prune(model, batches, ratio=0.5, progress=False)
+    assert not ran
+    for rn, ro in zip(new.report, old.report, strict=True):
+        assert torch.equal(rn.kept, ro.kept), rn.name
+        torch.testing.assert_close(rn.scale, ro.scale, rtol=1e-4, atol=1e-6)
+        scale = max(ro.loss, ro.dense_loss)
+        assert abs(rn.loss - ro.loss) <= 1e-4 * scale + 1e-12, (rn.name, rn.loss, ro.loss)

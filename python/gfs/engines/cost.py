@@ -367,14 +367,21 @@ def _choose(N, M, k, dtype, step, device, backend) -> tuple[str, str]:
 GROUPED_CONV_SLOWDOWN = 8
 
 
-def conv2d_method(C: int, C_out: int, K: int, positions: int = 1, has_target: bool = True) -> str:
+def conv2d_method(
+    C: int, C_out: int, K: int, positions: int = 1, has_target: bool = True, *, shift_rows: int | None = None
+) -> str:
     """conv2d_stats' "auto" choice for a C -> C_out conv with K kernel offsets over `positions`
-    output positions: "offsets" (GEMMs on the patches, ~ positions (C K)^2 / 2 multiply-adds)
-    unless materialising (a grouped convolution, ~ positions C C_out K counted
-    GROUPED_CONV_SLOWDOWN times, then a Gram of positions C_out C^2 / 2) is cheaper."""
-    offsets = positions * (C * K) ** 2 / 2 + C_out * (C * K) ** 2 + (positions * C * K * C_out if has_target else 0)
-    materialise = positions * C * C_out * (GROUPED_CONV_SLOWDOWN * K + C / 2)
-    return "offsets" if offsets <= materialise else "materialise"
+    output positions: "offsets" (GEMMs on the patches, ~ positions (C K)^2 / 2 multiply-adds),
+    "shifts" where the conv has stride 1 (`shift_rows`: the rows of the C x C shifted products
+    its plan multiplies, ~ shift_rows C^2) or materialising (a grouped convolution,
+    ~ positions C C_out K counted GROUPED_CONV_SLOWDOWN times, then a Gram of
+    positions C_out C^2 / 2), whichever is cheapest (ties: that order)."""
+    common = C_out * (C * K) ** 2 + (positions * C * K * C_out if has_target else 0)
+    costs = {"offsets": positions * (C * K) ** 2 / 2 + common}
+    if shift_rows is not None:
+        costs["shifts"] = shift_rows * C**2 + common
+    costs["materialise"] = positions * C * C_out * (GROUPED_CONV_SLOWDOWN * K + C / 2)
+    return min(costs, key=lambda m: costs[m])
 
 
 __all__ = [
