@@ -12,13 +12,13 @@ from gfs import stats as S
 from gfs.stats import layers as L
 
 
-def _close(a: gfs.GramStats, b: gfs.GramStats, rtol=1e-10):
+def _close(a: gfs.GramStats, b: gfs.GramStats, rtol=1e-10, ysum_rtol=1e-8):
     scale = float(torch.diagonal(b.G).max())
     torch.testing.assert_close(a.G, b.G, rtol=rtol, atol=rtol * scale)
     torch.testing.assert_close(a.b, b.b, rtol=rtol, atol=rtol * scale)
     torch.testing.assert_close(a.u_sum, b.u_sum, rtol=rtol, atol=rtol * scale)
     assert a.yy == pytest.approx(b.yy, rel=rtol) and a.count == b.count
-    assert a.y_sum == pytest.approx(b.y_sum, rel=1e-8, abs=1e-8 * (1 + abs(b.y_sum)))
+    assert a.y_sum == pytest.approx(b.y_sum, rel=ysum_rtol, abs=ysum_rtol * (1 + abs(b.y_sum)))
 
 
 def _g(seed):
@@ -197,6 +197,30 @@ def test_shifts_equal_materialised(geometry, with_target):
     _close(got, want)
     _close(chunked, want)
     assert (L._flat_layout(H, W, *k, dilation) is not None) == (H >= 18)
+
+
+@pytest.mark.parametrize("with_target", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_pointwise_from_image_blocks(with_target, dtype):
+    """A 1x1 conv over images of >= 128 positions takes X^T X and Y^T X from each image's
+    (C, H W) block in place, a few images a product: the statistics of the materialised
+    contributions (float32: to its rounding; any chunk)."""
+    g = _g(7)
+    x, weight, bias, noise = (
+        torch.randn(*shape, generator=g).to(dtype).double()  # representable in dtype
+        for shape in ((5, 6, 12, 11), (9, 6, 1, 1), (9,), (5, 9, 12, 11))
+    )
+    target = (F.conv2d(x, weight, bias) + noise).to(dtype).double()
+    U = S.conv2d_contributions(x, weight)
+    y = (target - bias[:, None, None]) if with_target else F.conv2d(x, weight)
+    want = gfs.GramStats.from_features(U.reshape(6, -1), y.reshape(-1))
+    args = (x.to(dtype), weight.to(dtype), target.to(dtype) if with_target else None, bias.to(dtype))
+    assert 12 * 11 >= L._POINTWISE_MIN_POSITIONS
+    for out in (None, gfs.GramStats(6, chunk=100)):
+        got = S.conv2d_stats(*args, out=out)
+        tol = 1e-10 if dtype == torch.float64 else 1e-5  # (float32: the target minus bias is rounded too)
+        _close(got, want, rtol=tol, ysum_rtol=max(tol, 1e-8))
+        assert got.precision == dtype
 
 
 def test_shifts_in_float32_and_rescaled():

@@ -29,6 +29,9 @@ from .gram import GramStats
 # contributions in chunks is cheaper; a small cost model picks (method="auto").
 
 _LAYER_CHUNK_BYTES = 256 << 20  # bound on the temporaries of one chunk of positions
+# a 1x1 conv with at least this many positions an image takes X^T X and Y^T X as batched products
+# of each image's (C, H W) block, read in place; smaller images, as rows of one channels-last copy
+_POINTWISE_MIN_POSITIONS = 128
 
 
 def linear_contributions(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -151,6 +154,10 @@ def conv2d_stats(
             U = conv2d_contributions(x[i : i + per], weight, **conv)
             stats.update(U.reshape(C, -1), y[i : i + per].reshape(-1), _names=("contributions", "target"))
         return stats
+    if K == 1 and stride == (1, 1) and padding == (0, 0) and P >= _POINTWISE_MIN_POSITIONS:
+        done = _pointwise_stats(x, Y, weight, out)
+        if done is not None:
+            return done
     if kh == kw == 1 and dilation == (1, 1):  # 1x1: positions are rows, no patches to unfold
         xs = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))[:, :, :: stride[0], :: stride[1]]
         X = xs[:, :, :H, :W_].permute(0, 2, 3, 1).reshape(S, C)
@@ -374,17 +381,10 @@ def _shift_stats(x, Y, weight, dilation, padding, H_out, W_out, out) -> GramStat
     B, C, H, W = x.shape
     C_out, _, kh, kw = weight.shape
     K, S = kh * kw, B * H_out * W_out
-    stats = out if out is not None else GramStats(C, device=x.device)
-    _check_out(stats, C)
-    if x.device != stats.device:
-        raise ValueError(f"x is on {x.device} but out lives on {stats.device}")
-    cdt = stats.compute_dtype or (torch.float64 if x.dtype == torch.float64 else torch.float32)
-    chunk = stats.chunk
-    m = min(S, chunk)
-    if any(_scale.rescale_exponent(_amax(t), cdt, n) for t, n in ((x, m), (weight, C_out), (Y, m)) if t is not None):
+    stats, cdt = _shift_setup(x, Y, weight, out, S)
+    if stats is None:
         return None
-    if cdt == torch.float32:
-        stats.precision = torch.float32
+    chunk = stats.chunk
     f64 = dict(dtype=torch.float64, device=x.device)
     # the input channels-last, (B, H, W, C); in the flat layout with zero rows and columns after
     # each image and a tail for the largest shift
@@ -441,8 +441,7 @@ def _shift_stats(x, Y, weight, dilation, padding, H_out, W_out, out) -> GramStat
         ia, ia2 = a[0] * kw + a[1], a2[0] * kw + a2[1]
         M = (Wt[ia] @ Wt[ia2].T).double()  # (W^T W)[(j,a), (l,a2)]: C_out terms
         Gh.addcmul_(M, A, value=0.5 if ia == ia2 else 1.0)
-    N = float(C)
-    G = (N * N) * (Gh + Gh.T)
+    G = Gh + Gh.T
     # each offset's patch entries summed: the input summed over the rectangle the offset reads
     cum = F.pad(xc.sum(0, dtype=torch.float64).cumsum(0).cumsum(1), (0, 0, 1, 0, 1, 0))  # (H+1, W+1, C)
     xsum = torch.zeros(C, K, **f64)
@@ -452,21 +451,79 @@ def _shift_stats(x, Y, weight, dilation, padding, H_out, W_out, out) -> GramStat
             x0, x1 = max(0, dilation[1] * ax - padding[1]), min(W, dilation[1] * ax - padding[1] + W_out)
             if y1 > y0 and x1 > x0:
                 xsum[:, ay * kw + ax] = cum[y1, x1] - cum[y0, x1] - cum[y1, x0] + cum[y0, x0]
-    W64 = Wk.double()
-    u_sum = N * (W64.sum(0) * xsum).sum(1)
-    if Y is None:  # y = mean_j u_j: b = G 1 / N, ||y||^2 = 1^T G 1 / N^2, sum y = sum_j u_sum_j / N
-        b = G.sum(1) / N
-        yty, ysum = float(G.sum()) / (N * N), float(u_sum.sum()) / N
-    else:  # Y^T X at every offset is the conv's weight gradient: a few images at a time
+    YtX = None
+    if Y is not None:  # Y^T X at every offset is the conv's weight gradient: a few images at a time
         YtX = torch.zeros(C_out, C, kh, kw, **f64)
-        yty = ysum = 0.0
         per = max(1, chunk // (H_out * W_out))
         for i in range(0, B, per):
-            xi, yi = x[i : i + per].to(cdt), Y[i : i + per]
-            YtX += conv2d_weight(xi, weight.shape, yi.to(cdt), padding=padding, dilation=dilation).double()
-            Y64 = yi.double()
-            yty, ysum = yty + float((Y64 * Y64).sum()), ysum + float(Y64.sum())
-        b = N * (YtX.reshape(C_out, C, K) * W64).sum((0, 2))
+            xi, yi = x[i : i + per].to(cdt), Y[i : i + per].to(cdt)
+            YtX += conv2d_weight(xi, weight.shape, yi, padding=padding, dilation=dilation).double()
+        YtX = YtX.reshape(C_out, C, K)
+    return _finish(stats, G, Wk, xsum, YtX, Y, S)
+
+
+def _pointwise_stats(x, Y, weight, out) -> GramStats | None:
+    """conv2d_stats of a 1x1 conv (stride 1, no padding) from each image's (C, H W) block in
+    place: X^T X and Y^T X as batched products over at most `chunk` positions each. None where
+    the data need rescaling (the general path does that)."""
+    B, C, H, W = x.shape
+    C_out = weight.shape[0]
+    P = H * W
+    stats, cdt = _shift_setup(x, Y, weight, out, B * P)
+    if stats is None:
+        return None
+    f64 = dict(dtype=torch.float64, device=x.device)
+    xv = x.reshape(B, C, P)
+    XtX = torch.zeros(C, C, **f64)
+    YtX = torch.zeros(C_out, C, **f64)
+    per = max(1, stats.chunk // P)
+    for i in range(0, B, per):
+        xb = xv[i : i + per].to(cdt)
+        XtX += torch.bmm(xb, xb.transpose(1, 2)).sum(0).double()
+        if Y is not None:
+            YtX += torch.bmm(Y[i : i + per].reshape(-1, C_out, P).to(cdt), xb.transpose(1, 2)).sum(0).double()
+    Wk = weight.to(cdt).reshape(C_out, C, 1)
+    WtW = (Wk[:, :, 0].T @ Wk[:, :, 0]).double()
+    xsum = x.sum((0, 2, 3), dtype=torch.float64).reshape(C, 1)
+    return _finish(stats, WtW * XtX, Wk, xsum, None if Y is None else YtX.reshape(C_out, C, 1), Y, B * P)
+
+
+def _shift_setup(x, Y, weight, out, S):
+    """(the statistics to add into, the product dtype) for the shifted / pointwise paths, or
+    (None, None) where inputs, weights or targets need rescaling."""
+    C, C_out = x.shape[1], weight.shape[0]
+    stats = out if out is not None else GramStats(C, device=x.device)
+    _check_out(stats, C)
+    if x.device != stats.device:
+        raise ValueError(f"x is on {x.device} but out lives on {stats.device}")
+    cdt = stats.compute_dtype or (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    m = min(S, stats.chunk)
+    if any(_scale.rescale_exponent(_amax(t), cdt, n) for t, n in ((x, m), (weight, C_out), (Y, m)) if t is not None):
+        return None, None
+    if cdt == torch.float32:
+        stats.precision = torch.float32
+    return stats, cdt
+
+
+def _finish(stats, WX, Wk, xsum, YtX, Y, S) -> GramStats:
+    """Add a layer's statistics into `stats` from WX = sum over offset pairs of (W^T W) * (X^T X)
+    (C x C, float64), the weight Wk (C_out, C, K), the patch sums xsum (C, K), Y^T X (C_out, C, K;
+    None for the dense output) and the target Y (or None), S output positions."""
+    C_out, C, _ = Wk.shape
+    N = float(C)
+    G = (N * N) * WX
+    W64 = Wk.double()
+    u_sum = N * (W64.sum(0) * xsum).sum(1)
+    if YtX is None:  # y = mean_j u_j: b = G 1 / N, ||y||^2 = 1^T G 1 / N^2, sum y = sum_j u_sum_j / N
+        b = G.sum(1) / N
+        yty, ysum = float(G.sum()) / (N * N), float(u_sum.sum()) / N
+    else:
+        b = N * (YtX * W64).sum((0, 2))
+        yty = ysum = 0.0
+        rows = max(1, stats.chunk // max(1, Y[0].numel()))
+        for i in range(0, Y.shape[0], rows):  # in float64, a few images at a time
+            y64 = Y[i : i + rows].double().reshape(-1)
+            yty, ysum = yty + float(torch.dot(y64, y64)), ysum + float(y64.sum())
     stats.G.add_(G)
     stats.b += b
     stats.u_sum += u_sum
