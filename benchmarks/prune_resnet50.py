@@ -123,11 +123,32 @@ def wrapped_reference(model, batches):
     return res, seconds, spent
 
 
-def flop_accounting(net, size: int) -> dict:
-    """Work per calibration image as a multiple of one forward pass, from a prune of 2 images:
+def statistics_madds(X, layer, target) -> tuple[float, float]:
+    """Multiply-adds of gfs.stats.conv2d_stats / linear_stats for one consumer, by the method
+    its "auto" rule picks: (those that grow with the data: G and b, C K C_out a position for b;
+    those that do not: W^T W over the kernel offsets, C_out (C K)^2 / 2)."""
+    from gfs.engines.cost import conv2d_method
+    from gfs.stats import layers
+
+    C_out, C = layer.weight.shape[:2]
+    kh, kw = layer.weight.shape[2:] if layer.weight.dim() == 4 else (1, 1)
+    K, S = kh * kw, target.numel() // C_out
+    fixed, b = C_out * (C * K) ** 2 / 2, S * C * K * C_out
+    if K > 1 and tuple(layer.stride) == (1, 1):
+        H, W = X.shape[2:]
+        plan = layers._shift_plan(H, W, kh, kw, layer.padding, layer.dilation, *target.shape[2:])
+        rows = X.shape[0] * layers._shift_rows(plan, H, W, kh, kw, layer.dilation)
+        if conv2d_method(C, C_out, K, S, True, shift_rows=rows) == "shifts":
+            return rows * C**2 + b, fixed
+    return S * (C * K) ** 2 / 2 + b, fixed
+
+
+def flop_accounting(net, size: int, images: int) -> dict:
+    """Work of a prune of `images` calibration images as a multiple of one forward pass of them,
+    from a prune of 2 images (the work that does not grow with the images, W^T W per group,
+    spread over `images`):
     the two networks' passes (counted by torch.utils.flop_counter around the graph runners) and
-    the layer statistics' multiply-adds (the "offsets" identity of gfs.stats.conv2d_stats:
-    positions x ((C K)^2 / 2 for G + C K C_out for b), counted from the shapes)."""
+    the layer statistics' multiply-adds (`statistics_madds`, counted from the shapes)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -151,10 +172,8 @@ def flop_accounting(net, size: int) -> dict:
         return got
 
     def counting_stats(X, layer, target):
-        C, Cout = layer.weight.shape[1], layer.weight.shape[0]
-        K = layer.weight[0, 0].numel() if layer.weight.dim() == 4 else 1
-        S = target.numel() // Cout
-        counted["statistics"] += 2 * S * ((C * K) ** 2 / 2 + C * K * Cout)  # 2 flops per multiply-add
+        data, fixed = statistics_madds(X, layer, target)
+        counted["statistics"] += 2 * (data + fixed * 2 / images)  # 2 flops per multiply-add
         return real_stats(X, layer, target)
 
     def init(self, *a, **k):
@@ -270,7 +289,7 @@ def main(argv=None) -> int:
             f"and scales: {same}, same weights: {same_weights}, losses within {worst:.1e} (relative)"
         )
         print("its phases: " + ", ".join(f"{k} {v:.2f}" for k, v in ref_phases.items()))
-    out["work_per_forward"] = flop_accounting(net, args.size)
+    out["work_per_forward"] = flop_accounting(net, args.size, args.images)
     print(
         "work as a multiple of one forward pass (FLOPs): "
         + ", ".join(f"{k} {v:.2f}" for k, v in out["work_per_forward"].items())
@@ -326,8 +345,10 @@ def markdown(out) -> str:
             f"The original network runs once ({w['original']:.2f}), the network pruned so far once plus each "
             f"group's own segment again after its fold ({w['pruned']:.2f}; the pruned network alone is "
             f'{p["flops"][1] / p["flops"][0]:.2f}), and the layer statistics of "local" cost '
-            f"{w['statistics']:.2f} (gfs.stats.conv2d_stats' offsets identity: per output position "
-            "(C K)^2 / 2 multiply-adds for G and C K C_out for b; K = 9 for the 3x3 consumers): "
+            f"{w['statistics']:.2f} (gfs.stats.conv2d_stats: for the stride-1 3x3 consumers one C x C "
+            "product per shift between kernel offsets, 13 a position, and the border rows and columns; for "
+            "the others (C K)^2 / 2 multiply-adds a position; C K C_out a position for b; C_out (C K)^2 / 2 "
+            "for W^T W): "
             f"{sum(w.values()):.2f} forward passes of arithmetic before anything else. At the forward pass's "
             "FLOP rate the prune cannot go below that; the seconds above are that work at the rates these "
             "kernels reach, plus the rest.",
