@@ -26,10 +26,13 @@ Methods (--methods: names, all, or gfs[...] with options; see METHODS and parse_
   adds channels greedily by loss drop per FLOP up to the target); budget=eps (gfs-eps: the same
   curves, every group kept to the same relative loss eps, eps bisected to meet the target, what
   is left of the budget then spent as by budget=global: the papers' stopping rule with a
-  relative eps); rounds=2 (gfs-seq2, sequential: two prunes of sqrt(factor) each, BatchNorm
-  recalibrated between them, instead of one shot); rescale=1 (gfs-rescale: each consumer's
-  weight norm moved back to its dense value, the factor folded into the BatchNorm after it,
-  rescale_into_bn: the same function, a better-conditioned start for fine-tuning); fold=0
+  relative eps); budget=lamp (gfs-lamp-budget: every group keeps as many channels as
+  Torch-Pruning's LAMP global ranking leaves it at the target, gfs choosing which: the
+  allocation of tp-lamp-global with gfs's selection); rounds=2 (gfs-seq2, sequential: two
+  prunes of sqrt(factor) each, BatchNorm recalibrated between them, instead of one shot);
+  rescale=1 (gfs-rescale: each consumer's weight norm moved back to its dense value, the factor
+  folded into the BatchNorm after it, rescale_into_bn: the same function, a better-conditioned
+  start for fine-tuning); fold=0
   (gfs-nofold, gfs-refit-nofold: gfs's choice of channels, the consumers' weights left as in the
   dense network, as the baselines leave them: what the selection alone is worth);
 - tp-IMPORTANCE and tp-IMPORTANCE-global: Torch-Pruning's MetaPruner with the L1
@@ -58,7 +61,6 @@ runs/quality-quick with --quick), with the machine, its load and the commit.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import hashlib
 import json
@@ -86,6 +88,7 @@ METHODS = {
     "gfs-refit": {"step": "refit"},
     "gfs-global": {"budget": "global"},
     "gfs-eps": {"budget": "eps"},
+    "gfs-lamp-budget": {"budget": "lamp"},
     "gfs-seq2": {"rounds": 2},
     "gfs-rescale": {"rescale": 1},
     "gfs-nofold": {"fold": 0},
@@ -115,7 +118,7 @@ def parse_method(text: str) -> dict:
     """A method name -> {"name", "kind": "gfs" | "tp", ...options}.
 
     gfs: "gfs", a name of METHODS, or "gfs[step=refit,budget=global,rounds=2,rescale=1,fold=0]"
-    (step uniform / line_search / refit; budget uniform / global / eps; rounds >= 1; rescale and
+    (step uniform / line_search / refit; budget uniform / global / eps / lamp; rounds >= 1; rescale and
     fold 0 / 1).
     Torch-Pruning:
     "tp-IMPORTANCE" (local) or "tp-IMPORTANCE-global", IMPORTANCE one of TP_IMPORTANCES.
@@ -135,8 +138,8 @@ def parse_method(text: str) -> dict:
             opts[key] = int(value) if key in ("rounds", "rescale", "fold") else value
         if opts["step"] not in ("uniform", "line_search", "refit"):
             raise ValueError(f"method {text!r}: step must be uniform, line_search or refit")
-        if opts["budget"] not in ("uniform", "global", "eps"):
-            raise ValueError(f"method {text!r}: budget must be uniform, global or eps")
+        if opts["budget"] not in ("uniform", "global", "eps", "lamp"):
+            raise ValueError(f"method {text!r}: budget must be uniform, global, eps or lamp")
         if opts["rounds"] < 1:
             raise ValueError(f"method {text!r}: rounds must be >= 1")
         return {"name": text, "kind": "gfs", **opts}
@@ -317,44 +320,11 @@ def chosen_groups(model, layers, example):
     return [g for g in scan.groups if any(fnmatch.fnmatchcase(g.name, p) for p in layers)]
 
 
-@contextlib.contextmanager
-def _per_group_budgets(keeps: dict):
-    """gfs.prune with a keep count per group. gfs.prune takes one keep / ratio for every group
-    today; until it takes a mapping (proposed), this swaps gfs.pruning.run._budgets, the one
-    function that turns keep= / ratio= into per-group counts, for the length of the call."""
-    from gfs.pruning import run as run_module
-
-    original = getattr(run_module, "_budgets", None)
-    if original is None:
-        raise NotImplementedError(
-            "per-group keep counts need gfs.prune(keep={group: count}) or gfs.pruning.run._budgets; neither is there"
-        )
-
-    def budgets(groups, keep, ratio):
-        missing = [g.name for g in groups if g.name not in keeps]
-        if missing:
-            raise ValueError(f"no keep count for group(s) {', '.join(missing)}")
-        return {g.name: int(keeps[g.name]) for g in groups}
-
-    run_module._budgets = budgets
-    try:
-        yield
-    finally:
-        run_module._budgets = original
-
-
 def prune_keeps(model, calib, keeps: dict, **options):
-    """gfs.prune keeping keeps[g] channels of every group g: natively where gfs.prune takes a
-    mapping for keep=, else through _per_group_budgets."""
+    """gfs.prune keeping keeps[g] channels of every group g (keep= as a mapping)."""
     import gfs
 
-    try:
-        return gfs.prune(model, calib, keep=dict(keeps), **options)
-    except TypeError as exc:
-        if "keep must be an int" not in str(exc):
-            raise
-    with _per_group_budgets(keeps):
-        return gfs.prune(model, calib, ratio=1.0, **options)
+    return gfs.prune(model, calib, keep=dict(keeps), **options)
 
 
 def relative_curves(model, calib, profile, groups) -> dict:
@@ -502,6 +472,13 @@ def gfs_method(model, calib, layers, target: float, opts: dict, recal_batches, s
             info["search_seconds"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             result = gfs.prune(current, calib, ratio=ratio, **common)
+        elif opts["budget"] == "lamp":  # Torch-Pruning's LAMP global allocation, gfs's channels in each group
+            allocated, _ = tp_method(current, calib, layers, round_target, {"importance": "lamp", "global": True}, seed)
+            keeps = {g.name: int(allocated.get_submodule(g.producer).weight.shape[0]) for g in groups}
+            entry.update(keeps=keeps, predicted_flops=fm.flops(keeps))
+            info["search_seconds"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            result = prune_keeps(current, calib, keeps, **common)
         else:
             with torch.no_grad():
                 profile = gfs.prune(current, calib, ratio=1.0, **common)
@@ -838,6 +815,11 @@ def dense_model(args, flow, name: str, seed: int, digest: str):
     return dense.model, info
 
 
+def _needs_tp(method: dict) -> bool:
+    """Whether a method runs Torch-Pruning (its rows, and gfs with LAMP's allocation)."""
+    return method["kind"] == "tp" or method.get("budget") == "lamp"
+
+
 def run_cell(args, flow, name, seed, dense, dense_info, calib, recal, factor, method, tp_ok) -> dict | None:
     from gfs.models import internal_layers
     from gfs.pruning.finetune import finetune
@@ -849,9 +831,9 @@ def run_cell(args, flow, name, seed, dense, dense_info, calib, recal, factor, me
     target = dense_flops / factor
     load_before = load1()
     t0 = time.perf_counter()
+    if not tp_ok and _needs_tp(method):
+        return None
     if method["kind"] == "tp":
-        if not tp_ok:
-            return None
         pruned, info = tp_method(dense, calib, layers, target, method, seed)
     else:
         pruned, info = gfs_method(dense, calib, layers, target, method, recal if args.bn_recal else None, seed)
@@ -938,7 +920,7 @@ def run(args, started: dict) -> None:
                 (f, m)
                 for f in args.factors
                 for m in args.methods
-                if not os.path.isfile(cell_path(args, name, seed, f, m["name"])) and (m["kind"] == "gfs" or tp_ok)
+                if not os.path.isfile(cell_path(args, name, seed, f, m["name"])) and (tp_ok or not _needs_tp(m))
             ]
             if not todo:
                 continue
@@ -1040,8 +1022,9 @@ def markdown(res: dict) -> str:
         "FLOPs: one image, 2 per multiply-add (torch.utils.flop_counter). prune s: the pruning itself (gfs: the "
         "gfs.prune call(s), with the recalibration between rounds; Torch-Pruning: graph, importance and pruning, "
         "with Taylor's gradients); search s: finding the channels that meet the FLOPs target (gfs budget=global "
-        "/ eps: with the gfs.prune at ratio 1 that records the loss curves; Torch-Pruning global: the bisection "
-        "of its ratio). Both are wall times on a shared machine: compare them within one run only.",
+        "/ eps: with the gfs.prune at ratio 1 that records the loss curves; budget=lamp and Torch-Pruning global: "
+        "the bisection of Torch-Pruning's ratio). Both are wall times on a shared machine: compare them within one "
+        "run only.",
         "",
     ]
     for model, dense in res["dense"].items():

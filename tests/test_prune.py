@@ -465,6 +465,13 @@ def test_argument_errors_name_the_argument():
         (dict(ratio=0.5, layers="x*"), ValueError, "layers: pattern 'x\\*'"),
         (dict(ratio=0.5, step="newton"), ValueError, "unknown step"),
         (dict(ratio=0.5, criterion="l1", replacement=True), ValueError, "replacement= and eps= apply to criterion"),
+        (dict(keep={}), ValueError, "keep= is an empty mapping"),
+        (dict(keep={"1": 0}), ValueError, "keep\\['1'\\] must be >= 1"),
+        (dict(keep={"1": 2.0}), TypeError, "keep\\['1'\\] must be an int"),
+        (dict(keep={1: 2}), TypeError, "keep= mapping keys must be group names"),
+        (dict(keep={"1": 100}), ValueError, "keep\\['1'\\]=100 is more than the 32 channels"),
+        (dict(keep={"nope": 2}), ValueError, "keep=: .*no prunable layer named 'nope'"),
+        (dict(keep={"1": 2, "nope": 2}, layers="1"), ValueError, "not among them: nope"),
     ]
     for kwargs, err, msg in cases:
         with pytest.raises(err, match=msg):
@@ -473,6 +480,24 @@ def test_argument_errors_name_the_argument():
         prune(model, [], ratio=0.5, progress=False)
     with pytest.raises(TypeError, match="calibration batch 0"):
         prune(model, [{"x": x}], ratio=0.5, progress=False)
+
+
+def test_keep_per_group_mapping():
+    """keep={group: count} prunes the named groups to their own counts and leaves the others
+    whole; each group's selection is the one keep=count with layers=group gives (the groups
+    before it unchanged); with layers= it must name exactly the groups selected."""
+    model, x = build("resnet18")
+    counts = {"layer1.0.conv1": 5, "layer2.1.conv1": 100, "layer4.0.conv1": 1}
+    res = prune(model, x, keep=counts, progress=False)
+    assert {r.name: r.channels_after for r in res.report} == counts
+    assert {"layer1.1.conv1", "layer3.0.conv1"} <= set(res.skipped)
+    first = prune(model, x, keep=5, layers="layer1.0.conv1", progress=False)
+    assert torch.equal(res.report[0].kept, first.report[0].kept)
+    assert torch.equal(res.report[0].scale, first.report[0].scale)
+    both = prune(model, x, keep=counts, layers=["layer1.0.conv1", "layer2.1.conv1", "layer4.0.*"], progress=False)
+    assert [r.channels_after for r in both.report] == [5, 100, 1]
+    with pytest.raises(ValueError, match="no count for layer1.1.conv1"):
+        prune(model, x, keep={"layer1.0.conv1": 5}, layers="layer1.*", progress=False)
 
 
 # ---- save / load -----------------------------------------------------------------------------

@@ -86,15 +86,31 @@ def test_flop_model_is_exact_and_the_budgets_meet_the_target(Q, name):
         assert [r.channels_after for r in result.report] == [fm.keeps_for_ratio(ratio)[g.name] for g in groups]
         # one more channel anywhere (a larger ratio) would break the target
         assert fm.flops(fm.keeps_for_ratio(min(1.0, ratio + 1.0 / max(fm.channels.values())))) > target
-    # per-group keep counts (gfs.prune's keep= is one count for all groups today)
-    from gfs.pruning import run as run_module
-
-    original = getattr(run_module, "_budgets", None)
+    # per-group keep counts (gfs.prune's keep= mapping)
     keeps = {g.name: 1 + (i % g.channels) for i, g in enumerate(groups)}
     result = Q.prune_keeps(model, calib, keeps, layers=layers, progress=False)
     assert [r.channels_after for r in result.report] == [keeps[g.name] for g in groups]
     assert result.flops[1] == pytest.approx(fm.flops(keeps), rel=1e-9)
-    assert getattr(run_module, "_budgets", None) is original  # gfs.prune as it was
+
+
+def test_lamp_budget_is_torch_prunings_allocation(Q):
+    """budget=lamp: every group keeps the channels LAMP global leaves it, gfs choosing which: the
+    architecture (FLOPs, parameters, channels per group) of tp-lamp-global at the same target."""
+    pytest.importorskip("torch_pruning")
+    from gfs.pruning.fold import count_flops, count_parameters
+
+    model, calib = _trained_like("mobilenet_v2"), _calib()
+    layers = internal_layers("mobilenet_v2")
+    target = count_flops(model, calib[0][0][:1]) / 2
+    tp, _ = Q.tp_method(model, calib, layers, target, Q.parse_method("tp-lamp-global"), 0)
+    ours, info = Q.gfs_method(model, calib, layers, target, Q.parse_method("gfs-lamp-budget"), None, 0)
+    groups = Q.chosen_groups(model, layers, calib[0][0])
+    keeps = info["rounds"][0]["keeps"]
+    assert keeps == {g.name: tp.get_submodule(g.producer).weight.shape[0] for g in groups}
+    assert len(set(keeps.values())) > 1  # not one ratio for every group
+    example = calib[0][0][:1]
+    assert count_flops(ours, example) == count_flops(tp, example) <= target
+    assert count_parameters(ours) == count_parameters(tp)
 
 
 def test_allocations_from_loss_curves(Q):

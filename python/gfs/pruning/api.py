@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+from collections.abc import Mapping
 
 import torch.nn as nn
 
@@ -32,9 +33,25 @@ def _check_budget(keep, ratio):
             "pass exactly one of keep= (channels kept per group) or ratio= (fraction kept, in (0, 1]); "
             f"got keep={keep!r}, ratio={ratio!r}"
         )
+    if isinstance(keep, Mapping):
+        if not keep:
+            raise ValueError("keep= is an empty mapping: name at least one group (its producer layer) and its count")
+        counts = {}
+        for name, count in keep.items():
+            if not isinstance(name, str):
+                raise TypeError(f"keep= mapping keys must be group names (str), got {type(name).__name__} {name!r}")
+            if isinstance(count, bool) or not isinstance(count, numbers.Integral):
+                raise TypeError(f"keep[{name!r}] must be an int (channels kept), got {type(count).__name__} {count!r}")
+            if int(count) < 1:
+                raise ValueError(f"keep[{name!r}] must be >= 1 (channels kept), got {count}")
+            counts[name] = int(count)
+        return counts, None
     if keep is not None:
         if isinstance(keep, bool) or not isinstance(keep, numbers.Integral):
-            raise TypeError(f"keep must be an int (channels kept per group), got {type(keep).__name__} {keep!r}")
+            raise TypeError(
+                f"keep must be an int (channels kept per group) or a mapping {{group: channels}}, "
+                f"got {type(keep).__name__} {keep!r}"
+            )
         if int(keep) < 1:
             raise ValueError(f"keep must be >= 1 (channels kept per group), got {keep}")
         return int(keep), None
@@ -156,8 +173,11 @@ def prune(
         those of another dtype than the model's (its first floating-point parameter's) are
         converted to the model's dtype, e.g. float64 data for a float32 model: the result is that
         of the converted values. The caller's tensors are not modified.
-    keep : int, optional
-        Channels kept per group (exactly one of keep / ratio).
+    keep : int or mapping {group name: int}, optional
+        Channels kept per group (exactly one of keep / ratio). A mapping gives each group its own
+        count (e.g. from a global allocation): it prunes the groups it names (their producer
+        layers' names, as in the report) and leaves the others whole; with ``layers=`` it must
+        name exactly the groups ``layers`` selects.
     ratio : float in (0, 1], optional
         Fraction of each group's channels kept, rounded half up, at least 1.
     criterion : {"local", "loss", "l1", "random"}

@@ -134,7 +134,10 @@ class PruneRun:
 
         self.reference = copy.deepcopy(model).eval()  # the original network: targets
         scan = _find(self.reference, example)
-        self.groups = _choose(scan, layers, self.name)
+        if isinstance(keep, dict) and layers is None:  # the mapping names the groups to prune
+            self.groups = _choose(scan, list(keep), self.name, what="keep=")
+        else:
+            self.groups = _choose(scan, layers, self.name)
         self.budgets = _budgets(self.groups, keep, ratio)
         self.skipped = {n: r for n, r in scan.rejected.items()}
         self.skipped.update({g.name: "not in layers=" for g in scan.groups if g not in self.groups})
@@ -911,7 +914,8 @@ def _free_memory(device) -> int:
 # ---- helpers -----------------------------------------------------------------------------------
 
 
-def _choose(scan, layers, model_name) -> list:
+def _choose(scan, layers, model_name, what="layers") -> list:
+    """The groups ``layers`` (names or glob patterns) selects; ``what`` names the argument in errors."""
     if layers is None:
         if not scan.groups:
             raise UnsupportedModelError(
@@ -933,33 +937,45 @@ def _choose(scan, layers, model_name) -> list:
             hits = [n for n in by_name if fnmatch.fnmatchcase(n, pat)]
             if not hits:
                 raise ValueError(
-                    f"layers: pattern {pat!r} matches no prunable layer of {model_name}; prunable: {_few(by_name)}"
+                    f"{what}: pattern {pat!r} matches no prunable layer of {model_name}; prunable: {_few(by_name)}"
                 )
             chosen.update(hits)
         elif pat in by_name:
             chosen.add(pat)
         elif pat in scan.rejected:
             raise UnsupportedModelError(
-                f"layers: {pat!r} cannot be pruned: {scan.rejected[pat]}; Torch-Pruning's dependency graph "
+                f"{what}: {pat!r} cannot be pruned: {scan.rejected[pat]}; Torch-Pruning's dependency graph "
                 f"handles such structures: prune through gfs.integrations.torch_pruning.GFSImportance "
                 f"(pip install 'gfs[torch-pruning]')"
             )
         else:
             raise ValueError(
-                f"layers: {model_name} has no prunable layer named {pat!r} (groups are named by the layer "
+                f"{what}: {model_name} has no prunable layer named {pat!r} (groups are named by the layer "
                 f"whose output channels go); prunable: {_few(by_name)}"
             )
     return [g for g in scan.groups if g.name in chosen]
 
 
 def _budgets(groups, keep, ratio) -> dict:
-    """{group name: channels it keeps}; ValueError when keep= is more than a group has."""
+    """{group name: channels it keeps} from keep= (an int, or a mapping that must name exactly
+    these groups) or ratio=; ValueError when a count is more than its group has."""
+    if isinstance(keep, dict):
+        names = [g.name for g in groups]
+        missing, extra = [n for n in names if n not in keep], [n for n in keep if n not in names]
+        if missing or extra:
+            raise ValueError(
+                "keep= must name exactly the groups pruned (those layers= selects): "
+                + (f"no count for {_few(missing)}" if missing else "")
+                + ("; " if missing and extra else "")
+                + (f"not among them: {_few(extra)}" if extra else "")
+            )
     budgets = {}
     for g in groups:
-        k = keep_count(g.channels, keep, ratio)
+        k = keep[g.name] if isinstance(keep, dict) else keep_count(g.channels, keep, ratio)
         if k > g.channels:
+            asked = f"keep[{g.name!r}]={k}" if isinstance(keep, dict) else f"keep={keep}"
             raise ValueError(
-                f"keep={keep} is more than the {g.channels} channels of group {g.name!r}; "
+                f"{asked} is more than the {g.channels} channels of group {g.name!r}; "
                 f"use a smaller keep, ratio=, or layers= to leave that group out"
             )
         budgets[g.name] = k
