@@ -28,7 +28,9 @@ Methods (--methods: names, all, or gfs[...] with options; see METHODS and parse_
   is left of the budget then spent as by budget=global: the papers' stopping rule with a
   relative eps); budget=lamp (gfs-lamp-budget: every group keeps as many channels as
   Torch-Pruning's LAMP global ranking leaves it at the target, gfs choosing which: the
-  allocation of tp-lamp-global with gfs's selection); rounds=2 (gfs-seq2, sequential: two
+  allocation of tp-lamp-global with gfs's selection); budget=count (gfs-count: the same
+  number of channels in every group, the largest within the target, as LAMP global's allocation
+  nearly is on MobileNetV2: small groups kept whole, wide ones cut most); rounds=2 (gfs-seq2, sequential: two
   prunes of sqrt(factor) each, BatchNorm recalibrated between them, instead of one shot);
   rescale=1 (gfs-rescale: each consumer's weight norm moved back to its dense value, the factor
   folded into the BatchNorm after it, rescale_into_bn: the same function, a better-conditioned
@@ -89,6 +91,7 @@ METHODS = {
     "gfs-global": {"budget": "global"},
     "gfs-eps": {"budget": "eps"},
     "gfs-lamp-budget": {"budget": "lamp"},
+    "gfs-count": {"budget": "count"},
     "gfs-seq2": {"rounds": 2},
     "gfs-rescale": {"rescale": 1},
     "gfs-nofold": {"fold": 0},
@@ -118,7 +121,7 @@ def parse_method(text: str) -> dict:
     """A method name -> {"name", "kind": "gfs" | "tp", ...options}.
 
     gfs: "gfs", a name of METHODS, or "gfs[step=refit,budget=global,rounds=2,rescale=1,fold=0]"
-    (step uniform / line_search / refit; budget uniform / global / eps / lamp; rounds >= 1; rescale and
+    (step uniform / line_search / refit; budget uniform / global / eps / lamp / count; rounds >= 1; rescale and
     fold 0 / 1).
     Torch-Pruning:
     "tp-IMPORTANCE" (local) or "tp-IMPORTANCE-global", IMPORTANCE one of TP_IMPORTANCES.
@@ -138,8 +141,8 @@ def parse_method(text: str) -> dict:
             opts[key] = int(value) if key in ("rounds", "rescale", "fold") else value
         if opts["step"] not in ("uniform", "line_search", "refit"):
             raise ValueError(f"method {text!r}: step must be uniform, line_search or refit")
-        if opts["budget"] not in ("uniform", "global", "eps", "lamp"):
-            raise ValueError(f"method {text!r}: budget must be uniform, global, eps or lamp")
+        if opts["budget"] not in ("uniform", "global", "eps", "lamp", "count"):
+            raise ValueError(f"method {text!r}: budget must be uniform, global, eps, lamp or count")
         if opts["rounds"] < 1:
             raise ValueError(f"method {text!r}: rounds must be >= 1")
         return {"name": text, "kind": "gfs", **opts}
@@ -240,6 +243,18 @@ class FlopModel:
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if self.flops(self.keeps_for_ratio(mid)) <= target else (lo, mid)
         return max(lo, 1e-9)  # gfs.prune takes ratio in (0, 1]; 1e-9 keeps one channel per group, as 0 would
+
+    def equal_count(self, target: float) -> dict | None:
+        """The same number of channels K in every group (all of a group smaller than K), K the
+        largest within ``target`` FLOPs; None when one channel per group is more."""
+        keeps = lambda k: {g: min(k, c) for g, c in self.channels.items()}  # noqa: E731
+        lo, hi = 1, max(self.channels.values())
+        if self.flops(keeps(lo)) > target:
+            return None
+        while lo < hi:  # the largest K within the target (FLOPs grow with K)
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self.flops(keeps(mid)) <= target else (lo, mid - 1)
+        return keeps(lo)
 
     def allocate(self, curves: dict, target: float, minimum: int = 1, start: dict | None = None) -> dict:
         """Per-group keep counts within ``target`` FLOPs, spent greedily where the relative
@@ -472,6 +487,14 @@ def gfs_method(model, calib, layers, target: float, opts: dict, recal_batches, s
             info["search_seconds"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             result = gfs.prune(current, calib, ratio=ratio, **common)
+        elif opts["budget"] == "count":  # one channel count for every group
+            keeps = fm.equal_count(round_target)
+            if keeps is None:
+                raise RuntimeError(f"cannot reach {round_target:.3g} FLOPs with one channel per group")
+            entry.update(keeps=keeps, predicted_flops=fm.flops(keeps))
+            info["search_seconds"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            result = prune_keeps(current, calib, keeps, **common)
         elif opts["budget"] == "lamp":  # Torch-Pruning's LAMP global allocation, gfs's channels in each group
             allocated, _ = tp_method(current, calib, layers, round_target, {"importance": "lamp", "global": True}, seed)
             keeps = {g.name: int(allocated.get_submodule(g.producer).weight.shape[0]) for g in groups}

@@ -68,6 +68,7 @@ def test_methods_by_name(Q):
     assert len(set(Q.ALL_METHODS)) == len(Q.ALL_METHODS) == len(Q.METHODS) + 12
     assert set(Q.DEFAULT_METHODS) <= set(Q.ALL_METHODS) and set(Q.QUICK_METHODS) <= set(Q.ALL_METHODS)
     assert Q.parse_method("gfs-nofold")["fold"] == 0 and Q.parse_method("gfs[fold=0]")["fold"] == 0
+    assert Q.parse_method("gfs-count")["budget"] == "count" == Q.parse_method("gfs[budget=count]")["budget"]
 
 
 @pytest.mark.parametrize("name", ["resnet56", "mobilenet_v2"])
@@ -86,6 +87,11 @@ def test_flop_model_is_exact_and_the_budgets_meet_the_target(Q, name):
         assert [r.channels_after for r in result.report] == [fm.keeps_for_ratio(ratio)[g.name] for g in groups]
         # one more channel anywhere (a larger ratio) would break the target
         assert fm.flops(fm.keeps_for_ratio(min(1.0, ratio + 1.0 / max(fm.channels.values())))) > target
+        # budget=count: one count K for every group (smaller groups whole), the largest within the target
+        same = fm.equal_count(target)
+        K = max(same.values())
+        assert fm.flops(same) <= target and same == {g: min(K, c) for g, c in fm.channels.items()}
+        assert fm.flops({g: min(K + 1, c) for g, c in fm.channels.items()}) > target
     # per-group keep counts (gfs.prune's keep= mapping)
     keeps = {g.name: 1 + (i % g.channels) for i, g in enumerate(groups)}
     result = Q.prune_keeps(model, calib, keeps, layers=layers, progress=False)
