@@ -296,13 +296,17 @@ def _patch_stats(X, Y, Wf, K, out, patches) -> GramStats:
     u_sum = N * (Wc.double().sum(0) * xsum).reshape(C, K).sum(1)
     if Yp is None:
         ysum = float(u_sum.sum()) / N
-    G = (G + G.T) * 0.5
+    return _accumulate(stats, (G + G.T) * 0.5, b, u_sum, yty, ysum, S * C_out)
+
+
+def _accumulate(stats, G, b, u_sum, yy, y_sum, count) -> GramStats:
+    """Add one layer's (or batch's) sums into ``stats`` and return them."""
     stats.G.add_(G)
     stats.b += b
     stats.u_sum += u_sum
-    stats.yy += yty
-    stats.y_sum += ysum
-    stats.count += S * C_out
+    stats.yy += yy
+    stats.y_sum += y_sum
+    stats.count += count
     return stats
 
 
@@ -524,10 +528,4 @@ def _finish(stats, WX, Wk, xsum, YtX, Y, S) -> GramStats:
         for i in range(0, Y.shape[0], rows):  # in float64, a few images at a time
             y64 = Y[i : i + rows].double().reshape(-1)
             yty, ysum = yty + float(torch.dot(y64, y64)), ysum + float(y64.sum())
-    stats.G.add_(G)
-    stats.b += b
-    stats.u_sum += u_sum
-    stats.yy += yty
-    stats.y_sum += ysum
-    stats.count += S * C_out
-    return stats
+    return _accumulate(stats, G, b, u_sum, yty, ysum, S * C_out)
