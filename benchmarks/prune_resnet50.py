@@ -134,10 +134,10 @@ def statistics_madds(X, layer, target) -> tuple[float, float]:
     kh, kw = layer.weight.shape[2:] if layer.weight.dim() == 4 else (1, 1)
     K, S = kh * kw, target.numel() // C_out
     fixed, b = C_out * (C * K) ** 2 / 2, S * C * K * C_out
-    if K > 1 and tuple(layer.stride) == (1, 1):
+    if K > 1:
         H, W = X.shape[2:]
-        plan = layers._shift_plan(H, W, kh, kw, layer.padding, layer.dilation, *target.shape[2:])
-        rows = X.shape[0] * layers._shift_rows(plan, H, W, kh, kw, layer.dilation)
+        plan = layers._shift_plan(H, W, kh, kw, layer.stride, layer.padding, layer.dilation, *target.shape[2:])
+        rows = plan.rows(X.shape[0])
         if conv2d_method(C, C_out, K, S, True, shift_rows=rows) == "shifts":
             return rows * C**2 + b, fixed
     return S * (C * K) ** 2 / 2 + b, fixed
@@ -345,10 +345,10 @@ def markdown(out) -> str:
             f"The original network runs once ({w['original']:.2f}), the network pruned so far once plus each "
             f"group's own segment again after its fold ({w['pruned']:.2f}; the pruned network alone is "
             f'{p["flops"][1] / p["flops"][0]:.2f}), and the layer statistics of "local" cost '
-            f"{w['statistics']:.2f} (gfs.stats.conv2d_stats: for the stride-1 3x3 consumers one C x C "
-            "product per shift between kernel offsets, 13 a position, and the border rows and columns; for "
-            "the others (C K)^2 / 2 multiply-adds a position; C K C_out a position for b; C_out (C K)^2 / 2 "
-            "for W^T W): "
+            f"{w['statistics']:.2f} (gfs.stats.conv2d_stats: for the 3x3 consumers one C x C product per "
+            "phase of the stride and shift between kernel offsets over the whole image (stride 1: 13 a "
+            "position), and the border rows and columns; for the 1x1 ones C^2 / 2 multiply-adds a position; "
+            "C K C_out a position for b; C_out (C K)^2 / 2 for W^T W): "
             f"{sum(w.values()):.2f} forward passes of arithmetic before anything else. At the forward pass's "
             "FLOP rate the prune cannot go below that; the seconds above are that work at the rates these "
             "kernels reach, plus the rest.",

@@ -119,72 +119,78 @@ def _picks(monkeypatch):
 @pytest.mark.parametrize("with_target", [False, True])
 def test_auto_method_follows_the_cost_model(monkeypatch, with_target):
     """method="auto" runs what conv2d_method decides for the layer's (C, C_out, K, positions,
-    shifted rows): few outputs (C_out = 1 < K = 9) at stride 2 materialise, many (C_out = 64) at
-    stride 2 take the offsets identity, stride 1 the shifted products; and it follows the rule
-    when the rule says otherwise. Either way the statistics are exact."""
+    shifted rows): few outputs (C_out = 1 < K = 9) at stride 2 materialise, many (C_out = 64)
+    take the shifted products, a 1x1 conv at stride 2 the offsets identity; and it follows the
+    rule when the rule says otherwise. Either way the statistics are exact."""
     g = _g(4)
-    x = torch.randn(2, 4, 6, 6, generator=g, dtype=torch.float64)  # padding 1
+    x = torch.randn(2, 4, 6, 6, generator=g, dtype=torch.float64)
     ran = _picks(monkeypatch)
     rule_of_stats = L.conv2d_method  # the cost model's rule (gfs.engines.cost), as the layer statistics call it
-    plan = L._shift_plan(6, 6, 3, 3, (1, 1), (1, 1), 6, 6)
-    for C_out, stride, expected in ((1, 2, "materialise"), (64, 2, "offsets"), (64, 1, "shifts")):
-        H = 6 // stride
-        shift_rows = 2 * L._shift_rows(plan, 6, 6, 3, 3, (1, 1)) if stride == 1 else None
-        methods = ("offsets", "materialise") + (("shifts",) if stride == 1 else ())
-        W = torch.randn(C_out, 4, 3, 3, generator=g, dtype=torch.float64)
+    cases = ((1, 3, 2, 1, "materialise"), (64, 3, 1, 1, "shifts"), (64, 3, 2, 1, "shifts"), (64, 1, 2, 0, "offsets"))
+    for C_out, k, stride, padding, expected in cases:
+        H = (6 + 2 * padding - k) // stride + 1
+        plan = L._shift_plan(6, 6, k, k, (stride,) * 2, (padding,) * 2, (1, 1), H, H)
+        shift_rows = plan.rows(2) if k > 1 else None
+        W = torch.randn(C_out, 4, k, k, generator=g, dtype=torch.float64)
         target = torch.randn(2, C_out, H, H, generator=g, dtype=torch.float64) if with_target else None
-        conv = dict(padding=1, stride=stride)
-        assert rule_of_stats(4, C_out, 9, 2 * H * H, with_target, shift_rows=shift_rows) == expected
+        conv = dict(padding=padding, stride=stride)
+        assert rule_of_stats(4, C_out, k * k, 2 * H * H, with_target, shift_rows=shift_rows) == expected
         ran.clear()
         auto = S.conv2d_stats(x, W, target, **conv)
         assert set(ran) == {expected}, (C_out, ran)
-        for method in methods:
+        for method in ("offsets", "materialise", "shifts"):
             _close(auto, S.conv2d_stats(x, W, target, method=method, **conv))
-        for forced in methods:  # the rule decides, whatever it says
+        for forced in ("offsets", "materialise", "shifts"):  # the rule decides, whatever it says
             seen = []
 
-            def rule(*a, forced=forced, seen=seen, **k):
-                seen.append(dict(inspect.signature(rule_of_stats).bind(*a, **k).arguments))
+            def rule(*a, forced=forced, seen=seen, **kw):
+                seen.append(dict(inspect.signature(rule_of_stats).bind(*a, **kw).arguments))
                 return forced
 
             monkeypatch.setattr(L, "conv2d_method", rule)
             ran.clear()
             S.conv2d_stats(x, W, target, **conv)
             assert set(ran) == {forced}, (forced, ran)
-            asked = dict(C=4, C_out=C_out, K=9, positions=2 * H * H, has_target=with_target, shift_rows=shift_rows)
+            asked = dict(C=4, C_out=C_out, K=k * k, positions=2 * H * H, has_target=with_target, shift_rows=shift_rows)
             assert seen == [asked], seen
             S.conv2d_stats(x, W, target, method="offsets" if forced != "offsets" else "materialise", **conv)
             assert len(seen) == 1  # an explicit method does not ask the rule
         monkeypatch.setattr(L, "conv2d_method", rule_of_stats)
 
 
-SHIFTED = [  # stride-1 convs for the shifted products: (kernel, padding, dilation, H, W)
-    ((3, 3), (1, 1), (1, 1), 9, 8),  # "same": one border row / column per offset
-    ((3, 3), (0, 0), (1, 1), 6, 7),  # "valid": every offset reads less than the image
-    ((3, 3), (2, 2), (2, 2), 9, 8),
-    ((2, 3), (0, 1), (1, 1), 5, 5),
-    ((5, 5), (2, 2), (1, 1), 7, 6),
-    ((3, 3), (3, 1), (1, 2), 4, 9),  # padding beyond the kernel: outputs that read only zeros
-    ((3, 3), (1, 1), (1, 1), 1, 1),  # one pixel: most offsets read nothing
-    ((1, 3), (0, 1), (1, 1), 3, 3),
-    ((3, 3), (1, 1), (1, 1), 20, 18),  # large enough for the flat zero-padded layout
-    ((3, 3), (2, 2), (2, 2), 36, 36),
+SHIFTED = [  # convs for the shifted products: (kernel, stride, padding, dilation, H, W)
+    ((3, 3), (1, 1), (1, 1), (1, 1), 9, 8),  # "same": one border row / column per offset
+    ((3, 3), (1, 1), (0, 0), (1, 1), 6, 7),  # "valid": every offset reads less than the image
+    ((3, 3), (1, 1), (2, 2), (2, 2), 9, 8),
+    ((2, 3), (1, 1), (0, 1), (1, 1), 5, 5),
+    ((5, 5), (1, 1), (2, 2), (1, 1), 7, 6),
+    ((3, 3), (1, 1), (3, 1), (1, 2), 4, 9),  # padding beyond the kernel: outputs that read only zeros
+    ((3, 3), (1, 1), (1, 1), (1, 1), 1, 1),  # one pixel: most offsets read nothing
+    ((1, 3), (1, 1), (0, 1), (1, 1), 3, 3),
+    ((3, 3), (1, 1), (1, 1), (1, 1), 20, 18),  # large enough for the flat zero-padded layout
+    ((3, 3), (1, 1), (2, 2), (2, 2), 36, 36),
+    ((3, 3), (2, 2), (1, 1), (1, 1), 9, 8),  # stride 2: four phases of different sizes
+    ((3, 3), (2, 2), (0, 0), (1, 1), 8, 9),
+    ((3, 3), (2, 3), (2, 1), (2, 1), 11, 10),
+    ((5, 5), (3, 3), (2, 2), (1, 1), 10, 11),
+    ((1, 1), (2, 2), (0, 0), (1, 1), 7, 7),  # 1x1 at stride 2: one phase read
+    ((3, 3), (2, 2), (1, 1), (1, 1), 40, 38),  # stride 2 in the flat layout
 ]
 
 
-@pytest.mark.parametrize("geometry", SHIFTED, ids=lambda g: "k{}-p{}-d{}-{}x{}".format(*g))
+@pytest.mark.parametrize("geometry", SHIFTED, ids=lambda g: "k{}-s{}-p{}-d{}-{}x{}".format(*g))
 @pytest.mark.parametrize("with_target", [False, True])
 def test_shifts_equal_materialised(geometry, with_target):
-    """method="shifts" (one product per shift, borders corrected) equals the statistics of the
-    materialised contributions on "same", "valid", dilated, rectangular and over-padded convs,
-    with the whole-image products over exact rectangles (small images) and over the flat
-    zero-padded layout (large ones), summed over several chunks of positions."""
-    k, padding, dilation, H, W = geometry
+    """method="shifts" (one product per phase pair and shift, borders corrected) equals the
+    statistics of the materialised contributions on "same", "valid", dilated, rectangular,
+    over-padded and strided convs, with the whole-image products over exact rectangles (small
+    images) and over the flat zero-padded layout (large ones), summed over several chunks."""
+    k, stride, padding, dilation, H, W = geometry
     g = _g(5)
     x = torch.randn(3, 5, H, W, generator=g, dtype=torch.float64)
     weight = torch.randn(4, 5, *k, generator=g, dtype=torch.float64)
     bias = torch.randn(4, generator=g, dtype=torch.float64)
-    conv = dict(padding=padding, dilation=dilation)
+    conv = dict(stride=stride, padding=padding, dilation=dilation)
     dense = F.conv2d(x, weight, **conv)
     target = dense + bias[:, None, None] + torch.randn(dense.shape, generator=g, dtype=torch.float64)
     got = S.conv2d_stats(x, weight, target if with_target else None, bias, method="shifts", **conv)
@@ -196,7 +202,25 @@ def test_shifts_equal_materialised(geometry, with_target):
     want = gfs.GramStats.from_features(U.reshape(5, -1), y.reshape(-1))
     _close(got, want)
     _close(chunked, want)
-    assert (L._flat_layout(H, W, *k, dilation) is not None) == (H >= 18)
+    plan = L._shift_plan(H, W, *k, stride, padding, dilation, *dense.shape[2:])
+    assert (plan.padded is not None) == (H >= 18)
+
+
+def test_shifts_in_float32_and_rescaled():
+    """Float32 inputs: products in float32 over at most `chunk` positions, summed in float64
+    (the statistics say so); data whose products would overflow float32 go through the offsets
+    path's exact rescaling and give the same statistics scaled."""
+    g = _g(6)
+    x = torch.randn(4, 8, 20, 20, generator=g)
+    weight = torch.randn(8, 8, 3, 3, generator=g)
+    target = F.conv2d(x, weight, padding=1) + 0.1 * torch.randn(4, 8, 20, 20, generator=g)
+    got = S.conv2d_stats(x, weight, target, padding=1, method="shifts")
+    assert got.precision == torch.float32
+    exact = S.conv2d_stats(x.double(), weight.double(), target.double(), padding=1, method="shifts")
+    _close(got, exact, rtol=1e-5)
+    big = S.conv2d_stats(x * 2.0**100, weight, target * 2.0**100, padding=1, method="shifts")
+    assert torch.isfinite(big.G).all()
+    torch.testing.assert_close(big.G * 2.0**-200, exact.G, rtol=1e-5, atol=1e-5 * float(exact.G.abs().max()))
 
 
 @pytest.mark.parametrize("with_target", [False, True])
@@ -221,23 +245,6 @@ def test_pointwise_from_image_blocks(with_target, dtype):
         tol = 1e-10 if dtype == torch.float64 else 1e-5  # (float32: the target minus bias is rounded too)
         _close(got, want, rtol=tol, ysum_rtol=max(tol, 1e-8))
         assert got.precision == dtype
-
-
-def test_shifts_in_float32_and_rescaled():
-    """Float32 inputs: products in float32 over at most `chunk` positions, summed in float64
-    (the statistics say so); data whose products would overflow float32 go through the offsets
-    path's exact rescaling and give the same statistics scaled."""
-    g = _g(6)
-    x = torch.randn(4, 8, 20, 20, generator=g)
-    weight = torch.randn(8, 8, 3, 3, generator=g)
-    target = F.conv2d(x, weight, padding=1) + 0.1 * torch.randn(4, 8, 20, 20, generator=g)
-    got = S.conv2d_stats(x, weight, target, padding=1, method="shifts")
-    assert got.precision == torch.float32
-    exact = S.conv2d_stats(x.double(), weight.double(), target.double(), padding=1, method="shifts")
-    _close(got, exact, rtol=1e-5)
-    big = S.conv2d_stats(x * 2.0**100, weight, target * 2.0**100, padding=1, method="shifts")
-    assert torch.isfinite(big.G).all()
-    torch.testing.assert_close(big.G * 2.0**-200, exact.G, rtol=1e-5, atol=1e-5 * float(exact.G.abs().max()))
 
 
 BAD = {
@@ -266,11 +273,6 @@ BAD = {
         lambda: S.linear_stats(torch.zeros(5, 4), torch.zeros(3, 4), out=gfs.GramStats(3)),
         ValueError,
         "out must be GramStats of n=4",
-    ),
-    "shifts at stride 2": (
-        lambda: S.conv2d_stats(torch.zeros(1, 4, 5, 5), torch.zeros(2, 4, 3, 3), stride=2, method="shifts"),
-        ValueError,
-        "method 'shifts' takes stride 1, got stride=(2, 2)",
     ),
     "method": (
         lambda: S.conv2d_stats(torch.zeros(1, 4, 5, 5), torch.zeros(2, 4, 3, 3), method="fft"),

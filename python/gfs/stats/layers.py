@@ -3,6 +3,8 @@ without forming the N x M contributions (docs/design.md section 2)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .. import _scale
@@ -93,9 +95,9 @@ def conv2d_stats(
     method : {"auto", "offsets", "shifts", "materialise"}
         "offsets": G = N^2 sum over pairs of kernel offsets of (Wf^T Wf) * (X^T X) on the input
         patches (a 1x1 conv is the Linear identity), a few images at a time so the unfolded
-        patches stay under 256 MiB; "shifts" (stride 1 only): the same sums from one C x C
-        product per shift between offsets (13 for 3x3 instead of 45 offset pairs) with the image
-        border corrected exactly (module notes); "materialise": the contributions of a chunk of
+        patches stay under 256 MiB; "shifts": the same sums from one C x C product per phase of
+        the stride and shift between offsets (stride 1, 3x3: 13 instead of 45 offset pairs) with
+        the image border corrected exactly (module notes); "materialise": the contributions of a chunk of
         samples at a time (one grouped convolution) and their Gram. "auto" picks by
         `conv2d_method`'s cost rule.
     Other parameters as in `linear_stats`; x (B, C_in, H, W), weight (C_out, C_in, kh, kw),
@@ -123,16 +125,12 @@ def conv2d_stats(
     K, P, S = kh * kw, H * W_, x.shape[0] * H * W_
     if method not in ("auto", "offsets", "materialise", "shifts"):
         raise ValueError(f"unknown method {method!r}; choose 'auto', 'offsets', 'materialise' or 'shifts'")
-    if method == "shifts" and stride != (1, 1):
-        raise ValueError(f"method 'shifts' takes stride 1, got stride={stride}; use 'offsets' or 'auto'")
-    if method == "auto":
-        shift_rows = None
-        if stride == (1, 1) and K > 1:
-            plan = _shift_plan(x.shape[2], x.shape[3], kh, kw, padding, dilation, H, W_)
-            shift_rows = x.shape[0] * _shift_rows(plan, x.shape[2], x.shape[3], kh, kw, dilation)
+    plan = lambda: _shift_plan(x.shape[2], x.shape[3], kh, kw, stride, padding, dilation, H, W_)  # noqa: E731
+    if method == "auto":  # (a 1x1 conv takes the Linear identity: no shifts to share)
+        shift_rows = plan().rows(x.shape[0]) if K > 1 else None
         method = conv2d_method(C, C_out, K, S, target is not None, shift_rows=shift_rows)
     if method == "shifts":
-        done = _shift_stats(x, Y, weight, dilation, padding, H, W_, out)
+        done = _shift_stats(x, Y, weight, plan(), padding, dilation, H, W_, out)
         if done is not None:
             return done
         method = "offsets"  # data that need rescaling: the offsets path does it
@@ -316,69 +314,100 @@ def _amax(t: torch.Tensor) -> float:
     return max(-float(lo), float(hi))
 
 
-## Stride-1 convolutions: shifted products instead of offset pairs.
-# For stride 1 the patch entries of offsets a and a' are the input at q = o + d*a - p and at
-# q + s, s = d*(a' - a): (X^T X)[(j,a), (l,a')] = sum over q in R_a of x[q, j] x[q + s, l], R_a the
-# input positions offset a reads (clipped to the image; x is zero outside it). Over the whole
-# image that sum depends on the shift s alone: T_s = sum_q x[q] x[q + s]^T, one C x C product per
-# shift (13 for a 3x3 kernel, the other 12 are their transposes) instead of one per pair of
-# offsets (45). R_a differs from the whole image only in a few border rows and columns, whose
-# products are subtracted exactly (or, where the border is the larger part, R_a is summed
-# directly). Where zero padding adds little (large images), T_s is one GEMM over the image laid
-# out channels-last with zero columns and rows appended (the largest shift), flattened: a flat
-# shift pairs each position with the position s away or with a zero, never a wrong neighbour,
-# and needs no copy; small images take T_s over the exact rectangle instead.
+## Shifted products instead of offset pairs.
+# A conv of stride s reads, at output o and kernel offset a, the input at s*o + d*a - p. Split
+# the input into its s x s phases X_r[q] = x[s q + r] (r in [0, s)^2): offset a reads phase
+# r(a) = (d*a - p) mod s at q = o + c(a), c(a) = (d*a - p - r(a)) / s. So
+# (X^T X)[(j,a), (l,a')] = sum over o of X_r(a)[o + c(a), j] X_r(a')[o + c(a'), l] (zero outside a
+# phase): summed over a whole phase image it depends only on (r(a), r(a'), c(a') - c(a)), one
+# C x C product per such key instead of one per pair of offsets (stride 1: one phase, 13 shifts
+# for a 3x3 kernel instead of 45 pairs, each over the whole image; stride 2, 3x3: 34 keys over
+# phases a quarter the size, about the work of the 45 pairs over the outputs, and "auto"
+# chooses by that work).
+# The rows offset a reads differ from the whole phase image only in a few border rows and
+# columns, whose products are subtracted exactly (or, where the border is the larger part, the
+# rectangle read is summed directly). Where zero padding adds little (large images) a key's
+# whole-image product is one GEMM over the phase images laid out channels-last with zero rows
+# and columns after each image and a zero margin at both ends, flattened: a flat shift pairs each
+# position with the position t away or with a zero, never a wrong neighbour, and needs no copy;
+# small images take the exact rectangles instead.
 
 
-def _shift_plan(H, W, kh, kw, padding, dilation, H_out, W_out):
-    """For a stride-1 conv over an H x W input: one entry per unordered pair of kernel offsets,
-    (a, a2, t, whole, rect, border): t = d*(a2 - a) oriented to point down (or right), whole =
-    the rectangle (y0, y1, x0, x1) of input positions q with q + t inside the image, rect = the
-    part of it offset a reads, border = whole minus rect as rectangles (None where summing rect
-    directly is cheaper than the border)."""
-    (py, px), (dy, dx) = padding, dilation
-    offs = [(ay, ax) for ay in range(kh) for ax in range(kw)]
+@dataclass
+class _ShiftPlan:
+    """How `_shift_stats` sums a conv's offset pairs: ``pairs``, one per unordered pair of kernel
+    offsets (index a, index a2, key, whole, rect, border): key = (r, r2, t) the phases of a and
+    a2 and the shift t = c(a2) - c(a) (oriented so that key <= the transposed key), whole = the
+    rectangle (y0, y1, x0, x1) of phase-r positions q with q + t inside phase r2, rect = the part
+    offset a reads, border = whole minus rect as rectangles (None where summing rect directly is
+    cheaper); ``phases`` {r: (rows, cols)}; ``padded`` (rows, cols) of each image in the flat
+    layout, or None (exact rectangles)."""
+
+    stride: tuple
+    pairs: list
+    phases: dict
+    padded: tuple | None
+
+    def rows(self, images: int) -> int:
+        """Positions the plan's C x C products run over for ``images`` images: each key's
+        whole-image product (over the padded layout, or its rectangle) and each distinct border
+        or direct rectangle once."""
+        area = lambda r: (r[1] - r[0]) * (r[3] - r[2])  # noqa: E731
+        wholes = {(key, whole) for _, _, key, whole, _, border in self.pairs if border is not None}
+        rects = {
+            (key, r) for _, _, key, _, rect, border in self.pairs for r in (border if border is not None else [rect])
+        }
+        per_image = self.padded[0] * self.padded[1] if self.padded else 0
+        whole = len(wholes) * per_image if self.padded else sum(area(r) for _, r in wholes)
+        return images * (whole + sum(area(r) for _, r in rects))
+
+
+def _shift_plan(H, W, kh, kw, stride, padding, dilation, H_out, W_out) -> _ShiftPlan:
+    """The `_ShiftPlan` of a conv (kernel kh x kw, stride, padding, dilation) over H x W inputs."""
     area = lambda r: (r[1] - r[0]) * (r[3] - r[2])  # noqa: E731
-    plan = []
-    for i, first in enumerate(offs):
-        for second in offs[i:]:
-            a, a2 = first, second
-            t = (dy * (a2[0] - a[0]), dx * (a2[1] - a[1]))
-            if t < (0, 0):  # sum from a2's side: A(a, a2) is the transpose
-                a, a2, t = a2, a, (-t[0], -t[1])
-            v0, v1, w0, w1 = max(0, -t[0]), min(H, H - t[0]), max(0, -t[1]), min(W, W - t[1])
-            y0, x0 = max(v0, dy * a[0] - py), max(w0, dx * a[1] - px)
-            y1, x1 = max(y0, min(v1, dy * a[0] - py + H_out)), max(x0, min(w1, dx * a[1] - px + W_out))
+
+    def axis(k, s, p, d, n):  # per kernel offset along one axis: (phase, coarse offset)
+        return [((d * a - p) % s, (d * a - p) // s) for a in range(k)]
+
+    ys, xs = axis(kh, stride[0], padding[0], dilation[0], H), axis(kw, stride[1], padding[1], dilation[1], W)
+    offs = [(ys[ay], xs[ax]) for ay in range(kh) for ax in range(kw)]
+    size = lambda r, s, n: max(0, (n - r + s - 1) // s)  # noqa: E731  (positions of phase r)
+    phases = {
+        (ry, rx): (size(ry, stride[0], H), size(rx, stride[1], W)) for ry in range(stride[0]) for rx in range(stride[1])
+    }
+    pairs = []
+    for i, (ya, xa) in enumerate(offs):
+        for i2 in range(i, len(offs)):
+            (ya2, xa2) = offs[i2]
+            a, a2 = (i, (ya, xa)), (i2, (ya2, xa2))
+            key = ((ya[0], xa[0]), (ya2[0], xa2[0]), (ya2[1] - ya[1], xa2[1] - xa[1]))
+            flipped = (key[1], key[0], (-key[2][0], -key[2][1]))
+            if flipped < key:  # sum from a2's side: A(a, a2) is the transpose
+                a, a2, key = a2, a, flipped
+            (ry, rx), r2, (t0, t1) = key
+            (Hr, Wr), (Hr2, Wr2) = phases[(ry, rx)], phases[r2]
+            v0, v1 = max(0, -t0), min(Hr, Hr2 - t0)
+            w0, w1 = max(0, -t1), min(Wr, Wr2 - t1)
+            v1, w1 = max(v0, v1), max(w0, w1)
+            cy, cx = ys[a[0] // kw][1], xs[a[0] % kw][1]  # the coarse offset of a: it reads q = o + c
+            y0, x0 = max(v0, cy), max(w0, cx)
+            y1, x1 = max(y0, min(v1, cy + H_out)), max(x0, min(w1, cx + W_out))
             rect = (y0, y1, x0, x1)
             border = [(v0, y0, w0, w1), (y1, v1, w0, w1), (y0, y1, w0, x0), (y0, y1, x1, w1)]
             border = [r for r in border if r[1] > r[0] and r[3] > r[2]]
-            cheaper = sum(map(area, border)) < area(rect)  # (the whole-image sum is shared by every pair of shift t)
-            plan.append((a, a2, t, (v0, v1, w0, w1), rect, border if cheaper else None))
-    return plan
+            cheaper = sum(map(area, border)) < area(rect)  # (a key's whole-image sum serves all its pairs)
+            pairs.append((a[0], a2[0], key, (v0, v1, w0, w1), rect, border if cheaper else None))
+    Hm, Wm = max(h for h, _ in phases.values()), max(w for _, w in phases.values())
+    ty, tx = (max((abs(p[2][2][i]) for p in pairs), default=0) for i in (0, 1))
+    padded: tuple | None = (Hm + ty, Wm + tx)
+    if (Hm + ty) * (Wm + tx) > 1.25 * sum(h * w for h, w in phases.values()) / len(phases):
+        padded = None
+    return _ShiftPlan(tuple(stride), pairs, phases, padded)
 
 
-def _flat_layout(H, W, kh, kw, dilation) -> tuple[int, int] | None:
-    """(H_p, W_p) of the zero-padded flat layout for the whole-image shifted products, or None
-    where the padding would add more than a quarter to the image (exact rectangles instead)."""
-    Hp, Wp = H + dilation[0] * (kh - 1), W + dilation[1] * (kw - 1)
-    return (Hp, Wp) if Hp * Wp <= 1.25 * H * W else None
-
-
-def _shift_rows(plan, H, W, kh, kw, dilation) -> int:
-    """Positions per image that the plan's C x C products run over: each shift's whole-image
-    product (over the padded layout where `_flat_layout` takes it) and each distinct border or
-    direct rectangle once."""
-    area = lambda r: (r[1] - r[0]) * (r[3] - r[2])  # noqa: E731
-    padded = _flat_layout(H, W, kh, kw, dilation)
-    wholes = {(t, whole) for _, _, t, whole, _, border in plan if border is not None}
-    rects = {(t, r) for _, _, t, _, rect, border in plan for r in (border if border is not None else [rect])}
-    whole_rows = len(wholes) * padded[0] * padded[1] if padded else sum(area(r) for _, r in wholes)
-    return whole_rows + sum(area(r) for _, r in rects)
-
-
-def _shift_stats(x, Y, weight, dilation, padding, H_out, W_out, out) -> GramStats | None:
-    """conv2d_stats for stride 1 by shifted products (module notes above). None where the data
-    need rescaling (the offsets path does that)."""
+def _shift_stats(x, Y, weight, plan: _ShiftPlan, padding, dilation, H_out, W_out, out) -> GramStats | None:
+    """conv2d_stats by shifted products (module notes above). None where the data need
+    rescaling (the offsets path does that)."""
     import torch.nn.functional as F
     from torch.nn.grad import conv2d_weight
 
@@ -390,70 +419,82 @@ def _shift_stats(x, Y, weight, dilation, padding, H_out, W_out, out) -> GramStat
         return None
     chunk = stats.chunk
     f64 = dict(dtype=torch.float64, device=x.device)
-    # the input channels-last, (B, H, W, C); in the flat layout with zero rows and columns after
-    # each image and a tail for the largest shift
-    padded = _flat_layout(H, W, kh, kw, dilation)
-    Hp, Wp = padded or (H, W)
-    Z = torch.zeros(B * Hp * Wp + (Hp * Wp if padded else 0), C, dtype=cdt, device=x.device)
-    xc = Z[: B * Hp * Wp].view(B, Hp, Wp, C)[:, :H, :W]
-    xc.copy_(x.permute(0, 2, 3, 1))
+    sy, sx = plan.stride
+    # each phase channels-last, (B, rows, cols, C); in the flat layout, with zero rows and columns
+    # after each image and a zero margin at both ends (the largest flat shift)
+    Hp, Wp = plan.padded or (0, 0)
+    margin = Hp * Wp
+    flat, phase = {}, {}
+    for r, (hr, wr) in plan.phases.items():
+        src = x[:, :, r[0] :: sy, r[1] :: sx].permute(0, 2, 3, 1)
+        if plan.padded:
+            Z = torch.zeros(2 * margin + B * Hp * Wp, C, dtype=cdt, device=x.device)
+            phase[r] = Z[margin : margin + B * Hp * Wp].view(B, Hp, Wp, C)[:, :hr, :wr]
+            flat[r] = Z
+        else:
+            phase[r] = torch.empty(B, hr, wr, C, dtype=cdt, device=x.device)
+        phase[r].copy_(src)
     sums: dict[tuple, torch.Tensor] = {}
 
-    def region(t, r) -> torch.Tensor:
-        """sum over q in rectangle r of every image of x[q] x[q + t]^T: float64, the products
-        in the compute dtype over at most `chunk` positions each."""
-        if (t, r) not in sums:
-            y0, y1, x0, x1 = r
+    def region(key, rect) -> torch.Tensor:
+        """sum over q in rect of every image of X_r[q] X_r2[q + t]^T: float64, the products in the
+        compute dtype over at most `chunk` positions each."""
+        if (key, rect) not in sums:
+            r, r2, t = key
+            y0, y1, x0, x1 = rect
             acc = torch.zeros(C, C, **f64)
-            if y1 <= y0 or x1 <= x0:
-                sums[(t, r)] = acc
-                return acc
-            rows = max(1, min(y1 - y0, chunk // (x1 - x0)))  # rows of one image per product
-            per = max(1, chunk // (rows * (x1 - x0)))  # images per product
-            for i in range(0, B, per):
-                for r0 in range(y0, y1, rows):
-                    r1 = min(y1, r0 + rows)
-                    P = xc[i : i + per, r0:r1, x0:x1].reshape(-1, C)
-                    Q = xc[i : i + per, r0 + t[0] : r1 + t[0], x0 + t[1] : x1 + t[1]].reshape(-1, C)
-                    acc += (P.T @ Q).double()
-            sums[(t, r)] = acc
-        return sums[(t, r)]
+            if y1 > y0 and x1 > x0:
+                rows = max(1, min(y1 - y0, chunk // (x1 - x0)))  # rows of one image per product
+                per = max(1, chunk // (rows * (x1 - x0)))  # images per product
+                for i in range(0, B, per):
+                    for q0 in range(y0, y1, rows):
+                        q1 = min(y1, q0 + rows)
+                        P = phase[r][i : i + per, q0:q1, x0:x1].reshape(-1, C)
+                        Q = phase[r2][i : i + per, q0 + t[0] : q1 + t[0], x0 + t[1] : x1 + t[1]].reshape(-1, C)
+                        acc += (P.T @ Q).double()
+            sums[(key, rect)] = acc
+        return sums[(key, rect)]
 
-    def whole_image(t, r) -> torch.Tensor:
-        """region(t, r) for r the whole-image rectangle of t: one GEMM a chunk of the flat layout."""
-        if padded is None:
-            return region(t, r)
-        if (t, r) not in sums:
+    def whole_image(key, rect) -> torch.Tensor:
+        """region(key, rect) for rect the whole-image rectangle of key: one GEMM a chunk of the
+        flat layout where the plan takes it."""
+        if plan.padded is None:
+            return region(key, rect)
+        if (key, rect) not in sums:
+            r, r2, t = key
             off, n = t[0] * Wp + t[1], B * Hp * Wp
             acc = torch.zeros(C, C, **f64)
-            for r0 in range(0, n, chunk):
-                r1 = min(n, r0 + chunk)
-                acc += (Z[r0:r1].T @ Z[r0 + off : r1 + off]).double()
-            sums[(t, r)] = acc
-        return sums[(t, r)]
+            for q0 in range(margin, margin + n, chunk):
+                q1 = min(margin + n, q0 + chunk)
+                acc += (flat[r][q0:q1].T @ flat[r2][q0 + off : q1 + off]).double()
+            sums[(key, rect)] = acc
+        return sums[(key, rect)]
 
     Wk = weight.to(cdt).reshape(C_out, C, K)
     Wt = Wk.permute(2, 1, 0).contiguous()  # (K, C, C_out)
     Gh = torch.zeros(C, C, **f64)
-    for a, a2, t, whole, rect, border in _shift_plan(H, W, kh, kw, padding, dilation, H_out, W_out):
+    for ia, ia2, key, whole, rect, border in plan.pairs:
         if border is None:
-            A = region(t, rect)
+            A = region(key, rect)
         else:
-            A = whole_image(t, whole).clone()
+            A = whole_image(key, whole).clone()
             for r in border:
-                A -= region(t, r)
-        ia, ia2 = a[0] * kw + a[1], a2[0] * kw + a2[1]
+                A -= region(key, r)
         M = (Wt[ia] @ Wt[ia2].T).double()  # (W^T W)[(j,a), (l,a2)]: C_out terms
         Gh.addcmul_(M, A, value=0.5 if ia == ia2 else 1.0)
     G = Gh + Gh.T
-    # each offset's patch entries summed: the input summed over the rectangle the offset reads
-    cum = F.pad(xc.sum(0, dtype=torch.float64).cumsum(0).cumsum(1), (0, 0, 1, 0, 1, 0))  # (H+1, W+1, C)
+    # each offset's patch entries summed: its phase summed over the rectangle the offset reads
+    cums = {r: F.pad(p.sum(0, dtype=torch.float64).cumsum(0).cumsum(1), (0, 0, 1, 0, 1, 0)) for r, p in phase.items()}
     xsum = torch.zeros(C, K, **f64)
     for ay in range(kh):
         for ax in range(kw):
-            y0, y1 = max(0, dilation[0] * ay - padding[0]), min(H, dilation[0] * ay - padding[0] + H_out)
-            x0, x1 = max(0, dilation[1] * ax - padding[1]), min(W, dilation[1] * ax - padding[1] + W_out)
+            r = ((dilation[0] * ay - padding[0]) % sy, (dilation[1] * ax - padding[1]) % sx)
+            cy, cx = (dilation[0] * ay - padding[0]) // sy, (dilation[1] * ax - padding[1]) // sx
+            hr, wr = plan.phases[r]
+            y0, y1 = max(0, cy), min(hr, cy + H_out)
+            x0, x1 = max(0, cx), min(wr, cx + W_out)
             if y1 > y0 and x1 > x0:
+                cum = cums[r]
                 xsum[:, ay * kw + ax] = cum[y1, x1] - cum[y0, x1] - cum[y1, x0] + cum[y0, x0]
     YtX = None
     if Y is not None:  # Y^T X at every offset is the conv's weight gradient: a few images at a time
@@ -461,7 +502,7 @@ def _shift_stats(x, Y, weight, dilation, padding, H_out, W_out, out) -> GramStat
         per = max(1, chunk // (H_out * W_out))
         for i in range(0, B, per):
             xi, yi = x[i : i + per].to(cdt), Y[i : i + per].to(cdt)
-            YtX += conv2d_weight(xi, weight.shape, yi, padding=padding, dilation=dilation).double()
+            YtX += conv2d_weight(xi, weight.shape, yi, stride=plan.stride, padding=padding, dilation=dilation).double()
         YtX = YtX.reshape(C_out, C, K)
     return _finish(stats, G, Wk, xsum, YtX, Y, S)
 
