@@ -125,12 +125,16 @@ def conv2d_stats(
     K, P, S = kh * kw, H * W_, x.shape[0] * H * W_
     if method not in ("auto", "offsets", "materialise", "shifts"):
         raise ValueError(f"unknown method {method!r}; choose 'auto', 'offsets', 'materialise' or 'shifts'")
-    plan = lambda: _shift_plan(x.shape[2], x.shape[3], kh, kw, stride, padding, dilation, H, W_)  # noqa: E731
-    if method == "auto":  # (a 1x1 conv takes the Linear identity: no shifts to share)
-        shift_rows = plan().rows(x.shape[0]) if K > 1 else None
+    plan = None
+    if method == "shifts" or (method == "auto" and K > 1):  # (a 1x1 conv: no shifts to share)
+        plan = _shift_plan(x.shape[2], x.shape[3], kh, kw, stride, padding, dilation, H, W_)
+    if method == "auto":
+        shift_rows = None if plan is None else plan.rows(x.shape[0])
         method = conv2d_method(C, C_out, K, S, target is not None, shift_rows=shift_rows)
     if method == "shifts":
-        done = _shift_stats(x, Y, weight, plan(), padding, dilation, H, W_, out)
+        if plan is None:  # (the rule chose shifts for a 1x1 conv)
+            plan = _shift_plan(x.shape[2], x.shape[3], kh, kw, stride, padding, dilation, H, W_)
+        done = _shift_stats(x, Y, weight, plan, padding, dilation, H, W_, out)
         if done is not None:
             return done
         method = "offsets"  # data that need rescaling: the offsets path does it
