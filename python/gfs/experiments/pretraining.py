@@ -41,6 +41,7 @@ import hashlib
 import json
 import math
 import os
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -608,10 +609,11 @@ def plot_study(summary: list[dict], line: dict[int, dict], cfg: PretrainingConfi
     fig.colorbar(
         im, ax=axes[0].tolist(), extend="min", label="pruned accuracy on its training sub-set (mean over seeds)"
     )
-    fig.suptitle(
-        f"{cfg.dataset}: pruned (no fine-tuning) accuracy vs data-set size and pre-training; {len(cfg.seeds)} seed(s)",
-        fontsize=10,
+    title = (
+        f"{cfg.dataset}: pruned (no fine-tuning) accuracy vs data-set size and pre-training; {len(cfg.seeds)} seed(s)"
     )
+    # wrapped to the figure's width (about 12 characters an inch at this size): one width is narrow
+    fig.suptitle("\n".join(textwrap.wrap(title, int(12 * fig.get_figwidth()))), fontsize=10)
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path
