@@ -265,8 +265,9 @@ def _run(cfg: DemoConfig, console) -> dict:
 
 def _run_two_layer(cfg: DemoConfig, console, phases: dict) -> dict:
     """The two-layer part: train, prune for every k, random subsets, timing. Returns its results."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
+
+    from ._progress import progress_bar
 
     t_start = time.perf_counter()
 
@@ -289,15 +290,7 @@ def _run_two_layer(cfg: DemoConfig, console, phases: dict) -> dict:
     steps = cfg.steps or (300 if len(x_tr) <= 4096 else 800)
     net = TwoLayerNet(ds.dim, cfg.hidden, ds.classes, gen)
     t0 = time.perf_counter()
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    ) as progress:
+    with progress_bar("{task.description}", "loss {task.fields[loss]:.4f}", console=console) as progress:
         train_losses = train_dense(net, x_tr, y_tr, cfg, steps, gen, progress)
     train_seconds = phases["train"] = time.perf_counter() - t0
     net.eval()

@@ -498,16 +498,9 @@ def _dense_weights(job: PruneJob, flow: Workflow, model, say, rank: int = 0) -> 
 def _calibration(flow: Workflow, samples: int, console) -> list:
     if not flow.progress:
         return flow.calibration(samples)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from ._progress import progress_bar
 
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
+    with progress_bar(console=console, transient=True) as bar:
         task = bar.add_task("calibration images", total=samples)
         return flow.calibration(samples, progress=lambda n: bar.update(task, completed=n))
 

@@ -672,22 +672,9 @@ def _run_with_progress(work, todo, skipped, progress):
     if not (todo and progress):
         work(lambda *a: None)
         return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from .._progress import progress_bar
 
-    with Progress(
-        TextColumn("[bold]study[/] {task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    ) as bar:
+    with progress_bar("[bold]study[/] {task.description}", remaining=True) as bar:
         task = bar.add_task(f"{len(todo)} cells ({skipped} resumed)", total=len(todo))
         work(lambda w, s, sd: bar.update(task, advance=1, description=f"width {w} size {s} seed {sd}"))
 

@@ -96,28 +96,11 @@ def _progress(progress, console):
     """A rich Progress (or None): ``progress`` is a bool or an existing rich Progress."""
     if progress is False or progress is None:
         return None, False
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from .._progress import progress_bar
 
     if not isinstance(progress, bool):  # the caller's Progress: use it, don't start / stop it
         return progress, False
-    bar = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
-    return bar, True
+    return progress_bar("{task.description}", "{task.fields[info]}", remaining=True, console=console), True
 
 
 def finetune(

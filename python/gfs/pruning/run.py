@@ -1052,19 +1052,13 @@ class _Progress:
         if not enabled:
             return
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from .._progress import progress_bar
 
         console = Console(stderr=True)
         if not (console.is_terminal or console.is_jupyter):  # a log file: no bar (it would only add a blank line)
             return
-        self.bar = Progress(
-            TextColumn(r"\[gfs.prune] {task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-        )
+        self.bar = progress_bar(r"\[gfs.prune] {task.description}", console=console, transient=True)
         self.groups = self.bar.add_task("groups", total=groups)
         self.steps = self.bar.add_task("channels", total=1, visible=False) if steps else None
 
