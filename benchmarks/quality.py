@@ -487,31 +487,26 @@ def gfs_method(model, calib, layers, target: float, opts: dict, recal_batches, s
             info["search_seconds"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             result = gfs.prune(current, calib, ratio=ratio, **common)
-        elif opts["budget"] == "count":  # one channel count for every group
-            keeps = fm.equal_count(round_target)
-            if keeps is None:
-                raise RuntimeError(f"cannot reach {round_target:.3g} FLOPs with one channel per group")
+        else:  # per-group keep counts
+            if opts["budget"] == "count":  # one channel count for every group
+                keeps = fm.equal_count(round_target)
+                if keeps is None:
+                    raise RuntimeError(f"cannot reach {round_target:.3g} FLOPs with one channel per group")
+            elif opts["budget"] == "lamp":  # Torch-Pruning's LAMP global allocation, gfs's channels in each group
+                lamp = {"importance": "lamp", "global": True}
+                allocated, _ = tp_method(current, calib, layers, round_target, lamp, seed)
+                keeps = {g.name: int(allocated.get_submodule(g.producer).weight.shape[0]) for g in groups}
+            else:  # from the loss curves of a gfs.prune at ratio 1
+                with torch.no_grad():
+                    profile = gfs.prune(current, calib, ratio=1.0, **common)
+                curves = relative_curves(current, calib, profile, groups)
+                if opts["budget"] == "global":
+                    keeps = fm.allocate(curves, round_target)
+                else:
+                    keeps, eps = fm.equal_loss(curves, round_target)
+                    entry["relative_eps"] = eps
+                entry["profile_seconds"] = profile.seconds
             entry.update(keeps=keeps, predicted_flops=fm.flops(keeps))
-            info["search_seconds"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            result = prune_keeps(current, calib, keeps, **common)
-        elif opts["budget"] == "lamp":  # Torch-Pruning's LAMP global allocation, gfs's channels in each group
-            allocated, _ = tp_method(current, calib, layers, round_target, {"importance": "lamp", "global": True}, seed)
-            keeps = {g.name: int(allocated.get_submodule(g.producer).weight.shape[0]) for g in groups}
-            entry.update(keeps=keeps, predicted_flops=fm.flops(keeps))
-            info["search_seconds"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            result = prune_keeps(current, calib, keeps, **common)
-        else:
-            with torch.no_grad():
-                profile = gfs.prune(current, calib, ratio=1.0, **common)
-            curves = relative_curves(current, calib, profile, groups)
-            if opts["budget"] == "global":
-                keeps = fm.allocate(curves, round_target)
-            else:
-                keeps, eps = fm.equal_loss(curves, round_target)
-                entry["relative_eps"] = eps
-            entry.update(keeps=keeps, predicted_flops=fm.flops(keeps), profile_seconds=profile.seconds)
             info["search_seconds"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             result = prune_keeps(current, calib, keeps, **common)

@@ -372,8 +372,8 @@ def conv2d_method(
 ) -> str:
     """conv2d_stats' "auto" choice for a C -> C_out conv with K kernel offsets over `positions`
     output positions: "offsets" (GEMMs on the patches, ~ positions (C K)^2 / 2 multiply-adds),
-    "shifts" where the conv has stride 1 (`shift_rows`: the rows of the C x C shifted products
-    its plan multiplies, ~ shift_rows C^2) or materialising (a grouped convolution,
+    "shifts" where the caller offers them (`shift_rows`: the rows of the C x C products of
+    gfs.stats' shift plan, ~ shift_rows C^2) or materialising (a grouped convolution,
     ~ positions C C_out K counted GROUPED_CONV_SLOWDOWN times, then a Gram of
     positions C_out C^2 / 2), whichever is cheapest (ties: that order)."""
     common = C_out * (C * K) ** 2 + (positions * C * K * C_out if has_target else 0)

@@ -239,7 +239,7 @@ def gram_statistics(X: torch.Tensor, layer: nn.Module, target: torch.Tensor) -> 
     N x M candidate matrix. Float32 inputs are multiplied in float32 and summed in float64.
 
     A Conv2d goes through conv2d_stats with method="auto" (its cost rule picks the "offsets"
-    identity, the "shifts" products at stride 1 or chunked materialisation; each is exact)."""
+    identity, the "shifts" products or chunked materialisation; each is exact)."""
     why = gram_unsupported(layer)
     if why is not None:
         raise ValueError(f"the Gram layer statistics cannot take this consumer ({why}); use group_statistics")
