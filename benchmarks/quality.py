@@ -82,7 +82,7 @@ from prune_baselines import commit, machine  # noqa: E402
 FACTORS = (2, 4)  # FLOPs reduction targets
 MODELS = ("resnet56", "mobilenet_v2")
 TP_IMPORTANCES = ("l1", "bnscale", "taylor", "fpgm", "lamp", "random")
-GFS_DEFAULTS = {"step": "uniform", "budget": "uniform", "rounds": 1, "rescale": 0, "fold": 1}
+GFS_DEFAULTS = {"step": "uniform", "budget": "uniform", "rounds": 1, "rescale": 0, "fold": 1, "imitate": "output"}
 # Named methods; gfs[...] spells any other combination of the gfs options.
 METHODS = {
     "gfs": {},
@@ -136,7 +136,8 @@ def parse_method(text: str) -> dict:
             key, _, value = part.partition("=")
             if key not in GFS_DEFAULTS or not value:
                 raise ValueError(
-                    f"method {text!r}: unknown option {part!r} (options: step=, budget=, rounds=, rescale=, fold=)"
+                    f"method {text!r}: unknown option {part!r} "
+                    "(options: step=, budget=, rounds=, rescale=, fold=, imitate=)"
                 )
             opts[key] = int(value) if key in ("rounds", "rescale", "fold") else value
         if opts["step"] not in ("uniform", "line_search", "refit"):
@@ -145,6 +146,8 @@ def parse_method(text: str) -> dict:
             raise ValueError(f"method {text!r}: budget must be uniform, global, eps, lamp or count")
         if opts["rounds"] < 1:
             raise ValueError(f"method {text!r}: rounds must be >= 1")
+        if opts["imitate"] not in ("output", "normalized", "recalibrated"):
+            raise ValueError(f"method {text!r}: imitate must be output, normalized or recalibrated")
         return {"name": text, "kind": "gfs", **opts}
     m = re.fullmatch(r"tp-([a-z0-9]+)(-global)?", text)
     if m and m.group(1) in TP_IMPORTANCES:
@@ -477,7 +480,9 @@ def gfs_method(model, calib, layers, target: float, opts: dict, recal_batches, s
         round_target = dense * (target / dense) ** ((r + 1) / opts["rounds"])
         groups = chosen_groups(current, layers, example)
         fm = FlopModel(current, groups, example)
-        common = dict(criterion="local", step=opts["step"], layers=layers, progress=False, seed=seed)
+        common = dict(
+            criterion="local", step=opts["step"], imitate=opts["imitate"], layers=layers, progress=False, seed=seed
+        )
         entry = {"target_flops": round_target}
         if opts["budget"] == "uniform":
             ratio = fm.uniform_ratio(round_target)

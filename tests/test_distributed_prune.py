@@ -36,6 +36,7 @@ CASES = {
     "uniform": dict(ratio=0.5),
     "line_search": dict(ratio=0.5, step="line_search", replacement=True),
     "l1": dict(ratio=0.5, criterion="l1"),
+    "normalized": dict(ratio=0.5, imitate="normalized"),  # each rank's statistics weighted, then summed
 }
 
 
@@ -108,6 +109,7 @@ def _worker(rank, world, path, out):
     result["checkpoint"] = (_record(first), _record(again))
     result["mismatch"] = _attempt(lambda: gfs.prune(_model(), mine, ratio=0.5 if rank == 0 else 0.25, **common))
     result["loss"] = _attempt(lambda: gfs.prune(_model(), mine, ratio=0.5, criterion="loss", **common))
+    result["recalibrated"] = _attempt(lambda: gfs.prune(_model(), mine, ratio=0.5, imitate="recalibrated", **common))
 
     capture = run.PruneRun.capture
 
@@ -232,6 +234,7 @@ ERRORS = {
     # case: (exception type on both ranks, a pattern each rank's message must match)
     "mismatch": ("ValueError", r"disagree on ratio: ratio=0.5 on rank 0, ratio=0.25 on rank 1"),
     "loss": ("ValueError", r"rank 0 of 2: criterion 'loss' is not data-parallel"),
+    "recalibrated": ("ValueError", r"rank 0 of 2: imitate='recalibrated' is not data-parallel"),
     "fails": ("ValueError", r"rank 1 of 2: injected: rank 1 cannot read its third group's activations"),
 }
 

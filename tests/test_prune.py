@@ -500,6 +500,78 @@ def test_keep_per_group_mapping():
         prune(model, x, keep={"layer1.0.conv1": 5}, layers="layer1.*", progress=False)
 
 
+def test_imitate_normalized_weighs_the_error_by_the_batchnorm_after_the_consumer():
+    """imitate="normalized": a consumer followed by a BatchNorm imitates that BatchNorm's output;
+    the report's loss is then the squared error of the BatchNorm's output in the pruned network
+    (the first group's input is the original one); consumers without one imitate their output;
+    a BatchNorm with the same gamma / sigma on every channel changes nothing."""
+    for name, producer, consumer_bn in (("cnn", "0", "5"), ("mlp", "1", "4")):
+        model, x = build(name)  # (the next group slices that BatchNorm: prune only the first)
+        res = prune(model, x, ratio=0.5, layers=producer, imitate="normalized", progress=False)
+        first = res.report[0]
+        _, orig = outputs_at(eval_copy(model), x, [consumer_bn])
+        _, new = outputs_at(res.model, x, [consumer_bn])
+        want = float(((new[consumer_bn].double() - orig[consumer_bn].double()) ** 2).mean())
+        assert abs(first.loss - want) <= 1e-4 * want, (name, first.loss, want)
+        plain = prune(model, x, ratio=0.5, layers=producer, progress=False)
+        differs = not torch.equal(first.kept, plain.report[0].kept)
+        assert differs or not torch.allclose(first.scale, plain.report[0].scale)  # the weighting mattered
+        whole = prune(model, x, ratio=0.5, imitate="normalized", progress=False)  # every group
+        second = whole.report[-1]  # (its consumer, the classifier, has no BatchNorm after it)
+        _, orig = outputs_at(eval_copy(model), x, [second.consumer])
+        _, new = outputs_at(whole.model, x, [second.consumer])
+        want = float(((new[second.consumer].double() - orig[second.consumer].double()) ** 2).mean())
+        assert abs(second.loss - want) <= 1e-4 * want, (name, second.loss, want)
+    model, x = build("cnn")  # the second group's consumer (a 1x1 conv -> ReLU) has no BatchNorm after it
+    a = prune(model, x, ratio=0.5, layers="4", imitate="normalized", progress=False)
+    b = prune(model, x, ratio=0.5, layers="4", progress=False)
+    assert torch.equal(a.report[0].kept, b.report[0].kept) and torch.equal(a.report[0].scale, b.report[0].scale)
+    with torch.no_grad():  # the same weight on every channel: the same selection
+        model[5].weight.fill_(0.7)
+        model[5].running_var.fill_(2.0)
+    a = prune(model, x, ratio=0.5, layers="0", imitate="normalized", step="refit", progress=False)
+    b = prune(model, x, ratio=0.5, layers="0", step="refit", progress=False)
+    assert torch.equal(a.report[0].kept, b.report[0].kept)
+    assert torch.allclose(a.report[0].scale, b.report[0].scale, rtol=1e-4)
+    with pytest.raises(ValueError, match="imitate must be 'output', 'normalized' or 'recalibrated'"):
+        prune(model, x, ratio=0.5, imitate="bn", progress=False)
+    with pytest.raises(ValueError, match="imitate= applies to criterion 'local'"):
+        prune(model, x, ratio=0.5, imitate="normalized", criterion="l1", progress=False)
+
+
+def test_imitate_recalibrated_leaves_each_output_channel_mean_free(monkeypatch):
+    """imitate="recalibrated": the loss is the BatchNorm's output error with each channel's mean
+    over the positions removed; the Gram statistics and the materialised candidates agree."""
+    from gfs.pruning import criteria
+
+    for name, producer, consumer_bn in (("cnn", "0", "5"), ("mlp", "1", "4")):
+        model, x = build(name)
+        res = prune(model, x, ratio=0.5, layers=producer, imitate="recalibrated", step="refit", progress=False)
+        r = res.report[0]
+        _, orig = outputs_at(eval_copy(model), x, [consumer_bn])
+        _, new = outputs_at(res.model, x, [consumer_bn])
+        err = new[consumer_bn].double() - orig[consumer_bn].double()
+        err = err - err.mean((0, 2, 3) if err.dim() == 4 else 0, keepdim=True)
+        want = float((err**2).mean())
+        assert abs(r.loss - want) <= 1e-4 * want, (name, r.loss, want)
+        monkeypatch.setattr(criteria.LocalImitation, "method", "materialise")
+        mat = prune(model, x, ratio=0.5, layers=producer, imitate="recalibrated", step="refit", progress=False)
+        monkeypatch.undo()
+        assert torch.equal(mat.report[0].kept, r.kept), name
+        torch.testing.assert_close(mat.report[0].scale, r.scale, rtol=1e-4, atol=1e-6)
+        assert mat.report[0].loss == pytest.approx(r.loss, rel=1e-4)
+    model, x = build("mlp")  # a constant channel into the Linear consumer: its centred output is 0
+    with torch.no_grad():
+        model[1].weight[5] = 0.0
+        model[1].bias[5] = 1e3
+    res = prune(model, x, ratio=0.5, layers="1", imitate="recalibrated", step="refit", progress=False)
+    _, orig = outputs_at(eval_copy(model), x, ["4"])
+    _, new = outputs_at(res.model, x, ["4"])
+    err = new["4"].double() - orig["4"].double()
+    want = float(((err - err.mean(0, keepdim=True)) ** 2).mean())
+    assert abs(res.report[0].loss - want) <= 1e-4 * want
+
+
 # ---- save / load -----------------------------------------------------------------------------
 
 

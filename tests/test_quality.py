@@ -69,6 +69,10 @@ def test_methods_by_name(Q):
     assert set(Q.DEFAULT_METHODS) <= set(Q.ALL_METHODS) and set(Q.QUICK_METHODS) <= set(Q.ALL_METHODS)
     assert Q.parse_method("gfs-nofold")["fold"] == 0 and Q.parse_method("gfs[fold=0]")["fold"] == 0
     assert Q.parse_method("gfs-count")["budget"] == "count" == Q.parse_method("gfs[budget=count]")["budget"]
+    assert Q.parse_method("gfs")["imitate"] == "output"
+    assert Q.parse_method("gfs[step=refit,imitate=normalized]")["imitate"] == "normalized"
+    with pytest.raises(ValueError, match="imitate must be"):
+        Q.parse_method("gfs[imitate=bn]")
 
 
 @pytest.mark.parametrize("name", ["resnet56", "mobilenet_v2"])

@@ -82,6 +82,30 @@ def test_merge_equals_one_pass():
         a.merge(U)
 
 
+def test_centred_is_the_problem_with_block_means_removed():
+    gen = torch.Generator().manual_seed(3)
+    N, K, P = 7, 3, 40  # entries: K blocks of P (block-major)
+    U = torch.randn(N, K * P, dtype=torch.float64, generator=gen) + 2.0
+    y = torch.randn(K * P, dtype=torch.float64, generator=gen) - 1.0
+    stats = GramStats.from_features(U, y)
+    S, t = U.view(N, K, P).sum(2), y.view(K, P).sum(1)
+    got = stats.centred(S, t, P)
+    Uc = (U.view(N, K, P) - U.view(N, K, P).mean(2, keepdim=True)).reshape(N, -1)
+    yc = (y.view(K, P) - y.view(K, P).mean(1, keepdim=True)).reshape(-1)
+    want = GramStats.from_features(Uc, yc)
+    torch.testing.assert_close(got.G, want.G, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(got.b, want.b, rtol=1e-12, atol=1e-9)
+    assert got.yy == pytest.approx(want.yy, rel=1e-12) and got.count == want.count
+    assert torch.equal(got.G, got.G.T)
+    assert stats.G.equal(GramStats.from_features(U, y).G)  # unchanged
+    a, b = gfs.select(got, k=4), gfs.select(Uc, yc, k=4)
+    assert torch.equal(a.support, b.support) and a.loss == pytest.approx(b.loss, rel=1e-9)
+    with pytest.raises(ValueError, match="u_sums must be"):
+        stats.centred(S[:, :2], t, P)
+    with pytest.raises(ValueError, match="per_block must be"):
+        stats.centred(S, t, 0)
+
+
 def test_save_and_load_round_trip(tmp_path):
     U, y = _data(N=6, M=30, dtype=torch.float32)
     stats = GramStats.from_features(U, y)

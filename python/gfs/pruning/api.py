@@ -152,6 +152,7 @@ def prune(
     checkpoint=None,
     group=None,
     timeout=DEFAULT_TIMEOUT,
+    imitate="output",
 ) -> PruneResult:
     """Prune the channels of ``model`` group by group; return a new, physically smaller model.
 
@@ -243,6 +244,19 @@ def prune(
         "refit" the scales agree to rounding. Criterion "loss" is not data-parallel (it runs
         the network per candidate): use it in one process. gloo for CPU models, NCCL for one
         GPU per rank. A group of one rank is the single-process run.
+    imitate : {"output", "normalized", "recalibrated"}
+        Criterion "local": what each group's selection imitates. "output" (the default, the
+        papers' local imitation): the consumer's output. Where the consumer's output goes to a
+        BatchNorm and nowhere else (ResNet's conv2 -> bn2, MobileNetV2's projection), the other
+        two imitate that BatchNorm's output instead. "normalized": the error on output channel o
+        weighted by the BatchNorm's ``gamma_o / sqrt(running_var_o + eps)`` (the BatchNorm's
+        output error exactly). "recalibrated": that weighted error with each output channel's
+        mean over the positions removed, since a BatchNorm recalibration after pruning
+        (running statistics re-estimated on training images, as ``gfs bench quality`` does
+        before fine-tuning) re-estimates the means (the variances it also re-estimates are not
+        modelled). Other consumers imitate their output. The report's losses are those of the
+        error imitated.
+        "recalibrated" is not data-parallel (the means are over all the batches).
     timeout : float seconds or timedelta
         Data-parallel: bounds every collective (default 5 minutes; the group's own timeout is
         restored afterwards). A rank that raises, or fails to write the checkpoint, makes every
@@ -279,6 +293,7 @@ def prune(
         shortlist=shortlist,
         tolerance=tolerance,
         checkpoint=checkpoint,
+        imitate=imitate,
     )
     if ranks is None:
         return run_all(_new_run(model, calibration, **kwargs))
@@ -321,6 +336,7 @@ def _new_run(
     shortlist,
     tolerance,
     checkpoint,
+    imitate,
     ranks=None,
 ) -> PruneRun:
     """The arguments checked, and the PruneRun (planned: traced, groups, runners)."""
@@ -336,6 +352,15 @@ def _new_run(
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int, got {seed!r}")
     checkpoint = _check_checkpoint(checkpoint)
+    if imitate not in ("output", "normalized", "recalibrated"):
+        raise ValueError(f"imitate must be 'output', 'normalized' or 'recalibrated', got {imitate!r}")
+    if imitate != "output" and criterion != "local":
+        raise ValueError(f"imitate= applies to criterion 'local' (what its selection imitates), not {criterion!r}")
+    if imitate == "recalibrated" and ranks is not None:
+        raise ValueError(
+            "imitate='recalibrated' is not data-parallel (each output channel's mean is over all the batches): "
+            "run it in one process, or use imitate='normalized'"
+        )
     run = PruneRun(
         model,
         calibration,
@@ -351,6 +376,7 @@ def _new_run(
         backend=backend,
         loss_options=loss_opts,
         checkpoint=checkpoint,
+        imitate=imitate,
         **({} if ranks is None else {"ranks": ranks}),
     )
     return run

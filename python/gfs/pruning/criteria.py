@@ -14,7 +14,10 @@ The pruned consumer then computes ``consumer(X * s)`` with ``s_j = scale_j`` on 
   N x M tensor), exact on every output. Consumers layer_stats cannot take (a Conv2d with
   padding_mode other than "zeros", or string padding) fall back to :func:`group_statistics`, the
   materialised candidate matrix, which subsamples output positions beyond MAX_ELEMENTS (the
-  report's ``sampled`` then says which fraction was used).
+  report's ``sampled`` then says which fraction was used). With ``imitate="normalized"`` a
+  consumer followed by a BatchNorm imitates that BatchNorm's output (:func:`weigh_outputs`: its
+  output channel o weighted by gamma_o / sigma_o), with ``"recalibrated"`` also with each output
+  channel's mean over the positions free (:func:`output_sums`, ``GramStats.centred``).
 - ``"loss"`` (the ICML 2020 procedure, Ye, Gong, Nie, Zhu, Liu, Liu: "Good subnetworks provably
   exist"): greedy forward selection on the *whole network's* loss. Channels are added one at a
   time; at step t (t channels chosen) every candidate j not chosen yet (or ``loss_candidates``
@@ -37,6 +40,7 @@ The pruned consumer then computes ``consumer(X * s)`` with ``s_j = scale_j`` on 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -250,15 +254,97 @@ def gram_statistics(X: torch.Tensor, layer: nn.Module, target: torch.Tensor) -> 
     return conv2d_stats(X, W, target, None, stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
 
 
-def local_problem(X, layer, target, *, method="auto", generator=None, max_elements=None):
+def weigh_outputs(layer: nn.Module, target: torch.Tensor, out_scale: torch.Tensor):
+    """``(consumer, target)`` with output channel o of both multiplied by ``out_scale[o]``: a
+    stand-in for the consumer (a shallow copy whose weight rows are scaled and bias dropped; the
+    layer itself is untouched), so that the local problem imitates the weighted output."""
+    c = out_scale.detach().to(device=layer.weight.device, dtype=layer.weight.dtype)
+    if c.shape != (layer.weight.shape[0],):
+        raise ValueError(
+            f"out_scale has shape {tuple(c.shape)}, expected ({layer.weight.shape[0]},): one per output channel"
+        )
+    weighted = copy.copy(layer)
+    weighted._parameters = dict(layer._parameters)  # its own table: the layer's weight stays
+    weighted._parameters["weight"] = nn.Parameter(
+        layer.weight.detach() * c.view(-1, *[1] * (layer.weight.dim() - 1)), requires_grad=False
+    )
+    weighted._parameters["bias"] = None
+    return weighted, target * _output_view(layer, target, c.to(target.dtype))
+
+
+def _output_view(layer, target, c):
+    """A per-output-channel vector shaped to broadcast over the consumer's output ``target``."""
+    return c.view(1, -1, *[1] * (target.dim() - 2)) if isinstance(layer, nn.Conv2d) else c
+
+
+def local_problem(X, layer, target, *, method="auto", generator=None, max_elements=None, out_scale=None, centre=False):
     """``(features, targets, sampled)`` for gfs.select: GramStats and None (``method="gram"``),
     or the materialised ``(U, y)`` (``"materialise"``; subsampled beyond ``max_elements``).
-    ``"auto"``: the Gram statistics when the consumer allows them (exact), else materialised."""
+    ``"auto"``: the Gram statistics when the consumer allows them (exact), else materialised.
+    ``out_scale`` (one per output channel): imitate the output with channel o weighted by
+    ``out_scale[o]`` (:func:`weigh_outputs`); ``centre``: with each output channel's mean over
+    the positions removed from the candidates and the target (:func:`output_sums`)."""
     if method not in ("auto", "gram", "materialise"):
         raise ValueError(f"unknown method {method!r}; choose 'auto', 'gram' or 'materialise'")
+    if out_scale is not None:
+        layer, target = weigh_outputs(layer, target, out_scale)
+    if centre:
+        return _centred_problem(X, layer, target, method=method, generator=generator, max_elements=max_elements)
     if method == "gram" or (method == "auto" and gram_unsupported(layer) is None):
         return gram_statistics(X, layer, target), None, 1.0
     U, y = group_statistics(X, layer, target, max_elements=max_elements, generator=generator)
+    return U, y, y.numel() / target.numel()
+
+
+def output_sums(X: torch.Tensor, layer: nn.Module, target: torch.Tensor):
+    """``(S, t, P)``: S (N, Cout) float64, the sum over every output position of u_j's output
+    channel o (u_j = N * channel j's share of the consumer output, no bias); t (Cout,) the sum of
+    the target's channel o; P the number of positions. One pass of the consumer over the batch
+    summed into one input (the output is linear in it), channel by channel."""
+    N = X.shape[1] if isinstance(layer, nn.Conv2d) else X.shape[-1]
+    W = layer.weight.detach().double()
+    if isinstance(layer, nn.Conv2d):
+        xs = X.double().sum(0, keepdim=True)
+        per = F.conv2d(
+            xs,
+            W.transpose(0, 1).reshape(N * W.shape[0], 1, *W.shape[2:]),
+            None,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            groups=N,
+        )
+        S = per.sum((0, 2, 3)).view(N, W.shape[0])
+        t = target.double().sum((0, 2, 3))
+        P = target.shape[0] * target.shape[2] * target.shape[3]
+    else:
+        S = X.double().reshape(-1, N).sum(0)[:, None] * W.T
+        t = target.double().reshape(-1, target.shape[-1]).sum(0)
+        P = target.numel() // target.shape[-1]
+    return S * N, t, P
+
+
+def _centred_problem(X, layer, target, *, method, generator, max_elements):
+    """The local problem with every output channel's mean over the positions removed from the
+    candidates and the target: the error left once a constant per output channel is free.
+
+    The Gram statistics are built in float64 (G - S S^T / P cancels: a candidate that is nearly
+    constant over the positions, e.g. a saturated channel into a 1x1 consumer, leaves only
+    rounding of float32 products)."""
+    if method == "gram" or (method == "auto" and gram_unsupported(layer) is None):
+        X, target = X.double(), target.double()
+        S, t, P = output_sums(X, layer, target)
+        return gram_statistics(X, layer, target).centred(S, t, P), None, 1.0
+    U, y = group_statistics(X, layer, target, max_elements=max_elements, generator=generator)
+    Cout = layer.weight.shape[0]
+    if isinstance(layer, nn.Conv2d) and y.numel() == target.numel():  # every output, in (B, Cout, H, W) order
+        shape, dims = (target.shape[0], Cout, -1), (0, 2)
+    else:  # Linear rows, or sampled positions: (positions, Cout)
+        shape, dims = (-1, Cout), (0,)
+    U = U.view(U.shape[0], *shape)
+    U = (U - U.mean([d + 1 for d in dims], keepdim=True)).reshape(U.shape[0], -1)
+    y = y.view(*shape)
+    y = (y - y.mean(dims, keepdim=True)).reshape(-1)
     return U, y, y.numel() / target.numel()
 
 
@@ -290,6 +376,10 @@ class Context:
     # data-parallel calibration ("local"): the problem built from this rank's batches in, the
     # problem of all ranks' batches out (gfs.pruning.parallel: the GramStats summed over the ranks)
     reduce: object = None
+    # "local" with imitate="normalized": one weight per consumer output channel (the following
+    # BatchNorm's gamma / sqrt(running_var + eps)); the error imitated is that of the weighted output
+    out_scale: torch.Tensor | None = None
+    centre: bool = False  # imitate="recalibrated": and each output channel's mean is free
 
 
 class Criterion:
@@ -313,7 +403,15 @@ class LocalImitation(Criterion):
         if method == "auto" and not gram_runs(ctx.X.device, ctx.step, ctx.backend):
             method = "materialise"  # a streaming-only backend was asked for: it needs the features
         t0 = time.perf_counter()
-        features, y, sampled = local_problem(ctx.X, ctx.layer, ctx.target, method=method, generator=ctx.generator)
+        features, y, sampled = local_problem(
+            ctx.X,
+            ctx.layer,
+            ctx.target,
+            method=method,
+            generator=ctx.generator,
+            out_scale=ctx.out_scale,
+            centre=ctx.out_scale is not None and ctx.centre,
+        )
         if ctx.reduce is not None:
             features = ctx.reduce(features)
         t1 = time.perf_counter()

@@ -64,7 +64,7 @@ import torch.nn as nn
 from ..stats import GramStats
 from . import resume
 from .capture import GraphRunner, as_batches
-from .criteria import CRITERIA, Context, Decision, _channel_view, consumer_output, keep_count
+from .criteria import CRITERIA, Context, Decision, _channel_view, _output_view, consumer_output, keep_count
 from .fold import apply as fold_into
 from .fold import count_flops, count_parameters
 from .groups import UnsupportedModelError, _find, describe_rejected
@@ -116,6 +116,7 @@ class PruneRun:
         backend,
         loss_options: dict,
         checkpoint,
+        imitate="output",
         ranks=None,
     ):
         self.t_start = time.perf_counter()
@@ -163,6 +164,10 @@ class PruneRun:
         self.settings = dict(
             criterion=criterion, keep=keep, ratio=ratio, seed=int(seed), **self.options, **loss_options
         )
+        self.out_scales = {}  # {consumer: weight per output channel}, imitate="normalized" / "recalibrated"
+        if imitate in ("normalized", "recalibrated"):
+            self.settings["imitate"] = imitate  # (absent for "output": earlier checkpoints stay valid)
+            self.out_scales = _norm_scales(self.reference, scan.graph, [g.consumer for g in self.groups])
         if checkpoint is not None:
             self.fingerprint = _fingerprint(
                 self.reference,
@@ -436,6 +441,8 @@ class PruneRun:
             tolerance=opts.get("tolerance"),
             on_step=self.bar.step,
             reduce=(lambda stats: self._exchange(i, captured, stats=stats)) if self.ranks is not None else None,
+            out_scale=self.out_scales.get(g.consumer),
+            centre=self.settings.get("imitate") == "recalibrated",
             **self.options,
         )
         exchanged = self.clock.total.get("exchange", 0.0)
@@ -455,6 +462,23 @@ class PruneRun:
         self.clock.add("select", spent - sum(parts.values()))  # the criterion's own time
         return decision
 
+    def _imitated(self, g, layer):
+        """The consumer's output error as the criterion imitates it: as it is (imitate="output",
+        or no BatchNorm after the consumer), weighted per output channel ("normalized"), and
+        with each output channel's mean over the positions removed ("recalibrated")."""
+        c = self.out_scales.get(g.consumer)
+        if c is None:
+            return lambda t: t
+        centre = self.settings.get("imitate") == "recalibrated"
+
+        def imitated(t):
+            t = t * _output_view(layer, t, c.to(device=t.device, dtype=t.dtype))
+            if centre:  # over the positions: (B, H, W) of a Conv2d's output, the rows of a Linear's
+                t = t - t.mean((0, 2, 3) if isinstance(layer, nn.Conv2d) else tuple(range(t.dim() - 1)), keepdim=True)
+            return t
+
+        return imitated
+
     def measure(self, i: int, captured: Captured, decision: Decision):
         """The report row of a new decision (fold_error still NaN, seconds 0), and the fold check
         of the folded consumer: ``(LayerReport, FoldCheck)``.
@@ -468,21 +492,22 @@ class PruneRun:
         g = self.groups[i]
         layer = self.pruned.get_submodule(g.consumer)
         X, target = captured.X, captured.target
+        error = self._imitated(g, layer)  # the losses are those of the output the criterion imitated
         with self.clock("losses"):
             if isinstance(decision.stats, GramStats):
                 loss, dense_loss = _stats_losses(decision.stats, decision.keep, decision.scale, g.channels)
             elif self.ranks is None:
                 sub = _subnetwork(X, layer, decision.keep, decision.scale, g)
                 dense = consumer_output(X, layer)
-                loss = float(((target.double() - sub.double()) ** 2).mean())
-                dense_loss = float(((target.double() - dense.double()) ** 2).mean())
+                loss = float((error(target.double() - sub.double()) ** 2).mean())
+                dense_loss = float((error(target.double() - dense.double()) ** 2).mean())
                 del sub, dense
             else:  # data-parallel: the sums of every rank's squared errors, from the exchange
                 sub = _subnetwork(X, layer, decision.keep, decision.scale, g)
                 dense = consumer_output(X, layer)
                 sums = [
-                    float(((target.double() - sub.double()) ** 2).sum()),
-                    float(((target.double() - dense.double()) ** 2).sum()),
+                    float((error(target.double() - sub.double()) ** 2).sum()),
+                    float((error(target.double() - dense.double()) ** 2).sum()),
                     target.numel(),
                 ]
                 del sub, dense
@@ -1085,6 +1110,28 @@ class _Progress:
     def group_done(self):
         if self.bar is not None:
             self.bar.advance(self.groups)
+
+
+def _norm_scales(model: nn.Module, graph, consumers) -> dict:
+    """{consumer: gamma / sqrt(running_var + eps)} for each consumer whose output goes to a
+    BatchNorm and nowhere else (the BatchNorm of ``model``, the original network, in eval mode):
+    an error of the consumer's output on channel o is that much of the BatchNorm's output
+    error. Consumers without one are left out (their output is imitated as it is)."""
+    found = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or node.target not in consumers or len(node.users) != 1:
+            continue
+        (user,) = node.users
+        if user.op != "call_module":
+            continue
+        bn = model.get_submodule(user.target)
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.running_var is None:
+            continue
+        scale = torch.rsqrt(bn.running_var.detach().double() + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.detach().double()
+        found[node.target] = scale.to(torch.float32 if bn.running_var.dtype != torch.float64 else torch.float64)
+    return found
 
 
 def run_all(run) -> PruneResult:

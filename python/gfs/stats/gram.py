@@ -323,6 +323,35 @@ class GramStats:
             self._mean_of_G()
         return self
 
+    def centred(self, u_sums: torch.Tensor, y_sums: torch.Tensor, per_block: int) -> GramStats:
+        """The statistics of the same problem with the entries' mean removed block by block.
+
+        The entries fall into K blocks of ``per_block`` entries each (e.g. a layer's output
+        channels, each over the same positions); ``u_sums`` (N, K) holds the sum of u_j over each
+        block, ``y_sums`` (K,) the sum of y. Returns new statistics (self is unchanged) of the
+        problem in which every u_j and y has its block mean subtracted: the least-squares fit
+        then leaves a constant per block free. G - S S^T / P, b - S t / P, ||y||^2 - ||t||^2 / P
+        (the sums over the blocks), in float64; validated by the first selection."""
+        S = torch.as_tensor(u_sums).to(device=self.device, dtype=torch.float64)
+        t = torch.as_tensor(y_sums).to(device=self.device, dtype=torch.float64)
+        if S.dim() != 2 or S.shape[0] != self.n or t.shape != (S.shape[1],):
+            raise ValueError(
+                f"u_sums must be (n={self.n}, K) and y_sums (K,), got {tuple(S.shape)} and {tuple(t.shape)}"
+            )
+        if isinstance(per_block, bool) or not isinstance(per_block, int) or per_block < 1:
+            raise ValueError(f"per_block must be a positive int (entries in each block), got {per_block!r}")
+        out = GramStats(self.n, device=self.device, compute_dtype=self.compute_dtype, chunk=self.chunk)
+        G = self.G - S @ S.T / per_block
+        out._G.copy_((G + G.T) / 2)  # (exactly symmetric)
+        out.b.copy_(self.b - S @ t / per_block)
+        out.yy = max(0.0, float(self.yy - float(t @ t) / per_block))
+        out.u_sum.copy_(self.u_sum - S.sum(1))  # (0 up to rounding)
+        out.y_sum = float(self.y_sum - float(t.sum()))
+        out.count = self.count
+        out.precision = self.precision
+        out._valid_state = None  # a derived problem: validated by the first selection
+        return out
+
     def all_reduce(self, group=None) -> GramStats:
         """Sum these statistics across the processes of a torch.distributed group, in place,
         with one all-reduce (every rank must call it with statistics of the same N). Returns self."""
