@@ -539,6 +539,35 @@ def test_imitate_normalized_weighs_the_error_by_the_batchnorm_after_the_consumer
         prune(model, x, ratio=0.5, imitate="normalized", criterion="l1", progress=False)
 
 
+@pytest.mark.parametrize(
+    "geometry",
+    [
+        dict(kernel_size=3, padding=1),
+        dict(kernel_size=3, stride=2, padding=1),
+        dict(kernel_size=1),
+        dict(kernel_size=3, padding=2, dilation=2),
+        dict(kernel_size=5, stride=3, padding=2),
+        dict(kernel_size=(3, 1), stride=(2, 1), padding=(1, 0)),
+        dict(kernel_size=3, stride=2, dilation=2),
+    ],
+)
+def test_output_sums_are_the_sums_of_each_channels_output(geometry):
+    from gfs.pruning.criteria import output_sums
+
+    gen = torch.Generator().manual_seed(1)
+    conv = nn.Conv2d(6, 5, bias=False, **geometry)
+    X = torch.randn(3, 6, 11, 9, generator=gen)
+    target = torch.randn_like(conv(X))
+    S, t, P = output_sums(X, conv, target)
+    with torch.no_grad():
+        want = torch.stack(
+            [6 * conv(X * (torch.arange(6) == j).view(1, -1, 1, 1)).double().sum((0, 2, 3)) for j in range(6)]
+        )
+    torch.testing.assert_close(S, want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(t, target.double().sum((0, 2, 3)))
+    assert P == target.shape[0] * target.shape[2] * target.shape[3]
+
+
 def test_imitate_recalibrated_leaves_each_output_channel_mean_free(monkeypatch):
     """imitate="recalibrated": the loss is the BatchNorm's output error with each channel's mean
     over the positions removed; the Gram statistics and the materialised candidates agree."""

@@ -299,24 +299,22 @@ def local_problem(X, layer, target, *, method="auto", generator=None, max_elemen
 def output_sums(X: torch.Tensor, layer: nn.Module, target: torch.Tensor):
     """``(S, t, P)``: S (N, Cout) float64, the sum over every output position of u_j's output
     channel o (u_j = N * channel j's share of the consumer output, no bias); t (Cout,) the sum of
-    the target's channel o; P the number of positions. One pass of the consumer over the batch
-    summed into one input (the output is linear in it), channel by channel."""
+    the target's channel o; P the number of positions.
+
+    For a Conv2d, S[j, o] = N sum_ab W[o, j, a, b] R[j, a, b], where R[j, a, b] is the sum of input
+    channel j (zero-padded, summed over the batch) over the positions kernel offset (a, b) reads:
+    the correlation of that sum with a block of ones, one small product per channel."""
     N = X.shape[1] if isinstance(layer, nn.Conv2d) else X.shape[-1]
     W = layer.weight.detach().double()
     if isinstance(layer, nn.Conv2d):
-        xs = X.double().sum(0, keepdim=True)
-        per = F.conv2d(
-            xs,
-            W.transpose(0, 1).reshape(N * W.shape[0], 1, *W.shape[2:]),
-            None,
-            layer.stride,
-            layer.padding,
-            layer.dilation,
-            groups=N,
-        )
-        S = per.sum((0, 2, 3)).view(N, W.shape[0])
+        (kh, kw), (dh, dw) = W.shape[2:], layer.dilation
+        Ho, Wo = target.shape[2:]
+        ones = torch.ones(1, 1, Ho, Wo, dtype=torch.float64, device=X.device)
+        R = F.conv2d(X.double().sum(0).unsqueeze(1), ones, padding=layer.padding, dilation=layer.stride)
+        R = R[:, 0, : dh * (kh - 1) + 1 : dh, : dw * (kw - 1) + 1 : dw]  # (N, kh, kw)
+        S = torch.einsum("ojab,jab->jo", W, R)
         t = target.double().sum((0, 2, 3))
-        P = target.shape[0] * target.shape[2] * target.shape[3]
+        P = target.shape[0] * Ho * Wo
     else:
         S = X.double().reshape(-1, N).sum(0)[:, None] * W.T
         t = target.double().reshape(-1, target.shape[-1]).sum(0)
