@@ -223,7 +223,10 @@ class RecomputingPruneRun:
         backend,
         loss_options: dict,
         checkpoint,
+        imitate="output",
     ):
+        if imitate != "output":  # (the recomputing path predates imitate=)
+            raise NotImplementedError("the reference path imitates the consumer's output only")
         self.t_start = time.perf_counter()
         self.model = model
         self.name = type(model).__name__
