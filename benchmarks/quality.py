@@ -19,7 +19,8 @@ Methods (--methods: names, all, or gfs[...] with options; see METHODS and parse_
 - gfs: greedy forward selection with criterion "local" (each consumer imitates its dense
   output, gfs.prune), the papers' uniform step, and one keep ratio for every group, the largest
   whose FLOPs are at most the target (FlopModel.uniform_ratio: exact, from the layer shapes);
-- gfs variants (gfs-NAME, or gfs[step=...,budget=...,rounds=...,rescale=...,fold=...]):
+- gfs variants (gfs-NAME, or gfs[step=...,budget=...,rounds=...,rescale=...,fold=...,imitate=...,
+  criterion=...,shortlist=...]):
   step line_search or refit (gfs-line_search, gfs-refit); budget=global (gfs-global: the FLOPs
   budget spent where the selection losses drop most per FLOP: a first gfs.prune at ratio 1
   records every group's loss curve, relative to its target's energy, then FlopModel.allocate
@@ -37,6 +38,11 @@ Methods (--methods: names, all, or gfs[...] with options; see METHODS and parse_
   start for fine-tuning); fold=0
   (gfs-nofold, gfs-refit-nofold: gfs's choice of channels, the consumers' weights left as in the
   dense network, as the baselines leave them: what the selection alone is worth);
+  imitate=normalized / recalibrated (gfs.prune's imitate=: a consumer followed by a BatchNorm
+  imitates that BatchNorm's output, recalibrated with each channel's mean free);
+  criterion=loss (the ICML 2020 procedure: greedy on the whole network's cross-entropy on the
+  calibration images, uniform step), with shortlist=T (only the T best by the first-order
+  estimate evaluated each step);
 - tp-IMPORTANCE and tp-IMPORTANCE-global: Torch-Pruning's MetaPruner with the L1
   (MagnitudeImportance p=1), BNScale, Taylor (gradients of the cross-entropy on the calibration
   images), FPGM, LAMP and random importances, local (every group keeps the channels the gfs row
@@ -82,7 +88,16 @@ from prune_baselines import commit, machine  # noqa: E402
 FACTORS = (2, 4)  # FLOPs reduction targets
 MODELS = ("resnet56", "mobilenet_v2")
 TP_IMPORTANCES = ("l1", "bnscale", "taylor", "fpgm", "lamp", "random")
-GFS_DEFAULTS = {"step": "uniform", "budget": "uniform", "rounds": 1, "rescale": 0, "fold": 1, "imitate": "output"}
+GFS_DEFAULTS = {
+    "step": "uniform",
+    "budget": "uniform",
+    "rounds": 1,
+    "rescale": 0,
+    "fold": 1,
+    "imitate": "output",
+    "criterion": "local",
+    "shortlist": 0,
+}
 # Named methods; gfs[...] spells any other combination of the gfs options.
 METHODS = {
     "gfs": {},
@@ -137,9 +152,9 @@ def parse_method(text: str) -> dict:
             if key not in GFS_DEFAULTS or not value:
                 raise ValueError(
                     f"method {text!r}: unknown option {part!r} "
-                    "(options: step=, budget=, rounds=, rescale=, fold=, imitate=)"
+                    "(options: step=, budget=, rounds=, rescale=, fold=, imitate=, criterion=, shortlist=)"
                 )
-            opts[key] = int(value) if key in ("rounds", "rescale", "fold") else value
+            opts[key] = int(value) if key in ("rounds", "rescale", "fold", "shortlist") else value
         if opts["step"] not in ("uniform", "line_search", "refit"):
             raise ValueError(f"method {text!r}: step must be uniform, line_search or refit")
         if opts["budget"] not in ("uniform", "global", "eps", "lamp", "count"):
@@ -148,6 +163,12 @@ def parse_method(text: str) -> dict:
             raise ValueError(f"method {text!r}: rounds must be >= 1")
         if opts["imitate"] not in ("output", "normalized", "recalibrated"):
             raise ValueError(f"method {text!r}: imitate must be output, normalized or recalibrated")
+        if opts["criterion"] not in ("local", "loss"):
+            raise ValueError(f"method {text!r}: criterion must be local or loss")
+        if opts["criterion"] == "loss" and (opts["step"] != "uniform" or opts["imitate"] != "output"):
+            raise ValueError(f"method {text!r}: criterion=loss takes the uniform step and imitates nothing")
+        if opts["shortlist"] < 0 or (opts["shortlist"] and opts["criterion"] != "loss"):
+            raise ValueError(f"method {text!r}: shortlist (>= 1) applies to criterion=loss")
         return {"name": text, "kind": "gfs", **opts}
     m = re.fullmatch(r"tp-([a-z0-9]+)(-global)?", text)
     if m and m.group(1) in TP_IMPORTANCES:
@@ -480,9 +501,11 @@ def gfs_method(model, calib, layers, target: float, opts: dict, recal_batches, s
         round_target = dense * (target / dense) ** ((r + 1) / opts["rounds"])
         groups = chosen_groups(current, layers, example)
         fm = FlopModel(current, groups, example)
-        common = dict(
-            criterion="local", step=opts["step"], imitate=opts["imitate"], layers=layers, progress=False, seed=seed
-        )
+        common = dict(criterion=opts["criterion"], step=opts["step"], layers=layers, progress=False, seed=seed)
+        if opts["criterion"] == "local":
+            common["imitate"] = opts["imitate"]
+        if opts["shortlist"]:
+            common["shortlist"] = opts["shortlist"]
         entry = {"target_flops": round_target}
         if opts["budget"] == "uniform":
             ratio = fm.uniform_ratio(round_target)

@@ -73,6 +73,11 @@ def test_methods_by_name(Q):
     assert Q.parse_method("gfs[step=refit,imitate=normalized]")["imitate"] == "normalized"
     with pytest.raises(ValueError, match="imitate must be"):
         Q.parse_method("gfs[imitate=bn]")
+    m = Q.parse_method("gfs[criterion=loss,shortlist=8]")
+    assert (m["criterion"], m["shortlist"]) == ("loss", 8)
+    for bad in ("gfs[criterion=taylor]", "gfs[criterion=loss,step=refit]", "gfs[shortlist=4]"):
+        with pytest.raises(ValueError, match="criterion|shortlist"):
+            Q.parse_method(bad)
 
 
 @pytest.mark.parametrize("name", ["resnet56", "mobilenet_v2"])
