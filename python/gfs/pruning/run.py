@@ -165,6 +165,7 @@ class PruneRun:
             criterion=criterion, keep=keep, ratio=ratio, seed=int(seed), **self.options, **loss_options
         )
         self.out_scales = {}  # {consumer: weight per output channel}, imitate="normalized" / "recalibrated"
+        self.centre = imitate == "recalibrated"  # and each output channel's mean free
         if imitate in ("normalized", "recalibrated"):
             self.settings["imitate"] = imitate  # (absent for "output": earlier checkpoints stay valid)
             self.out_scales = _norm_scales(self.reference, scan.graph, [g.consumer for g in self.groups])
@@ -442,7 +443,7 @@ class PruneRun:
             on_step=self.bar.step,
             reduce=(lambda stats: self._exchange(i, captured, stats=stats)) if self.ranks is not None else None,
             out_scale=self.out_scales.get(g.consumer),
-            centre=self.settings.get("imitate") == "recalibrated",
+            centre=self.centre,
             **self.options,
         )
         exchanged = self.clock.total.get("exchange", 0.0)
@@ -469,11 +470,10 @@ class PruneRun:
         c = self.out_scales.get(g.consumer)
         if c is None:
             return lambda t: t
-        centre = self.settings.get("imitate") == "recalibrated"
 
         def imitated(t):
             t = t * _output_view(layer, t, c.to(device=t.device, dtype=t.dtype))
-            if centre:  # over the positions: (B, H, W) of a Conv2d's output, the rows of a Linear's
+            if self.centre:  # over the positions: (B, H, W) of a Conv2d's output, the rows of a Linear's
                 t = t - t.mean((0, 2, 3) if isinstance(layer, nn.Conv2d) else tuple(range(t.dim() - 1)), keepdim=True)
             return t
 
@@ -1130,7 +1130,7 @@ def _norm_scales(model: nn.Module, graph, consumers) -> dict:
         scale = torch.rsqrt(bn.running_var.detach().double() + bn.eps)
         if bn.weight is not None:
             scale = scale * bn.weight.detach().double()
-        found[node.target] = scale.to(torch.float32 if bn.running_var.dtype != torch.float64 else torch.float64)
+        found[node.target] = scale  # (float64; converted where it is used)
     return found
 
 
